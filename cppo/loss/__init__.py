@@ -1,0 +1,65 @@
+"""cppo.loss: the Contrastive Perception Loss and the GRPO losses as pure tensor functions.
+
+Tensors in, ``(loss, metrics)`` out; no model or config object. Letters used in every docstring:
+B prompts, G group size, N = B * G responses, T response tokens, V vocabulary.
+
+Registries (one way, see ``cppo.loss.registry``): ``DIVERGENCES``, ``AGGREGATIONS``,
+``POLICY_LOSSES``, ``GATES``; the selectors live in ``cppo.detect.select.SELECTORS``.
+
+Typical use (METHOD.md section 3)::
+
+    adv = group_advantages(rewards, G)                                          # (N,)
+    pg, m1 = grpo_loss(old_logp, logp, adv, resp_mask, ref_logp, beta=0.01)
+    mask = perception_mask(H, H_minus, resp_mask, adv)                          # (N, T) bool
+    cpl, m2 = contrastive_perception_loss(logp, logp_plus, logp_minus, mask)
+    loss = pg + 0.01 * cpl
+"""
+
+from cppo.loss.agg import AGGREGATIONS, agg_loss, get_aggregation, register_aggregation
+from cppo.loss.cpl import contrastive_perception_loss, contrastive_perception_loss_full, cpl_from_divergences
+from cppo.loss.divergence import DIVERGENCES, get_divergence, k1, k2, k3, register_divergence
+from cppo.loss.grpo import (
+    POLICY_LOSSES,
+    get_policy_loss,
+    group_advantages,
+    grpo_loss,
+    kl_to_reference,
+    ppo_clip_loss,
+    register_policy_loss,
+    reinforce_loss,
+)
+from cppo.loss.mask import GATES, gate_responses, get_gate, perception_mask, register_gate
+from cppo.loss.papo import entropy_bonus, implicit_perception_loss
+from cppo.loss.registry import Registry
+
+__all__ = [
+    "AGGREGATIONS",
+    "DIVERGENCES",
+    "GATES",
+    "POLICY_LOSSES",
+    "Registry",
+    "agg_loss",
+    "contrastive_perception_loss",
+    "contrastive_perception_loss_full",
+    "cpl_from_divergences",
+    "entropy_bonus",
+    "gate_responses",
+    "get_aggregation",
+    "get_divergence",
+    "get_gate",
+    "get_policy_loss",
+    "group_advantages",
+    "grpo_loss",
+    "implicit_perception_loss",
+    "k1",
+    "k2",
+    "k3",
+    "kl_to_reference",
+    "perception_mask",
+    "ppo_clip_loss",
+    "register_aggregation",
+    "register_divergence",
+    "register_gate",
+    "register_policy_loss",
+    "reinforce_loss",
+]
