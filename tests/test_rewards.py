@@ -1,0 +1,111 @@
+import math
+import sys
+
+import pytest
+
+from cppo.rl.rewards import REWARDS, RewardScorer, get_reward, load_user_function, register_reward
+
+GOOD = "<think>two halves</think> so \\boxed{\\frac{1}{2}}"
+SAMPLE = {"question": "q", "source": "data.jsonl:7"}
+
+
+@pytest.mark.parametrize("name", REWARDS.names())
+def test_every_registered_reward_follows_the_calling_convention(name):
+    value = get_reward(name)(GOOD, "0.5", dict(SAMPLE))
+    assert isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def test_default_weights_give_point_nine_accuracy_plus_point_one_format():
+    scorer = RewardScorer(["accuracy", "format"], [0.9, 0.1])
+    responses = [GOOD, "\\boxed{0.5}", "<think>x</think> \\boxed{3}", "no answer"]
+    result = scorer(responses, ["0.5"] * 4, [dict(SAMPLE)] * 4)
+    assert result.components == {"accuracy": [1.0, 1.0, 0.0, 0.0], "format": [1.0, 0.0, 1.0, 0.0]}
+    assert result.total == pytest.approx([1.0, 0.9, 0.1, 0.0])
+    assert result.metrics()["reward/total"] == pytest.approx(0.5)  # (1 + .9 + .1 + 0) / 4
+    assert result.metrics()["reward/accuracy"] == 0.5 and result.errors == []
+
+
+def test_unknown_reward_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown reward 'acc'; valid: accuracy, format, or a user function"):
+        get_reward("acc")
+
+
+def test_user_reward_from_a_file_path(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "def length_bonus(response, answer, sample):\n"
+        "    return min(1.0, len(response) / 100) + (sample['question'] == 'q')\n"
+    )
+    spec = f"{tmp_path / 'my_rewards.py'}:length_bonus"
+    scorer = RewardScorer(["format", spec], [0.5, 2.0])
+    assert scorer.names == ["format", "length_bonus"]
+    result = scorer(["x" * 50], ["a"], [dict(SAMPLE)])
+    assert result.components["length_bonus"] == [1.5]  # 50/100 + True
+    assert result.total == [3.0]  # 0.5 * 0 + 2.0 * 1.5
+
+
+def test_user_reward_from_a_module(tmp_path, monkeypatch):
+    (tmp_path / "rewardmod_xyz.py").write_text("def one(response, answer, sample):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert get_reward("rewardmod_xyz:one")("r", "a", {}) == 1
+    finally:
+        sys.modules.pop("rewardmod_xyz", None)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nowhere/missing.py:f", "file nowhere/missing.py does not exist"),
+        ("no_such_module_abc:f", "cannot import module 'no_such_module_abc'"),
+        ("math:no_such_fn", "math has no function 'no_such_fn'"),
+    ],
+)
+def test_bad_user_reward_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_user_function(spec)
+
+
+def test_a_raising_or_nan_reward_scores_zero_and_is_recorded_not_fatal(tmp_path):
+    (tmp_path / "flaky.py").write_text(
+        "def flaky(response, answer, sample):\n"
+        "    if response == 'boom':\n"
+        "        raise RuntimeError('grader exploded')\n"
+        "    if response == 'nan':\n"
+        "        return float('nan')\n"
+        "    if response == 'none':\n"
+        "        return None\n"
+        "    return 1.0\n"
+    )
+    scorer = RewardScorer(["accuracy", f"{tmp_path / 'flaky.py'}:flaky"], [1.0, 1.0])
+    samples = [{"source": f"data.jsonl:{i}"} for i in range(4)]
+    result = scorer(["ok", "boom", "nan", "none"], ["x"] * 4, samples)
+    assert result.components["flaky"] == [1.0, 0.0, 0.0, 0.0]
+    assert all(math.isfinite(t) for t in result.total)
+    assert [(e["index"], e["source"]) for e in result.errors] == [
+        (1, "data.jsonl:1"),
+        (2, "data.jsonl:2"),
+        (3, "data.jsonl:3"),
+    ]
+    assert (
+        "RuntimeError: grader exploded" in result.errors[0]["error"]
+        and result.errors[0]["response"] == "boom"
+    )
+    assert "nan" in result.errors[1]["error"] and result.metrics()["reward/errors"] == 3.0
+
+
+def test_register_reward_adds_a_name_once():
+    @register_reward("test_always_half")
+    def half(response, answer, sample):
+        return 0.5
+
+    try:
+        assert RewardScorer(["test_always_half"], [2.0])(["r"], ["a"], [{}]).total == [1.0]
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("test_always_half")(half)
+    finally:
+        REWARDS._fns.pop("test_always_half")
+
+
+def test_weights_must_match_functions():
+    with pytest.raises(ValueError, match="2 reward functions but 1 weights"):
+        RewardScorer(["accuracy", "format"], [1.0])
