@@ -1,0 +1,47 @@
+"""Tiny Qwen2.5-VL models, the loader every command uses, batch helpers, and the bundled demo model.
+
+- `build_tiny_model(config, seed)`, `TinyVLMConfig`: a real Qwen2.5-VL at CPU size (`build.py`).
+- `load_model_and_processor(path_or_id, device, dtype)`, `demo_model_path()` (`build.py`).
+- `ImageTextProcessor`: the processor used where `AutoProcessor` cannot load (`processor.py`).
+- `encode_prompts`, `encode_images`, `append_responses`, `generate_responses` (`inputs.py`).
+- `python -m cppo.models.warmstart` and `python -m cppo.models.evaluate`: the demo model's recipe.
+"""
+
+from cppo.models.build import (
+    TinyVLMConfig,
+    build_processor,
+    build_tiny_model,
+    check_model_path,
+    demo_model_path,
+    load_model_and_processor,
+    load_processor,
+)
+from cppo.models.inputs import (
+    append_responses,
+    encode_images,
+    encode_prompts,
+    generate_responses,
+    response_logits,
+)
+from cppo.models.processor import ImageTextProcessor
+from cppo.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, VISION_TOKENS, build_tokenizer
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "VISION_TOKENS",
+    "ImageTextProcessor",
+    "TinyVLMConfig",
+    "append_responses",
+    "build_processor",
+    "build_tiny_model",
+    "build_tokenizer",
+    "check_model_path",
+    "demo_model_path",
+    "encode_images",
+    "encode_prompts",
+    "generate_responses",
+    "load_model_and_processor",
+    "load_processor",
+    "response_logits",
+]

@@ -1,0 +1,248 @@
+"""Tiny Qwen2.5-VL models built from a config, and the one loader every command uses.
+
+`build_tiny_model` returns the real `Qwen2_5_VLForConditionalGeneration` (vision tower with window
+attention and 2x2 patch merger, M-RoPE text decoder) at a size that trains on two CPU cores, with
+the offline tokenizer of `cppo.models.tokenizer` and the Qwen2-VL image processor (PIL backend).
+Departures from Qwen2.5-VL-3B, all of size only: hidden sizes, depths and head counts are small;
+the vocabulary is a task BPE (see `tokenizer.py`); the image processor caps images at
+`image_size`**2 pixels so a 112 px image gives 8 x 8 patches and 16 image tokens.
+
+`load_model_and_processor` loads a directory written by `save_pretrained` (or a hub id already
+in the cache) with the stock `AutoProcessor` where it loads (torchvision installed), and with
+`ImageTextProcessor` otherwise; both give the same tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cppo.models.processor import ImageTextProcessor
+from cppo.models.tokenizer import build_tokenizer
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class TinyVLMConfig:
+    """Sizes of a tiny Qwen2.5-VL. Defaults: the 0.8 M-parameter model of notes/tiny-vlm.md."""
+
+    hidden_size: int = field(default=128, metadata={"help": "text decoder width"})
+    num_layers: int = field(default=2, metadata={"help": "text decoder layers"})
+    num_heads: int = field(
+        default=4, metadata={"help": "attention heads (head_dim = hidden_size / num_heads)"}
+    )
+    num_kv_heads: int = field(default=2, metadata={"help": "key/value heads (grouped-query attention)"})
+    intermediate_size: int = field(default=384, metadata={"help": "text MLP width"})
+    vocab_size: int | None = field(
+        default=None, metadata={"help": "embedding rows; None: the tokenizer's length rounded up to 64"}
+    )
+    bpe_vocab_size: int = field(
+        default=1024, metadata={"help": "target size of the task BPE (may stop short)"}
+    )
+    vision_hidden_size: int = field(default=64, metadata={"help": "vision tower width"})
+    vision_depth: int = field(
+        default=2, metadata={"help": "vision tower blocks (the last one full attention)"}
+    )
+    vision_heads: int = field(default=4, metadata={"help": "vision attention heads"})
+    vision_intermediate_size: int = field(default=128, metadata={"help": "vision MLP width"})
+    out_hidden_size: int | None = field(
+        default=None, metadata={"help": "patch merger output; must equal hidden_size (None: hidden_size)"}
+    )
+    image_size: int = field(
+        default=112, metadata={"help": "largest image side, in px, kept without downscaling"}
+    )
+    max_position_embeddings: int = field(default=2048, metadata={"help": "rope positions"})
+    tie_word_embeddings: bool = field(default=True, metadata={"help": "as in Qwen2.5-VL-3B"})
+
+    def __post_init__(self):
+        if self.out_hidden_size is None:
+            self.out_hidden_size = self.hidden_size
+        if self.out_hidden_size != self.hidden_size:
+            raise ValueError(
+                f"out_hidden_size ({self.out_hidden_size}) must equal hidden_size ({self.hidden_size}): "
+                "the merger's output is spliced into the text embeddings"
+            )
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) and "
+                f"num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"head_dim ({self.hidden_size // self.num_heads}) must be a multiple of 4 for M-RoPE"
+            )
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size ({self.vision_hidden_size}) must divide by vision_heads "
+                f"({self.vision_heads})"
+            )
+        if self.image_size % 28:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of 28 (patch 14 x merge 2)")
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (time, height, width) as Qwen does (16/24/24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_processor(config: TinyVLMConfig | None = None) -> ImageTextProcessor:
+    from transformers import Qwen2VLImageProcessorPil
+
+    config = config or TinyVLMConfig()
+    tokenizer = build_tokenizer(config.bpe_vocab_size)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=config.image_size**2)
+    return ImageTextProcessor(image_processor, tokenizer)
+
+
+def qwen_config(config: TinyVLMConfig, tokenizer):
+    """The `Qwen2_5_VLConfig` of a tiny model whose special-token ids come from `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in (
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+        )
+    }
+    vocab = config.vocab_size or -(-len(tokenizer) // 64) * 64
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab_size ({vocab}) is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    head_dim = config.hidden_size // config.num_heads
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": mrope_section(head_dim),
+        },
+        rms_norm_eps=1e-6,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    vision = dict(
+        depth=config.vision_depth,
+        hidden_size=config.vision_hidden_size,
+        num_heads=config.vision_heads,
+        intermediate_size=config.vision_intermediate_size,
+        out_hidden_size=config.out_hidden_size,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[config.vision_depth - 1],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def build_tiny_model(config: TinyVLMConfig | None = None, seed: int = 0):
+    """(model, processor): a randomly initialised tiny Qwen2.5-VL in float32, eval mode, and its processor.
+
+    The same config and seed give the same weights and the same tokenizer on every machine.
+    """
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = config or TinyVLMConfig()
+    processor = build_processor(config)
+    tok = processor.tokenizer
+    qcfg = qwen_config(config, tok)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(qcfg).float().eval()
+    end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    # As Qwen2.5-VL-Instruct's generation_config.json: stop at either end token, pad with <|endoftext|>.
+    model.generation_config = GenerationConfig(
+        eos_token_id=[end, pad],
+        pad_token_id=pad,
+        bos_token_id=pad,
+        do_sample=False,
+    )
+    model.config.tiny_vlm = asdict(config)  # recorded in config.json for the model card
+    return model, processor
+
+
+def demo_model_path() -> Path:
+    """The bundled warm-started checkpoint (cppo/assets/demo-model), the default model of every command."""
+    return Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+
+
+def check_model_path(path_or_id: str | os.PathLike) -> str:
+    """Fail at once, with one line, on a path that is neither a directory nor a cached/reachable hub id."""
+    s = str(path_or_id)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {s!r} has no config.json (not a saved checkpoint)")
+        return str(p)
+    if not _HUB_ID.match(s) or s.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"model path {s!r} does not exist (and is not a hub id like 'Qwen/Qwen2.5-VL-3B-Instruct')"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(s, "config.json"), str):
+            raise FileNotFoundError(f"hub model {s!r} is not in the local cache and HF_HUB_OFFLINE is set")
+    return s
+
+
+def _torchvision_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def load_processor(path_or_id: str | os.PathLike):
+    """The stock `AutoProcessor` where it loads, otherwise `ImageTextProcessor` (same tensors)."""
+    path = check_model_path(path_or_id)
+    if _torchvision_available():
+        from transformers import AutoProcessor
+
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except (ImportError, OSError, ValueError):
+            pass  # a broken torchvision install: the image-only processor still works
+    return ImageTextProcessor.from_pretrained(path)
+
+
+def load_model_and_processor(
+    path_or_id: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+):
+    """(model in eval mode on `device`, processor) from a saved directory or a cached hub id.
+
+    `dtype=None` loads float32 (what CPU training needs, whatever the checkpoint was saved in);
+    pass `torch.bfloat16` (or "auto": the saved dtype) for GPU runs.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = check_model_path(path_or_id)
+    processor = load_processor(path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    return model.to(device).eval(), processor
