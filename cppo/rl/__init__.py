@@ -1,0 +1,29 @@
+"""cppo.rl: a lean GRPO / CPPO / PAPO training loop for Qwen2.5-VL.
+
+Files, each read top to bottom:
+    config.py   TrainConfig (every field documented and a flag), YAML < flags, validation
+    data.py     datasets (JSONL, HF save_to_disk, parquet) checked up front, the resumable sampler
+    rewards.py  the reward registry (accuracy, format, user functions) and the weighted scorer
+"""
+
+from cppo.rl.config import ConfigError, TrainConfig, parse_args
+from cppo.rl.data import DataError, Draw, PromptDataset, PromptSampler, Sample, open_dataset, view_seed
+from cppo.rl.rewards import REWARDS, RewardResult, RewardScorer, get_reward, register_reward
+
+__all__ = [
+    "REWARDS",
+    "ConfigError",
+    "DataError",
+    "Draw",
+    "PromptDataset",
+    "PromptSampler",
+    "RewardResult",
+    "RewardScorer",
+    "Sample",
+    "TrainConfig",
+    "get_reward",
+    "open_dataset",
+    "parse_args",
+    "register_reward",
+    "view_seed",
+]

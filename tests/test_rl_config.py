@@ -1,0 +1,168 @@
+import dataclasses
+
+import pytest
+
+from cli.train import main
+from cppo.rl.config import ALGOS, ConfigError, TrainConfig, build_parser, parse_args
+
+
+def test_defaults_are_valid_and_match_the_paper_where_the_demo_allows():
+    cfg = TrainConfig()
+    assert cfg.algo == "cppo" and cfg.rollouts == cfg.prompts_per_step * cfg.group_size
+    assert (cfg.cpl_lambda, cfg.cpl_tau, cfg.cpl_divergence, cfg.top_percent) == (0.01, 0.1, "k3", 0.5)
+    assert (cfg.rewards, cfg.reward_weights) == (["accuracy", "format"], [0.9, 0.1])
+    assert (cfg.clip_low, cfg.clip_high, cfg.beta, cfg.grad_clip) == (0.2, 0.2, 0.01, 1.0)
+
+
+def test_every_field_has_help():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+def test_rollouts_not_divisible_by_group_size_says_what_to_change():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(rollouts_per_step=12, group_size=5)
+    assert str(e.value) == (
+        "batch of 12 rollouts is not divisible by group size 5: set --rollouts-per-step "
+        "to a multiple of 5 (e.g. 10)"
+    )
+    assert TrainConfig(rollouts_per_step=12, group_size=4).prompts_per_step == 3
+
+
+def test_mini_and_micro_batch_divisibility():
+    with pytest.raises(
+        ConfigError,
+        match=r"batch of 15 rollouts \(3 prompts x group size 5\) is not divisible "
+        r"by mini_batch_size 4: use one of 1, 3, 5, 15",
+    ):
+        TrainConfig(prompts_per_step=3, group_size=5, mini_batch_size=4, micro_batch_size=1)
+    with pytest.raises(
+        ConfigError,
+        match="mini-batch of 10 rollouts is not divisible by micro_batch_size 4: use one of 1, 2, 5, 10",
+    ):
+        TrainConfig(prompts_per_step=4, group_size=5, mini_batch_size=10, micro_batch_size=4)
+    cfg = TrainConfig(prompts_per_step=4, group_size=5, mini_batch_size=10, micro_batch_size=5)
+    assert cfg.rollouts // cfg.mini_batch_size == 2  # two optimizer updates per step
+
+
+def test_all_errors_are_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(algo="ppo", cpl_lambda=-0.1, group_size=1, top_p=0, reward_weights=[1.0])
+    text = str(e.value)
+    assert f"unknown algo 'ppo'; valid: {', '.join(ALGOS)}" in text
+    assert "cpl_lambda must be >= 0 (0 turns it off), got -0.1" in text
+    assert "--group-size 2 or more" in text and "top_p must be in (0, 1]" in text
+    assert "2 reward functions (accuracy, format) but 1 reward_weights" in text
+
+
+def test_registry_names_are_checked_and_list_the_valid_ones():
+    with pytest.raises(ConfigError, match="selector: unknown selector 'rel'; valid: .*relative"):
+        TrainConfig(selector="rel")
+    with pytest.raises(ConfigError, match="preset: unknown preset 'nope'"):
+        TrainConfig(preset="nope")
+    assert TrainConfig(cpl_divergence="full").cpl_divergence == "full"
+
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_sets_defaults_and_flags_override_it(tmp_path):
+    path = _yaml(tmp_path, "group_size: 4\nprompts-per-step: 2\nlr: 1e-6\nalgo: grpo\ntensorboard: false\n")
+    cfg = parse_args(["--config", path])
+    assert (cfg.group_size, cfg.prompts_per_step, cfg.algo, cfg.tensorboard) == (4, 2, "grpo", False)
+    assert cfg.lr == 1e-6 and isinstance(cfg.lr, float)  # YAML 1.1 reads "1e-6" as a string
+    cfg = parse_args(["--config", path, "--group-size", "8", "--algo", "cppo", "--tensorboard"])
+    assert (cfg.group_size, cfg.prompts_per_step, cfg.algo, cfg.tensorboard) == (8, 2, "cppo", True)
+
+
+def test_yaml_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"run\.yaml: unknown config key 'grop_size'; did you mean 'group_size'"
+    ):
+        parse_args(["--config", _yaml(tmp_path, "grop_size: 4\n")])
+    with pytest.raises(ConfigError, match="unknown config key 'zzz'; run cppo-train --help"):
+        parse_args(["--config", _yaml(tmp_path, "zzz: 1\n")])
+
+
+def test_yaml_and_flag_type_errors(tmp_path):
+    with pytest.raises(ConfigError, match="run.yaml: group_size expects int, got 2.5"):
+        parse_args(["--config", _yaml(tmp_path, "group_size: 2.5\n")])
+    with pytest.raises(ConfigError, match="flags: lr expects float, got 'fast'"):
+        parse_args(["--lr", "fast"])
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_args(["--config", _yaml(tmp_path, "- a\n- b\n")])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match="betas expects 2 values"):
+        parse_args(["--config", _yaml(tmp_path, "betas: [0.9]\n")])
+
+
+def test_flags_for_bools_lists_tuples_and_none():
+    cfg = parse_args(
+        [
+            "--no-adv-std-scale",
+            "--gradient-checkpointing",
+            "--rewards",
+            "accuracy",
+            "format",
+            "my.py:f",
+            "--reward-weights",
+            "0.8",
+            "0.1",
+            "0.1",
+            "--betas",
+            "0.9",
+            "0.95",
+            "--dual-clip",
+            "none",
+            "--model",
+            "some/dir",
+            "--max-steps",
+            "3",
+            "--output-dir",
+            "out",
+            "--resume",
+            "auto",
+            "--seed",
+            "7",
+        ]
+    )
+    assert cfg.adv_std_scale is False and cfg.gradient_checkpointing is True
+    assert cfg.rewards == ["accuracy", "format", "my.py:f"] and cfg.reward_weights == [0.8, 0.1, 0.1]
+    assert cfg.betas == (0.9, 0.95) and cfg.dual_clip is None
+    assert (cfg.model, cfg.max_steps, cfg.output_dir, cfg.resume, cfg.seed) == (
+        "some/dir",
+        3,
+        "out",
+        "auto",
+        7,
+    )
+
+
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+        assert " ".join(f.metadata["help"].split())[:40] in text, f.name
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = parse_args(["--group-size", "4", "--betas", "0.8", "0.9", "--lora-r", "8"])
+    cfg.save(tmp_path / "config.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_main_exit_codes(capsys):
+    assert main(["--rollouts-per-step", "12", "--group-size", "5"]) == 2
+    assert (
+        "cppo-train: error: batch of 12 rollouts is not divisible by group size 5" in capsys.readouterr().err
+    )
+    assert main(["--print-config", "--algo", "grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "algo: grpo\n" in out and "group_size: 5\n" in out
