@@ -4,6 +4,8 @@ Files, each read top to bottom:
     config.py   TrainConfig (every field documented and a flag), YAML < flags, validation
     data.py     datasets (JSONL, HF save_to_disk, parquet) checked up front, the resumable sampler
     rewards.py  the reward registry (accuracy, format, user functions) and the weighted scorer
+    evaluate.py avg@K accuracy and format per question type (cppo-eval; imported on demand, it loads
+                transformers)
 """
 
 from cppo.rl.config import ConfigError, TrainConfig, parse_args
