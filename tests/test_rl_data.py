@@ -4,7 +4,15 @@ import json
 import pytest
 from PIL import Image
 
-from cppo.rl.data import DataError, PromptSampler, open_dataset, open_image, view_seed
+from cppo.rl.data import (
+    DataError,
+    PromptSampler,
+    find_split,
+    open_dataset,
+    open_image,
+    shapes_data,
+    view_seed,
+)
 
 
 def _png(path, size=(32, 24), color=(200, 10, 10), mode="RGB"):
@@ -233,3 +241,30 @@ def test_view_seeds_depend_on_seed_epoch_and_index_only():
     assert len(seeds) == 60
     draw = PromptSampler(4, 4, seed=9).next_batch()[0]
     assert draw.view_seed == view_seed(9, 0, draw.index)
+
+
+def test_find_split_beside_the_training_data(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        _write(tmp_path / split, [{"question": "q", "answer": "a"}])
+    assert find_split(tmp_path, "val") == tmp_path / "val" / "data.jsonl"
+    assert find_split(tmp_path / "train" / "data.jsonl", "val") == tmp_path / "val" / "data.jsonl"
+    assert find_split(tmp_path, "test") is None
+    assert find_split(tmp_path / "train" / "data.jsonl", "train") is None  # no separate split
+    datasets = pytest.importorskip("datasets")
+    d = datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"]})
+    datasets.DatasetDict({"train": d, "validation": d}).save_to_disk(str(tmp_path / "hf"))
+    assert find_split(tmp_path / "hf", "validation") == tmp_path / "hf"
+    assert find_split(tmp_path / "hf", "val") is None
+
+
+def test_shapes_data_is_exported_once_and_reused(tmp_path):
+    root = shapes_data(tmp_path / "shapes", seed=0, n_train=6, n_val=2, n_test=3)
+    train = open_dataset(root)
+    assert len(train) == 6 and len(open_dataset(root, split="test")) == 3
+    assert train.question_types and all(len(train[i].images) == 1 for i in range(6))
+    stamp = (root / "train" / "data.jsonl").stat().st_mtime_ns
+    shapes_data(tmp_path / "shapes", seed=0, n_train=6, n_val=2, n_test=3)
+    assert (root / "train" / "data.jsonl").stat().st_mtime_ns == stamp  # reused, not rewritten
+    shapes_data(tmp_path / "shapes", seed=1, n_train=6, n_val=2, n_test=3)
+    assert (root / "train" / "data.jsonl").stat().st_mtime_ns != stamp  # other arguments: re-exported

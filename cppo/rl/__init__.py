@@ -9,7 +9,17 @@ Files, each read top to bottom:
 """
 
 from cppo.rl.config import ConfigError, TrainConfig, parse_args
-from cppo.rl.data import DataError, Draw, PromptDataset, PromptSampler, Sample, open_dataset, view_seed
+from cppo.rl.data import (
+    DataError,
+    Draw,
+    PromptDataset,
+    PromptSampler,
+    Sample,
+    find_split,
+    open_dataset,
+    shapes_data,
+    view_seed,
+)
 from cppo.rl.rewards import REWARDS, RewardResult, RewardScorer, get_reward, register_reward
 
 __all__ = [
@@ -23,9 +33,11 @@ __all__ = [
     "RewardScorer",
     "Sample",
     "TrainConfig",
+    "find_split",
     "get_reward",
     "open_dataset",
     "parse_args",
     "register_reward",
+    "shapes_data",
     "view_seed",
 ]

@@ -34,6 +34,9 @@ multi-image sample            KEPT with every image: each image gets its own vie
 no usable sample at all       error with the skip counts
 ============================  =====================================================================
 
+``shapes_data(dir)`` exports the default task (``data: None``) once; ``find_split(path, "val")`` finds a
+held-out split beside the training data.
+
 The sampler draws B prompts per step from a per-epoch permutation fixed by (seed, epoch); a step
 that crosses an epoch boundary finishes the old epoch and starts the next, so every sample is seen
 once per epoch. Each draw carries a view seed derived from (seed, epoch, index) alone (METHOD.md §1:
@@ -301,6 +304,47 @@ def open_dataset(
         ds, base = _load_hf(path, split)
         return PromptDataset(_hf_rows(ds, str(path)), str(path), base, strict, verify_images)
     raise DataError(f"{path}: not a .jsonl or .parquet file, a dataset folder or a save_to_disk folder")
+
+
+def find_split(path: str | Path, split: str) -> Path | None:
+    """Where ``open_dataset(..., split=split)`` finds ``split`` beside training data at ``path``, or None.
+
+    Covers the folder layouts: ``<dir>/<split>/data.jsonl`` (also when ``path`` is
+    ``<dir>/train/data.jsonl``), a DatasetDict folder with that split, ``<dir>/<split>*.parquet``.
+    """
+    path = Path(path)
+    root = path.parent.parent if path.name == "data.jsonl" and path.parent.name != split else path
+    if (root / split / "data.jsonl").is_file():
+        return root / split / "data.jsonl"
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        return (
+            path if split in json.loads((path / "dataset_dict.json").read_text()).get("splits", []) else None
+        )
+    if path.is_dir() and any(path.rglob(f"{split}*.parquet")):
+        return path
+    return None
+
+
+def shapes_data(
+    out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_val: int = 200, n_test: int = 400
+) -> Path:
+    """The default task (``data: None``): the shapes dataset exported into ``out_dir`` (about 10 s for the
+    default sizes), or reused when ``out_dir`` already holds one made with the same arguments."""
+    from cppo.toy import DEFAULT_IMAGE_SIZE, export_shapes_dataset
+
+    out = Path(out_dir)
+    params = {
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "image_size": DEFAULT_IMAGE_SIZE,
+    }
+    marker = out / "shapes.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == params):
+        export_shapes_dataset(out, n_train, n_val, n_test, seed=seed, image_size=DEFAULT_IMAGE_SIZE)
+        marker.write_text(json.dumps(params) + "\n")
+    return out
 
 
 def view_seed(seed: int, epoch: int, index: int) -> int:
