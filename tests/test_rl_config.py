@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -43,6 +44,20 @@ def test_mini_and_micro_batch_divisibility():
         TrainConfig(prompts_per_step=4, group_size=5, mini_batch_size=10, micro_batch_size=4)
     cfg = TrainConfig(prompts_per_step=4, group_size=5, mini_batch_size=10, micro_batch_size=5)
     assert cfg.rollouts // cfg.mini_batch_size == 2  # two optimizer updates per step
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mini_batch_size=0), "mini_batch_size must be >= 1"),
+        (dict(micro_batch_size=0), "micro_batch_size must be >= 1, got 0"),
+        (dict(group_size=0), "group_size must be >= 1, got 0"),
+        (dict(betas=(0.9,)), "betas must be two numbers"),
+    ],
+)
+def test_zero_sizes_are_errors_not_crashes(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(**kwargs)
 
 
 def test_all_errors_are_reported_at_once():

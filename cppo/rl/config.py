@@ -209,7 +209,12 @@ class TrainConfig:
             )
         n = self.rollouts
         mini = self.mini_batch_size if self.mini_batch_size is not None else n
-        if n % mini:
+        if min(n, mini, self.micro_batch_size) < 1:
+            if mini < 1:
+                errors.append(
+                    f"mini_batch_size must be >= 1 (or none = all rollouts of the step), got {mini}"
+                )
+        elif n % mini:
             errors.append(
                 f"batch of {n} rollouts ({self.prompts_per_step} prompts x group size "
                 f"{self.group_size}) is not divisible by mini_batch_size {mini}: use one of "
@@ -225,6 +230,8 @@ class TrainConfig:
                 errors.append(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             errors.append(f"dual_clip must be > 1 (or none to turn it off), got {self.dual_clip}")
+        if self.papo_clip is not None and not self.papo_clip > 0:
+            errors.append(f"papo_clip must be > 0 (or none to turn it off), got {self.papo_clip}")
         if not self.temperature > 0:
             errors.append(f"temperature must be > 0 (logits are divided by it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -233,7 +240,7 @@ class TrainConfig:
             errors.append(f"cpl_tau must be > 0 (CPL divides by it), got {self.cpl_tau}")
         if not 0 < self.top_percent <= 1:
             errors.append(f"top_percent must be in (0, 1], got {self.top_percent}")
-        if not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             errors.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not self.rewards:
             errors.append("rewards is empty: give at least one reward function (e.g. --rewards accuracy)")
