@@ -63,7 +63,7 @@ def group_advantages(
         return torch.zeros_like(r).view(-1)  # (N,)
     centred = r - r.mean(dim=-1, keepdim=True)  # (B, G)
     adv = centred / (r.std(dim=-1, unbiased=True, keepdim=True) + eps) if scale_by_std else centred
-    all_equal = (r.max(dim=-1, keepdim=True).values == r.min(dim=-1, keepdim=True).values)  # (B, 1)
+    all_equal = r.max(dim=-1, keepdim=True).values == r.min(dim=-1, keepdim=True).values  # (B, 1)
     return torch.where(all_equal, torch.zeros_like(adv), adv).view(-1)  # (N,)
 
 
@@ -187,8 +187,14 @@ def grpo_loss(
     Metrics: the policy loss's, ``grpo/kl`` when a reference is given, and ``grpo/loss``.
     """
     loss, metrics = get_policy_loss(policy_loss)(
-        old_logp, logp, advantages, response_mask,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+        old_logp,
+        logp,
+        advantages,
+        response_mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
     )
     if ref_logp is not None and beta != 0.0:
         kl_loss, kl_metrics = kl_to_reference(logp, ref_logp, response_mask, kl, agg)

@@ -36,18 +36,14 @@ def positive_advantage(
 
 
 @register_gate("correct")
-def correct(
-    advantages: torch.Tensor, rewards: torch.Tensor | None, max_reward: float
-) -> torch.Tensor:
+def correct(advantages: torch.Tensor, rewards: torch.Tensor | None, max_reward: float) -> torch.Tensor:
     if rewards is None:
         raise ValueError("gate 'correct' needs rewards (N,); got None")
     return rewards >= max_reward - 1e-6  # (N,)
 
 
 @register_gate("none")
-def no_gate(
-    advantages: torch.Tensor, rewards: torch.Tensor | None, max_reward: float
-) -> torch.Tensor:
+def no_gate(advantages: torch.Tensor, rewards: torch.Tensor | None, max_reward: float) -> torch.Tensor:
     return torch.ones_like(advantages, dtype=torch.bool)  # (N,)
 
 
