@@ -115,6 +115,11 @@ class TrainConfig:
     temperature: float = _f(1.0, "rollout temperature; every teacher-forced pass divides logits by it")
     top_p: float = _f(1.0, "rollout nucleus sampling")
     max_new_tokens: int = _f(96, "max response tokens (paper: 4096)")
+    seed_per_prompt: bool = _f(
+        False,
+        "sample each prompt's group from its own seed (one generate call per prompt): rollouts then do "
+        "not depend on the rest of the batch or on the number of processes",
+    )
     # --- CPPO
     cpl_lambda: float = _f(0.01, "lambda, weight of the Contrastive Perception Loss (paper: 0.01)")
     cpl_tau: float = _f(0.1, "tau, temperature of the CPL softplus (paper: 0.1)")

@@ -1,0 +1,213 @@
+"""The policy update of one step: PPO-clip + beta·KL(ref) + lambda·CPL (METHOD.md §3), or PAPO.
+
+For each mini-batch of rows, for each micro-batch:
+  1. anchor pass on I: log-probs (with grad) and entropies (detached) from one pass;
+  2. GRPO loss on the anchor;
+  3. CPPO: the gate (A > 0 by default) picks the rows that may carry CPL; only those rows get the
+     I- pass (log-probs for the loss, entropies for the selection), and only rows with at least one
+     selected token get the I+ pass. A row outside that set contributes exactly 0 to L_CPL, so its
+     passes are skipped without changing the loss (METHOD.md §5.7). `skip_views=False` runs every
+     pass on every row, as the official code does, for tests and benchmarks;
+  4. backward of the micro-batch's loss scaled by its share of the mini-batch's rows.
+
+Departures from the official code, each on purpose:
+- Every loss is aggregated within its micro-batch and scaled by micro rows / mini-batch rows (the
+  verl convention); across processes the gradients are SUMMED, so N rows on one process or N/2 on
+  each of two give the same update when micro-batch boundaries agree.
+- The selection uses the anchor pass's entropies H(I) and the I- pass's H(I-) under the CURRENT
+  parameters, as the paper says; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from cppo.loss import (
+    contrastive_perception_loss,
+    gate_responses,
+    grpo_loss,
+    implicit_perception_loss,
+    perception_mask,
+)
+from cppo.rl.rollout import Rollouts, select_rows
+from cppo.scoring import response_stats
+
+
+class Timer(defaultdict):
+    """Seconds per phase, summed: `with timer("rollout"): ...`."""
+
+    def __init__(self):
+        super().__init__(float)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer[name] += time.perf_counter() - self.t0
+
+        return _Span()
+
+
+def _stats(model, ro: Rollouts, rows: list[int], cfg, view: str | None = None):
+    """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images)."""
+    inputs = select_rows(ro, rows, _image_token_id(model), view)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    ids = ro.response_ids[rows].to(device)
+    mask = ro.response_mask[rows].to(device)
+    return response_stats(model, inputs, ids, mask, cfg.temperature, cfg.logits_chunk_size)
+
+
+def _image_token_id(model) -> int:
+    inner = getattr(model, "module", model)
+    return inner.config.image_token_id
+
+
+@torch.no_grad()
+def rollout_logprobs(model, ro: Rollouts, cfg) -> torch.Tensor:
+    """(N, T) log-probs of the responses under `model` (no grad), in micro-batches."""
+    out = torch.zeros(ro.response_ids.shape, dtype=torch.float32)
+    for s in range(0, ro.num_rows, cfg.micro_batch_size):
+        rows = list(range(s, min(s + cfg.micro_batch_size, ro.num_rows)))
+        _, logp = _stats(model, ro, rows, cfg)
+        out[rows] = logp.float().cpu()
+    return out
+
+
+def micro_batch_loss(model, ro: Rollouts, rows: list[int], cfg, timer: Timer,
+                     skip_views: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch (not yet scaled) and its metrics."""
+    device = next(model.parameters()).device
+    mask = ro.response_mask[rows].to(device)  # (n, T)
+    adv = ro.advantages[rows].to(device)  # (n,)
+    entropy, logp = _stats(model, ro, rows, cfg)  # (n, T), (n, T): the anchor
+    old = logp.detach() if ro.old_logp is None else ro.old_logp[rows].to(device)
+    ref = None if ro.ref_logp is None else ro.ref_logp[rows].to(device)
+    loss, metrics = grpo_loss(
+        old, logp, adv, mask, ref_logp=ref, beta=cfg.beta, kl=cfg.kl_estimator, policy_loss=cfg.policy_loss,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
+    )
+    n_tok = mask.sum().clamp(min=1)
+    metrics["entropy/mean"] = float((entropy * mask).sum() / n_tok)
+    if cfg.algo == "cppo" and cfg.cpl_lambda > 0:
+        cpl, cpl_metrics = _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views)
+        loss = loss + cfg.cpl_lambda * cpl
+        metrics.update(cpl_metrics)
+    elif cfg.algo == "papo" and ro.views:
+        papo, papo_metrics = _papo(model, ro, rows, cfg, logp, timer)
+        loss = loss + papo
+        metrics.update(papo_metrics)
+    return loss, metrics
+
+
+def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views):
+    """lambda-free CPL of a micro-batch; rows without an image or a passing gate skip the views."""
+    device = logp.device
+    mask = ro.response_mask[rows].to(device)
+    adv, rewards = ro.advantages[rows].to(device), ro.rewards[rows].to(device)
+    gate = gate_responses(adv, rewards, cfg.cpl_gate, max_reward=sum(cfg.reward_weights))
+    gate &= ro.has_image[rows].to(device)
+    if not ro.views or not bool(gate.any()):
+        zero = logp.sum() * 0.0  # keeps the graph; exactly 0
+        return contrastive_perception_loss(logp, logp, logp, torch.zeros_like(mask), cfg.cpl_tau)[0] + zero, {
+            "cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
+    local = gate.nonzero().squeeze(1).tolist() if skip_views else list(range(len(rows)))
+    view_rows = [rows[i] for i in local]
+    with timer("perception"):
+        ent_neg, logp_neg = _stats(model, ro, view_rows, cfg, view="negative")  # (v, T)
+    sel = perception_mask(
+        entropy[local], ent_neg, mask[local], adv[local], rewards[local], gate=cfg.cpl_gate,
+        selector=cfg.selector, top_percent=cfg.top_percent, max_reward=sum(cfg.reward_weights),
+    )  # (v, T) bool, already gated
+    sel &= gate[local].unsqueeze(1)  # rows without an image never carry CPL
+    keep = sel.any(dim=1).nonzero().squeeze(1).tolist() if skip_views else list(range(len(local)))
+    if not keep:
+        zero = logp.sum() * 0.0 + logp_neg.sum() * 0.0
+        return zero, {"cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
+    with timer("perception"):
+        _, logp_pos = _stats(model, ro, [view_rows[i] for i in keep], cfg, view="positive")
+    anchor = logp[[local[i] for i in keep]]
+    cpl, metrics = contrastive_perception_loss(
+        anchor, logp_pos, logp_neg[keep], sel[keep], tau=cfg.cpl_tau, divergence=cfg.cpl_divergence,
+        agg="token-mean", response_mask=mask[[local[i] for i in keep]],
+    )
+    metrics["cpl/mask_frac"] = float(sel.sum()) / max(int(mask.sum()), 1)  # of the micro-batch's tokens
+    metrics["cpl/rows"] = float(len(keep))
+    return cpl, metrics
+
+
+def _papo(model, ro, rows, cfg, logp, timer):
+    """PAPO (arXiv 2507.06448): gamma·(-KL(pi_I || pi_Imask)) on every response token of image rows."""
+    device = logp.device
+    image_rows = [i for i, r in enumerate(rows) if bool(ro.has_image[r])]
+    if not image_rows:
+        return logp.sum() * 0.0, {}
+    with timer("perception"):
+        ent_m, logp_m = _stats(model, ro, [rows[i] for i in image_rows], cfg, view="negative")
+    mask = ro.response_mask[rows].to(device)[image_rows]
+    loss, metrics = implicit_perception_loss(
+        logp[image_rows], logp_m, mask, divergence=cfg.cpl_divergence, clip=cfg.papo_clip, agg=cfg.loss_agg
+    )
+    return cfg.papo_gamma * loss, metrics
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over processes, in one flat buffer (see the module docstring for why a sum)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def policy_update(model, optimizer, scheduler, ro: Rollouts, cfg, timer: Timer, world_size: int = 1,
+                  skip_views: bool = True) -> dict[str, float]:
+    """All optimizer updates of one step over this process's rows; returns mean metrics."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = ro.num_rows
+    mini = (cfg.mini_batch_size or n * world_size) // world_size  # rows per update on this process
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    skipped = 0
+    model.train()
+    for _ in range(cfg.ppo_epochs):
+        for m0 in range(0, n, mini):
+            mini_rows = list(range(m0, min(m0 + mini, n)))
+            optimizer.zero_grad(set_to_none=True)
+            for s in range(0, len(mini_rows), cfg.micro_batch_size):
+                rows = mini_rows[s : s + cfg.micro_batch_size]
+                with timer("update"):
+                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, skip_views)
+                    (loss * (len(rows) / len(mini_rows))).backward()
+                for k, v in metrics.items():
+                    sums[k] += v
+                    counts[k] += 1
+            with timer("update"):
+                if world_size > 1:
+                    _all_reduce_grads(params)
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if torch.isfinite(norm):
+                    optimizer.step()
+                    scheduler.step()
+                else:
+                    skipped += 1
+                sums["grad_norm"] += float(norm)
+                counts["grad_norm"] += 1
+    model.eval()
+    out = {k: sums[k] / counts[k] for k in sums}
+    out["update/skipped_nonfinite"] = float(skipped)
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out

@@ -1,0 +1,69 @@
+"""The update's efficiency paths equal the plain path (METHOD.md §5.7–8)."""
+
+import pytest
+import torch
+
+from cppo.perturb import get_preset
+from cppo.rl.config import TrainConfig
+from cppo.rl.data import open_dataset
+from cppo.rl.rewards import RewardScorer
+from cppo.rl.rollout import collect_rollouts
+from cppo.rl.update import Timer, micro_batch_loss
+from tests.helpers import shapes_dataset, tiny_model_and_processor
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory):
+    torch.manual_seed(0)
+    model, processor = tiny_model_and_processor()
+    paths = shapes_dataset(tmp_path_factory.mktemp("data"), n=8)
+    ds = open_dataset(paths["train"])
+    cfg = TrainConfig(algo="cppo", group_size=3, prompts_per_step=2, max_new_tokens=10, micro_batch_size=6,
+                      beta=0.0, logits_chunk_size=4)
+    samples = [ds[0], ds[1]]
+    ro = collect_rollouts(model, processor, samples, [11, 12], cfg, get_preset("paper"),
+                          RewardScorer(cfg.rewards, cfg.reward_weights), generator_seed=0)
+    # A random model earns no reward, so every advantage would be 0 and the gate would close on every
+    # row; fixed advantages open it on rows 0, 2 and 4 only.
+    ro.advantages = torch.tensor([1.0, -0.5, 0.7, -1.0, 0.2, 0.0])
+    return model, ro, cfg
+
+
+def _loss_and_grads(model, ro, cfg, skip_views):
+    model.zero_grad(set_to_none=True)
+    timer = Timer()
+    loss, metrics = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, timer, skip_views=skip_views)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, grads, timer
+
+
+def test_skipping_gated_views_changes_nothing(rollouts):
+    model, ro, cfg = rollouts
+    cfg.cpl_lambda = 1.0  # make the CPL term dominate so that a difference would show
+    fast_loss, fast_m, fast_g, _ = _loss_and_grads(model, ro, cfg, skip_views=True)
+    slow_loss, slow_m, slow_g, _ = _loss_and_grads(model, ro, cfg, skip_views=False)
+    assert fast_m["cpl/n_tokens"] == slow_m["cpl/n_tokens"] > 0
+    assert fast_m["cpl/rows"] <= 3 < slow_m["cpl/rows"]  # fewer view passes, same selection
+    torch.testing.assert_close(fast_loss, slow_loss, atol=1e-6, rtol=1e-6)
+    assert fast_g.keys() == slow_g.keys()
+    for name in fast_g:
+        torch.testing.assert_close(fast_g[name], slow_g[name], atol=1e-6, rtol=1e-5, msg=name)
+    # The CPL term really is in the gradient: without it the gradients differ.
+    cfg.cpl_lambda = 0.0
+    _, _, no_cpl_g, _ = _loss_and_grads(model, ro, cfg, skip_views=True)
+    assert any(not torch.allclose(no_cpl_g[n], fast_g[n]) for n in fast_g)
+
+
+def test_closed_gate_gives_zero_cpl_and_no_view_pass(rollouts):
+    model, ro, cfg = rollouts
+    cfg.cpl_lambda = 1.0
+    saved = ro.advantages.clone()
+    ro.advantages = torch.zeros(ro.num_rows)  # all rewards equal: no CPL at all (METHOD.md §5.3)
+    try:
+        loss, metrics, _, timer = _loss_and_grads(model, ro, cfg, skip_views=True)
+    finally:
+        ro.advantages = saved
+    assert metrics["cpl/loss"] == 0.0
+    assert timer.get("perception", 0.0) == 0.0  # neither I+ nor I- was run
+    assert torch.isfinite(loss)
