@@ -201,7 +201,8 @@ def check_model_path(path_or_id: str | os.PathLike) -> str:
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"model directory {s!r} has no config.json (not a saved checkpoint)")
         return str(p)
-    if not _HUB_ID.match(s) or s.startswith((".", "/", "~")):
+    parent_is_local = p.parent != Path(".") and p.parent.exists()  # "runs/typo": a local path, not a hub id
+    if not _HUB_ID.match(s) or s.startswith((".", "/", "~")) or parent_is_local:
         raise FileNotFoundError(
             f"model path {s!r} does not exist (and is not a hub id like 'Qwen/Qwen2.5-VL-3B-Instruct')"
         )
@@ -209,7 +210,9 @@ def check_model_path(path_or_id: str | os.PathLike) -> str:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(s, "config.json"), str):
-            raise FileNotFoundError(f"hub model {s!r} is not in the local cache and HF_HUB_OFFLINE is set")
+            raise FileNotFoundError(
+                f"model {s!r} is not a local directory and not in the hub cache (HF_HUB_OFFLINE is set)"
+            )
     return s
 
 
