@@ -1,0 +1,128 @@
+"""cppo.rl.runlog: metrics lines on disk at once, resume truncation, non-main no-op, curves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cppo.rl.runlog import RunLogger, moving_average, plot_curves, read_metrics
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:  # a handle of our own, not the logger's
+        return [json.loads(line) for line in f]
+
+
+def test_log_appends_a_flushed_line_per_step(tmp_path):
+    log = RunLogger(tmp_path, tensorboard=False)
+    log.log(1, {"reward/total": 0.5, "loss": torch.tensor(2.0), "n": np.int64(3)})
+    assert _lines(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/total": 0.5, "loss": 2.0, "n": 3}]
+    log.log(2, {"reward/total": float("nan")})
+    rows = _lines(tmp_path / "metrics.jsonl")  # still before close()
+    assert [r["step"] for r in rows] == [1, 2] and math.isnan(rows[1]["reward/total"])
+    log.close()
+
+
+def test_torn_last_line_is_cut_on_start_and_skipped_by_read(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a"')  # killed mid-write
+    assert read_metrics(path) == [{"step": 1, "a": 1}]
+    log = RunLogger(tmp_path, tensorboard=False)
+    log.log(2, {"a": 2})
+    assert read_metrics(path) == [{"step": 1, "a": 1}, {"step": 2, "a": 2}]
+
+
+def test_read_metrics_names_a_broken_middle_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        read_metrics(path)
+
+
+def test_truncate_after_keeps_exactly_the_steps_up_to_k(tmp_path):
+    log = RunLogger(tmp_path, tensorboard=False)
+    for step in range(1, 8):
+        log.log(step, {"x": step * 10})
+        log.log_rollouts(
+            step, [{"question": "q", "response": f"r{step}-{i}", "reward": 1.0} for i in range(2)]
+        )
+    log.truncate_after(4)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in _lines(tmp_path / "rollouts.jsonl")] == [1, 1, 2, 2, 3, 3, 4, 4]
+    log.log(5, {"x": -1})  # the resumed run appends after the kept lines, through a fresh handle
+    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")][-2:] == [(4, 40), (5, -1)]
+    assert not list(tmp_path.glob(".*.tmp"))
+    log.close()
+
+
+def test_rollouts_are_one_readable_object_each(tmp_path):
+    log = RunLogger(tmp_path, tensorboard=False)
+    rows = [
+        {
+            "question": "Wie viele?",
+            "answer": "3",
+            "response": "<think>…</think>\\boxed{3}",
+            "reward": 1.0,
+            "advantage": torch.tensor(0.7071),
+            "view": "noise",
+        },
+        {"question": "q2", "answer": "4", "response": "5", "reward": 0.0, "advantage": -0.5},
+    ]
+    log.log_rollouts(9, rows)
+    out = _lines(tmp_path / "rollouts.jsonl")
+    assert list(out[0])[:3] == ["step", "question", "answer"] and out[0]["step"] == 9
+    assert out[0]["view"] == "noise" and out[0]["advantage"] == pytest.approx(0.7071)
+    assert "…" in (tmp_path / "rollouts.jsonl").read_text(encoding="utf-8")  # not \u-escaped
+
+
+def test_non_main_logger_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    log = RunLogger(run, tensorboard=True, is_main=False)
+    log.log(1, {"x": 1.0})
+    log.log_rollouts(1, [{"question": "q"}])
+    log.truncate_after(0)
+    log.close()
+    assert not run.exists()
+
+
+def test_tensorboard_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    with RunLogger(tmp_path, tensorboard=True) as log:
+        log.log(1, {"reward/total": 0.25, "note": "skipped: nan loss"})
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_moving_average_ignores_nan():
+    values = np.array([1.0, 3.0, np.nan, 5.0])
+    # window 3, centred: [1,3], [1,3,-], [3,-,5], [-,5]  (the NaN is not counted)
+    assert np.allclose(moving_average(values, 3), [2.0, 2.0, 4.0, 5.0])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("algo", ["grpo", "cppo"])
+def test_curves_png_for_grpo_and_cppo_runs(tmp_path, algo):
+    rng = np.random.default_rng(0)
+    rows = []
+    for step in range(1, 31):
+        row = {
+            "step": step,
+            "reward/total": step / 30 + 0.1 * rng.random(),
+            "reward/accuracy": step / 40,
+            "entropy/mean": 1.0 - step / 60,
+        }
+        if algo == "cppo":
+            row |= {"cpl/loss": 0.5 - step / 100, "cpl/mask_frac": 0.2}
+        rows.append(row)
+    metrics = _write(tmp_path / "metrics.jsonl", rows)
+    out = plot_curves(metrics, tmp_path / "plots" / "curves.png")
+    assert out == tmp_path / "plots" / "curves.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left
