@@ -1,0 +1,211 @@
+"""cppo-detect: which response tokens depend on the image (METHOD.md section 2), as a visual report.
+
+    cppo-detect                                                     # bundled demo model and example
+    cppo-detect --image shapes.png --prompt "What color is the square?" --draws 4
+    cppo-detect --image a.png --prompt "..." --response "<think>...</think> \\boxed{2}"
+    cppo-detect --model runs/cppo/final --data data/shapes --split test --limit 100 --out runs/detect
+    cppo-detect --perturbation occlusion_mean --selector kl_shift --top-percent 0.3
+
+Without --response the response is generated (sampled at --temperature with --seed, or --greedy).
+Writes into --out: tokens.json, report.html (one self-contained file), shift_NNNN.png and
+images/ (original and removing views); see ``cppo.detect.report``. Bad input prints one line
+naming what is wrong and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+PROG = "cppo-detect"
+
+
+def bundled_example_path() -> Path:
+    """The no-argument example: one shapes item (cppo/assets/detect-example/data.jsonl)."""
+    import cppo
+
+    return Path(cppo.__file__).resolve().parent / "assets" / "detect-example" / "data.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cppo.detect.select import SELECTORS
+
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: the bundled demo model)"
+    )
+    ap.add_argument("--image", action="append", default=None, help="image file; repeat for several images")
+    ap.add_argument("--prompt", default=None, help="the question asked about the image(s)")
+    ap.add_argument("--response", default=None, help="response text to score (default: generate one)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="many examples: a JSONL file or dataset folder "
+        "(cppo.rl.data formats; an optional 'response' or 'response_ids' field is scored as given)",
+    )
+    ap.add_argument("--split", default="test", help="split of a dataset folder")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N examples of --data")
+    ap.add_argument(
+        "--strict", action="store_true", help="with --data: unusable samples are errors, not skips"
+    )
+    ap.add_argument("--preset", default="paper", help="preset whose removing views are drawn (name or .yaml)")
+    ap.add_argument("--perturbation", default=None, help="one removing perturbation instead of the preset's")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the views and generated responses")
+    ap.add_argument(
+        "--draws", type=int, default=1, help="K removing views per example (mean shift and spread)"
+    )
+    ap.add_argument("--top-percent", type=float, default=0.5, help="rho: fraction of candidates selected")
+    ap.add_argument("--selector", default="relative", choices=SELECTORS.names(), help="ranking rule")
+    ap.add_argument("--temperature", type=float, default=1.0, help="divides the logits; sampling temperature")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="length cap of generated responses")
+    ap.add_argument("--greedy", action="store_true", help="generate greedily instead of sampling")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per model pass")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    ap.add_argument("--out", default="runs/detect", help="output folder")
+    ap.add_argument("--max-report", type=int, default=50, help="examples with plots/images in the report")
+    return ap
+
+
+def _fail(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _read_image(path: str):
+    from cppo.rl.data import DataError, open_image
+
+    if not Path(path).is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        return open_image(path)
+    except DataError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def _examples(args) -> tuple[list, str]:
+    """(examples, where they came from); raises ValueError/DataError with a one-line message."""
+    from cppo.detect.detector import Example
+    from cppo.rl.data import open_dataset
+
+    single = args.image is not None or args.prompt is not None or args.response is not None
+    if args.data and single:
+        raise ValueError("give either --data or --image/--prompt/--response, not both")
+    if single:
+        if not args.image:
+            raise ValueError("--prompt needs --image (the detector removes information from an image)")
+        if args.prompt is None:
+            raise ValueError("--image needs --prompt (the question asked about it)")
+        if not args.prompt.strip():
+            raise ValueError("the prompt is empty")
+        if args.response is not None and not args.response.strip():
+            raise ValueError("the response is empty (leave --response out to generate one)")
+        images = [_read_image(p) for p in args.image]
+        return [Example(images, args.prompt, args.response, name=", ".join(args.image))], "--image"
+    path = args.data or str(bundled_example_path())
+    dataset = open_dataset(path, split=args.split, strict=args.strict)
+    n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    examples, text_only = [], 0
+    for i in range(n):
+        s = dataset[i]
+        if not s.images:
+            text_only += 1
+            continue
+        resp = s.extra.get("response_ids", s.extra.get("response"))
+        extra = {"answer": s.answer, **({"question_type": s.question_type} if s.question_type else {})}
+        examples.append(Example(s.images, s.question, resp, name=s.source, extra=extra))
+    print(
+        dataset.summary() + (f"; {text_only} text-only skipped (nothing to remove)" if text_only else ""),
+        file=sys.stderr,
+    )
+    if not examples:
+        raise ValueError(f"{path}: no example with an image")
+    return examples, path if args.data else "bundled example"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cppo.detect.detector import DetectError, PerceptionDetector, resolve_device, resolve_dtype
+    from cppo.detect.report import terminal_summary, write_outputs
+    from cppo.models import check_model_path, demo_model_path, load_model_and_processor
+    from cppo.perturb import UnknownNameError, get_perturbation, get_preset
+    from cppo.rl.data import DataError
+
+    try:  # everything that needs no model, first
+        if args.draws < 1 or not 0 < args.top_percent <= 1 or args.temperature <= 0 or args.batch_size < 1:
+            raise ValueError(
+                "need --draws >= 1, 0 < --top-percent <= 1, --temperature > 0, --batch-size >= 1"
+            )
+        get_preset(args.preset)
+        if args.perturbation is not None:
+            get_perturbation(args.perturbation)
+        examples, source = _examples(args)
+        if args.model is None:
+            model_path = str(demo_model_path())
+            if not (Path(model_path) / "config.json").is_file():
+                return _fail(
+                    f"the bundled demo model is not at {model_path} (not trained yet, or an "
+                    "install without assets): pass --model DIR_OR_HUB_ID"
+                )
+        else:
+            model_path = check_model_path(args.model)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+    except (ValueError, DataError, FileNotFoundError, UnknownNameError, OSError) as e:
+        return _fail(str(e))
+
+    t0 = time.time()
+    try:
+        device = resolve_device(args.device)
+        model, processor = load_model_and_processor(
+            model_path, device=device, dtype=resolve_dtype(args.dtype, device)
+        )
+        detector = PerceptionDetector(
+            model,
+            processor,
+            preset=args.preset,
+            perturbation=args.perturbation,
+            selector=args.selector,
+            top_percent=args.top_percent,
+            draws=args.draws,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            greedy=args.greedy,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        detections = detector.detect(examples)
+    except (DetectError, DataError, FileNotFoundError, UnknownNameError) as e:
+        return _fail(str(e))
+    except (RuntimeError, ValueError, OSError) as e:  # device strings, CUDA absent, unloadable checkpoints
+        return _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    settings = {"model": model_path, "source": source, **detector.describe()}
+    files = write_outputs(detections, out, settings, max_examples=args.max_report)
+    if len(detections) == 1:
+        print(terminal_summary(detections[0]))
+    n_sel = sum(int(d.selected.sum()) for d in detections)
+    n_tok = sum(int(d.response_mask.sum()) for d in detections)
+    print(
+        f"{PROG}: {len(detections)} example(s), {n_sel} of {n_tok} response tokens selected "
+        f"({args.selector}, {detector.preset.name if args.perturbation is None else args.perturbation}) "
+        f"in {time.time() - t0:.1f} s"
+    )
+    print(f"{PROG}: report: {files['report']}  (tokens.json, shift plots and images/ in {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
