@@ -25,13 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-config" in argv:
         print(cfg.to_yaml(), end="")
         return 0
-    # The training loop (issue 6) is wired in here once it lands; until then only the config is checked.
-    print(
-        "cppo-train: the training loop is not wired in yet; the config is valid (--print-config shows it)",
-        file=sys.stderr,
-    )
-    return 1
+    from cppo.rl.data import DataError
+    from cppo.rl.loop import train
 
+    try:
+        run_dir = train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"cppo-train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"cppo-train: done; run directory {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

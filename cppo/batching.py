@@ -16,8 +16,9 @@ import torch
 ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
-def images_per_row(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int,
-                   merge_size: int = 2) -> list[int]:
+def images_per_row(
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int, merge_size: int = 2
+) -> list[int]:
     """How many of the batch's images (in order) belong to each row.
 
     input_ids: (N, L); image_grid_thw: (I, 3). Raises when the pad tokens do not add up to whole
@@ -42,8 +43,9 @@ def images_per_row(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_
     return counts
 
 
-def split_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                 counts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def split_images(
+    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, counts: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per row: (its patches (P_row, D), its grids (I_row, 3)), given `images_per_row` counts."""
     patches = image_grid_thw.prod(dim=1)  # (I,)
     image_start = [0]
@@ -53,7 +55,7 @@ def split_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
     out = []
     for row in range(len(counts)):
         i0, i1 = image_start[row], image_start[row + 1]
-        out.append((pixel_values[patch_start[i0]:patch_start[i1]], image_grid_thw[i0:i1]))
+        out.append((pixel_values[patch_start[i0] : patch_start[i1]], image_grid_thw[i0:i1]))
     return out
 
 

@@ -18,11 +18,26 @@ def rollouts(tmp_path_factory):
     model, processor = tiny_model_and_processor()
     paths = shapes_dataset(tmp_path_factory.mktemp("data"), n=8)
     ds = open_dataset(paths["train"])
-    cfg = TrainConfig(algo="cppo", group_size=3, prompts_per_step=2, max_new_tokens=10, micro_batch_size=6,
-                      beta=0.0, logits_chunk_size=4)
+    cfg = TrainConfig(
+        algo="cppo",
+        group_size=3,
+        prompts_per_step=2,
+        max_new_tokens=10,
+        micro_batch_size=6,
+        beta=0.0,
+        logits_chunk_size=4,
+    )
     samples = [ds[0], ds[1]]
-    ro = collect_rollouts(model, processor, samples, [11, 12], cfg, get_preset("paper"),
-                          RewardScorer(cfg.rewards, cfg.reward_weights), generator_seed=0)
+    ro = collect_rollouts(
+        model,
+        processor,
+        samples,
+        [11, 12],
+        cfg,
+        get_preset("paper"),
+        RewardScorer(cfg.rewards, cfg.reward_weights),
+        generator_seed=0,
+    )
     # A random model earns no reward, so every advantage would be 0 and the gate would close on every
     # row; fixed advantages open it on rows 0, 2 and 4 only.
     ro.advantages = torch.tensor([1.0, -0.5, 0.7, -1.0, 0.2, 0.0])

@@ -71,8 +71,12 @@ def _generate(model, processor, batch_n: dict, cfg, generator_seed: int, per_pro
     """(ids (N, T), mask (N, T)): one generate call for the batch, or one per prompt's group when
     `per_prompt_seeds` is given, so that a group's samples do not depend on the rest of the batch
     (nor on how prompts are shared among processes)."""
-    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-              do_sample=cfg.temperature > 0)
+    kw = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        do_sample=cfg.temperature > 0,
+    )
     if per_prompt_seeds is None:
         return generate_responses(model, processor, batch_n, generator_seed=generator_seed, **kw)
     G = cfg.group_size
@@ -90,9 +94,18 @@ def _generate(model, processor, batch_n: dict, cfg, generator_seed: int, per_pro
     return ids, mask
 
 
-def collect_rollouts(model, processor, samples: list[Sample], view_seeds: list[int], cfg, preset,
-                     scorer: RewardScorer, generator_seed: int, timer=None,
-                     per_prompt_seeds: list[int] | None = None) -> Rollouts:
+def collect_rollouts(
+    model,
+    processor,
+    samples: list[Sample],
+    view_seeds: list[int],
+    cfg,
+    preset,
+    scorer: RewardScorer,
+    generator_seed: int,
+    timer=None,
+    per_prompt_seeds: list[int] | None = None,
+) -> Rollouts:
     """Generate G responses per prompt with the current policy and score them.
 
     `cfg` supplies group_size, max_new_tokens, temperature, top_p, adv_std_scale and algo;
@@ -125,9 +138,17 @@ def collect_rollouts(model, processor, samples: list[Sample], view_seeds: list[i
     advantages = group_advantages(rewards, G, scale_by_std=cfg.adv_std_scale)  # (N,)
     has_image = torch.tensor([len(samples[b].images) > 0 for b in rows])  # (N,)
     return Rollouts(
-        inputs=append_responses(batch_n, ids, mask), response_ids=ids, response_mask=mask,
-        has_image=has_image, views=views, rewards=rewards, advantages=advantages, texts=texts,
-        samples=samples, view_records=records, reward_result=scored,
+        inputs=append_responses(batch_n, ids, mask),
+        response_ids=ids,
+        response_mask=mask,
+        has_image=has_image,
+        views=views,
+        rewards=rewards,
+        advantages=advantages,
+        texts=texts,
+        samples=samples,
+        view_records=records,
+        reward_result=scored,
     )
 
 

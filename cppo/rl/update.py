@@ -82,8 +82,9 @@ def rollout_logprobs(model, ro: Rollouts, cfg) -> torch.Tensor:
     return out
 
 
-def micro_batch_loss(model, ro: Rollouts, rows: list[int], cfg, timer: Timer,
-                     skip_views: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(
+    model, ro: Rollouts, rows: list[int], cfg, timer: Timer, skip_views: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch (not yet scaled) and its metrics."""
     device = next(model.parameters()).device
     mask = ro.response_mask[rows].to(device)  # (n, T)
@@ -92,8 +93,18 @@ def micro_batch_loss(model, ro: Rollouts, rows: list[int], cfg, timer: Timer,
     old = logp.detach() if ro.old_logp is None else ro.old_logp[rows].to(device)
     ref = None if ro.ref_logp is None else ro.ref_logp[rows].to(device)
     loss, metrics = grpo_loss(
-        old, logp, adv, mask, ref_logp=ref, beta=cfg.beta, kl=cfg.kl_estimator, policy_loss=cfg.policy_loss,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
+        old,
+        logp,
+        adv,
+        mask,
+        ref_logp=ref,
+        beta=cfg.beta,
+        kl=cfg.kl_estimator,
+        policy_loss=cfg.policy_loss,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
+        agg=cfg.loss_agg,
     )
     n_tok = mask.sum().clamp(min=1)
     metrics["entropy/mean"] = float((entropy * mask).sum() / n_tok)
@@ -118,14 +129,24 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views):
     if not ro.views or not bool(gate.any()):
         zero = logp.sum() * 0.0  # keeps the graph; exactly 0
         return contrastive_perception_loss(logp, logp, logp, torch.zeros_like(mask), cfg.cpl_tau)[0] + zero, {
-            "cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
+            "cpl/loss": 0.0,
+            "cpl/mask_frac": 0.0,
+            "cpl/rows": 0.0,
+        }
     local = gate.nonzero().squeeze(1).tolist() if skip_views else list(range(len(rows)))
     view_rows = [rows[i] for i in local]
     with timer("perception"):
         ent_neg, logp_neg = _stats(model, ro, view_rows, cfg, view="negative")  # (v, T)
     sel = perception_mask(
-        entropy[local], ent_neg, mask[local], adv[local], rewards[local], gate=cfg.cpl_gate,
-        selector=cfg.selector, top_percent=cfg.top_percent, max_reward=sum(cfg.reward_weights),
+        entropy[local],
+        ent_neg,
+        mask[local],
+        adv[local],
+        rewards[local],
+        gate=cfg.cpl_gate,
+        selector=cfg.selector,
+        top_percent=cfg.top_percent,
+        max_reward=sum(cfg.reward_weights),
     )  # (v, T) bool, already gated
     sel &= gate[local].unsqueeze(1)  # rows without an image never carry CPL
     keep = sel.any(dim=1).nonzero().squeeze(1).tolist() if skip_views else list(range(len(local)))
@@ -136,8 +157,14 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views):
         _, logp_pos = _stats(model, ro, [view_rows[i] for i in keep], cfg, view="positive")
     anchor = logp[[local[i] for i in keep]]
     cpl, metrics = contrastive_perception_loss(
-        anchor, logp_pos, logp_neg[keep], sel[keep], tau=cfg.cpl_tau, divergence=cfg.cpl_divergence,
-        agg="token-mean", response_mask=mask[[local[i] for i in keep]],
+        anchor,
+        logp_pos,
+        logp_neg[keep],
+        sel[keep],
+        tau=cfg.cpl_tau,
+        divergence=cfg.cpl_divergence,
+        agg="token-mean",
+        response_mask=mask[[local[i] for i in keep]],
     )
     metrics["cpl/mask_frac"] = float(sel.sum()) / max(int(mask.sum()), 1)  # of the micro-batch's tokens
     metrics["cpl/rows"] = float(len(keep))
@@ -172,8 +199,9 @@ def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-def policy_update(model, optimizer, scheduler, ro: Rollouts, cfg, timer: Timer, world_size: int = 1,
-                  skip_views: bool = True) -> dict[str, float]:
+def policy_update(
+    model, optimizer, scheduler, ro: Rollouts, cfg, timer: Timer, world_size: int = 1, skip_views: bool = True
+) -> dict[str, float]:
     """All optimizer updates of one step over this process's rows; returns mean metrics."""
     params = [p for p in model.parameters() if p.requires_grad]
     n = ro.num_rows
@@ -190,7 +218,8 @@ def policy_update(model, optimizer, scheduler, ro: Rollouts, cfg, timer: Timer, 
                 rows = mini_rows[s : s + cfg.micro_batch_size]
                 with timer("update"):
                     loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, skip_views)
-                    (loss * (len(rows) / len(mini_rows))).backward()
+                    # share of the GLOBAL mini-batch: processes' gradients are summed below
+                    (loss * (len(rows) / (len(mini_rows) * world_size))).backward()
                 for k, v in metrics.items():
                     sums[k] += v
                     counts[k] += 1

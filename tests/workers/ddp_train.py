@@ -1,0 +1,18 @@
+"""Run by tests/test_rl_loop.py under `torchrun`: train, then save this rank's final weights.
+
+    torchrun --nproc_per_node 2 tests/workers/ddp_train.py OUT_FILE_PREFIX [cppo-train flags...]
+"""
+
+import sys
+
+import torch
+
+from cppo.rl.config import parse_args
+from cppo.rl.loop import run_training
+
+if __name__ == "__main__":
+    prefix, flags = sys.argv[1], sys.argv[2:]
+    torch.set_num_threads(1)
+    _, model = run_training(parse_args(flags))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{prefix}.rank{rank}.pt")
