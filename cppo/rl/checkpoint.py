@@ -1,0 +1,272 @@
+"""Atomic checkpoints, RNG states that load with `weights_only=True`, and a write probe for the run dir.
+
+A checkpoint is a directory `run_dir/checkpoints/step-{step:06d}/` holding
+
+- the model (`model.save_pretrained`, safetensors) and processor: `from_pretrained` /
+  `cppo.models.load_model_and_processor` load it as a plain Qwen2.5-VL. A peft (LoRA) model is
+  saved with its adapters merged into the weights, and its adapter alone under `adapter/` (what a
+  resume loads with `PeftModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)`).
+- `trainer_state.pt`: `{"optimizer": ..., "scheduler": ..., **trainer_state}` (step, sampler state,
+  RNG states, config dict), read back by `load_trainer_state` with `weights_only=True` only.
+- `COMPLETE`, written last.
+
+Everything is written into a temporary sibling `.tmp-step-...`, every file and folder fsynced, then
+renamed to its final name and the parent fsynced: a kill at any moment leaves the previous complete
+checkpoint and, at worst, a temporary folder that `latest_checkpoint` ignores and the next save
+removes. Older checkpoints are pruned only after the new one is in place.
+
+Call `save_checkpoint` on the main process only (with DDP every rank holds the same weights and
+optimizer state; `capture_rng` is per process).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINTS_DIR = "checkpoints"
+MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class RunDirError(OSError):
+    """The run directory (or a checkpoint in it) cannot be written; the message says what to do."""
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create `run_dir` if needed and write, fsync and remove a probe file in it, or raise RunDirError."""
+    run_dir = Path(run_dir)
+    probe = run_dir / f".write-probe-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"probe\n")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(
+            f"run directory {run_dir} is not writable ({e.strerror or e}): "
+            "fix its permissions or free space, or choose another --output-dir"
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict:
+    """Python, numpy (global), torch CPU and every CUDA generator state, as tensors/ints/lists/strings."""
+    version, internal, gauss = random.getstate()
+    # The legacy global generator is what third-party code (and np.random.* calls) draws from.
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+        "numpy": {
+            "name": str(name),
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Set the generators from `capture_rng()` output (CUDA ones when both the state and a GPU have them)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (
+            npy["name"],
+            np.asarray(npy["keys"], dtype=np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) != torch.cuda.device_count():
+            raise RuntimeError(
+                f"the checkpoint has RNG states for {len(cuda)} GPUs, this process sees "
+                f"{torch.cuda.device_count()}: resume with the same CUDA_VISIBLE_DEVICES"
+            )
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+# ----------------------------------------------------------------------------------------- saving
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder (deepest first), under and including `root`."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_weights_only(obj, what: str) -> None:
+    """Fail before writing anything when `obj` would not load back with `weights_only=True`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise TypeError(
+            f"{what} holds a type that torch.load(weights_only=True) refuses, so a resume could not read "
+            f"it; store only tensors, numbers, strings, lists and dicts (e.g. str(path), asdict(config)): {e}"
+        ) from e
+
+
+def _merged_peft_state_dict(peft_model) -> dict:
+    """The base model's state dict with every LoRA layer's delta added to its weight, peft names removed."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach()
+            if not module.merged:
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            merged[f"{name}.weight"] = weight
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        state[key] = merged.get(key, value)
+    return state
+
+
+def _save_model(model, directory: Path) -> None:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(model, "get_base_model"):  # peft: merged weights loadable as a plain model, plus the adapter
+        base = model.get_base_model()
+        base.save_pretrained(directory, state_dict=_merged_peft_state_dict(model), safe_serialization=True)
+        model.save_pretrained(directory / "adapter", safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
+
+
+def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints under `ckpt_root`, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for path in ckpt_root.iterdir():
+        m = _STEP_DIR.match(path.name)
+        if m and path.is_dir() and (path / MARKER).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    processor,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    keep_last: int = 2,
+) -> Path:
+    """Write `run_dir/checkpoints/step-{step:06d}/` atomically and prune to the last `keep_last` (0 = all).
+
+    The checkpoint just written is always kept, whatever its step. A failure leaves no partial final
+    folder and the previous checkpoints untouched; an OSError (full disk, permissions) is raised as
+    RunDirError naming the folder.
+    """
+    state = {
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        **trainer_state,
+    }
+    _check_weights_only({k: v for k, v in state.items() if k != "optimizer"}, "trainer_state")
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    name = f"step-{int(step):06d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _save_model(model, tmp)
+        processor.save_pretrained(tmp)
+        torch.save(state, tmp / TRAINER_STATE)
+        (tmp / MARKER).write_text(f"step {int(step)}\n")
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step: move the old one aside, then swap
+            old = root / f".old-{name}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, RunDirError):
+            previous = latest_checkpoint(run_dir)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+            raise RunDirError(
+                f"could not write checkpoint {final} ({e.strerror or e}); {kept}. "
+                "Free space or fix permissions, then resume"
+            ) from e
+        raise
+
+    if keep_last > 0:
+        others = [p for _, p in _step_dirs(root) if p != final]
+        for path in others[: max(0, len(others) - (keep_last - 1))]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (temporary and unmarked folders ignored), or None."""
+    found = _step_dirs(Path(run_dir) / CHECKPOINTS_DIR)
+    return found[-1][1] if found else None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """`trainer_state.pt` of a checkpoint, loaded with `weights_only=True` on CPU (never runs its code)."""
+    path = Path(ckpt) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {ckpt} is not a complete checkpoint")
+    return torch.load(path, weights_only=True, map_location="cpu")

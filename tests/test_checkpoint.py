@@ -1,0 +1,196 @@
+"""cppo.rl.checkpoint: RNG round trip, atomic save/load of a tiny model, pruning, failed saves."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cppo.models import load_model_and_processor
+from cppo.rl.checkpoint import (
+    RunDirError,
+    capture_rng,
+    check_writable,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+)
+from tests.helpers import shapes_batch, tiny_model_and_processor
+
+
+def _draws():
+    return (
+        [random.random() for _ in range(3)] + [random.gauss(0, 1)],
+        np.random.rand(3).tolist() + [np.random.normal()],  # noqa: NPY002 (the global generator is the point)
+        torch.rand(3).tolist() + torch.randn(1).tolist(),
+    )
+
+
+def test_rng_restore_reproduces_the_next_draws_through_weights_only(tmp_path):
+    random.seed(1)
+    np.random.seed(2)  # noqa: NPY002
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached Gaussian in both Python's and numpy's state
+    np.random.normal()  # noqa: NPY002
+    state = capture_rng()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = _draws()
+    _draws()  # move every generator on
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() == expected
+
+
+def _tiny_training_state():
+    model, processor = tiny_model_and_processor()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    for p in model.parameters():  # one step so AdamW has moments to restore
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    sched.step()
+    return model, processor, opt, sched
+
+
+def _save(run_dir, step, model, processor, opt=None, sched=None, keep_last=2, **extra):
+    state = {"step": step, "sampler": {"epoch": 0, "offset": step}, "rng": capture_rng(), **extra}
+    return save_checkpoint(run_dir, step, model, processor, opt, sched, state, keep_last=keep_last)
+
+
+def test_save_load_round_trip(tmp_path):
+    model, processor, opt, sched = _tiny_training_state()
+    ckpt = _save(tmp_path, 7, model, processor, opt, sched, config={"algo": "cppo", "lr": 1e-3})
+    assert ckpt == tmp_path / "checkpoints" / "step-000007" and (ckpt / "COMPLETE").is_file()
+    assert latest_checkpoint(tmp_path) == ckpt
+    assert list(ckpt.glob("*.safetensors"))
+
+    loaded, loaded_proc = load_model_and_processor(ckpt)
+    _, batch = shapes_batch(loaded_proc, n=2)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+    state = load_trainer_state(ckpt)
+    assert state["step"] == 7 and state["sampler"] == {"epoch": 0, "offset": 7}
+    assert state["config"] == {"algo": "cppo", "lr": 1e-3}
+    # The resume order: build optimizer and scheduler, then load the optimizer's state (it carries the
+    # current lr; building the scheduler resets it), then the scheduler's.
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: min(1.0, (s + 1) / 10))
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == pytest.approx(2e-4)  # 1e-3 * 2/10
+    moments = [s["exp_avg"] for s in opt.state.values()]
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, opt2.state.values()))
+    assert opt2.state[next(iter(opt2.state))]["step"] == 1
+
+
+def test_trainer_state_that_weights_only_refuses_fails_before_writing(tmp_path):
+    model, processor = tiny_model_and_processor()
+    with pytest.raises(TypeError, match="weights_only"):
+        _save(tmp_path, 1, model, processor, config={"output_dir": Path("runs/x")})
+    assert latest_checkpoint(tmp_path) is None and not (tmp_path / "checkpoints").exists()
+
+
+def test_keep_last_prunes_older_complete_checkpoints(tmp_path):
+    model, processor = tiny_model_and_processor()
+    for step in (2, 4, 6, 8):
+        _save(tmp_path, step, model, processor, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    _save(tmp_path, 8, model, processor, keep_last=2)  # a re-save of the same step replaces it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    _save(tmp_path, 10, model, processor, keep_last=0)  # 0 keeps all
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 3
+
+
+def test_latest_ignores_temp_and_unmarked_dirs(tmp_path):
+    model, processor = tiny_model_and_processor()
+    good = _save(tmp_path, 3, model, processor)
+    root = tmp_path / "checkpoints"
+    shutil.copytree(good, root / ".tmp-step-000009")  # a save killed before its rename
+    truncated = root / "step-000005"
+    shutil.copytree(good, truncated)
+    (truncated / "COMPLETE").unlink()  # no marker: e.g. copied by hand and cut short
+    (root / "step-notanumber").mkdir()
+    assert latest_checkpoint(tmp_path) == good
+    assert latest_checkpoint(tmp_path / "nowhere") is None
+    _save(tmp_path, 4, model, processor)  # the next save clears nothing it should not
+    assert latest_checkpoint(tmp_path).name == "step-000004" and truncated.is_dir()
+
+
+def test_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, processor = tiny_model_and_processor()
+    good = _save(tmp_path, 1, model, processor)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed while saving the processor")
+
+    monkeypatch.setattr(processor, "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        _save(tmp_path, 2, model, processor)
+    assert latest_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]  # no partial, no temp
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(processor, "save_pretrained", disk_full)
+    with pytest.raises(RunDirError, match=r"step-000002.*No space left.*step-000001"):
+        _save(tmp_path, 2, model, processor)
+    assert latest_checkpoint(tmp_path) == good
+    assert load_trainer_state(good)["step"] == 1
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot write: chmod 0o500, or (as root, which ignores modes) under a file."""
+    d = tmp_path / "locked"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        (d / "probe").write_text("x")
+    except PermissionError:
+        return d
+    (d / "probe").unlink()  # root: permission bits do not stop it
+    d.chmod(0o700)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    return blocker / "run"
+
+
+def test_unwritable_run_dir_gives_run_dir_error(tmp_path):
+    check_writable(tmp_path / "new" / "run")  # created on the way
+    assert (tmp_path / "new" / "run").is_dir() and not os.listdir(tmp_path / "new" / "run")
+    bad = _unwritable_dir(tmp_path)
+    try:
+        with pytest.raises(RunDirError, match=f"run directory {bad} is not writable") as info:
+            check_writable(bad)
+        assert isinstance(info.value, OSError) and "--output-dir" in str(info.value)
+        assert "\n" not in str(info.value)
+        model, processor = tiny_model_and_processor()
+        with pytest.raises(RunDirError, match="could not write checkpoint"):
+            _save(bad, 1, model, processor)
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+
+
+def test_peft_model_saves_merged_weights_and_its_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, processor = tiny_model_and_processor()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # B starts at zero; make the adapter matter
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    ckpt = _save(tmp_path, 1, lora, processor)
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    loaded, loaded_proc = load_model_and_processor(ckpt)
+    _, batch = shapes_batch(loaded_proc, n=2)
+    with torch.no_grad():
+        want, got = lora(**batch).logits, loaded(**batch).logits
+        base = tiny_model_and_processor()[0](**batch).logits
+    assert not torch.allclose(want, base, atol=1e-3)  # the adapter changed the outputs...
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)  # ...and the merged weights carry it
