@@ -90,8 +90,15 @@ def main(argv=None) -> int:
     pos, neg, record = preset.draw(image, args.seed)
     files["positive.png"], files["negative.png"] = pos, neg
     files["gallery.png"] = contact_sheet(tiles, columns=args.columns)
-    meta = {"image": source, "width": w, "height": h, "seed": args.seed, "preset": preset.to_dict(),
-            "entries": entries, "draw": record}
+    meta = {
+        "image": source,
+        "width": w,
+        "height": h,
+        "seed": args.seed,
+        "preset": preset.to_dict(),
+        "entries": entries,
+        "draw": record,
+    }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".cppo-perturb-", dir=out.parent))
@@ -104,8 +111,10 @@ def main(argv=None) -> int:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"cppo-perturb: {len(preset.entries)} views of {source} ({preset.name}, seed {args.seed}) -> "
-          f"{out / 'gallery.png'}")
+    print(
+        f"cppo-perturb: {len(preset.entries)} views of {source} ({preset.name}, seed {args.seed}) -> "
+        f"{out / 'gallery.png'}"
+    )
     return 0
 
 

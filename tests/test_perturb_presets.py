@@ -218,5 +218,6 @@ def test_python_preset_and_errors():
         bad = {"name": "x", "preserving": [{"entry": "rotate", "deg": 3}], "removing": ["grey_fill"]}
         preset_from_dict(bad)
     with pytest.raises(UnknownNameError):
-        get_preset("paper").replay(np.zeros((4, 4, 3), np.uint8),
-                                   {"positive": {"name": "jpeg", "params": {}}, "negative": {}})
+        get_preset("paper").replay(
+            np.zeros((4, 4, 3), np.uint8), {"positive": {"name": "jpeg", "params": {}}, "negative": {}}
+        )

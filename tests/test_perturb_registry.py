@@ -29,8 +29,14 @@ H, W = 36, 50
 def textured(h=H, w=W, seed=0) -> np.ndarray:
     """(h, w, 3) uint8: smooth gradients plus coloured blocks, so every view has something to change."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([xx / max(w - 1, 1) * 200 + 30, yy / max(h - 1, 1) * 200 + 30,
-                    (xx + yy) / max(h + w - 2, 1) * 120 + 60], axis=-1)
+    img = np.stack(
+        [
+            xx / max(w - 1, 1) * 200 + 30,
+            yy / max(h - 1, 1) * 200 + 30,
+            (xx + yy) / max(h + w - 2, 1) * 120 + 60,
+        ],
+        axis=-1,
+    )
     rng = np.random.default_rng(seed)
     for _ in range(4):
         y0, x0 = rng.integers(0, max(h - 8, 1)), rng.integers(0, max(w - 8, 1))

@@ -138,14 +138,20 @@ class TranslateScale(Perturbation):
     kind: str = "preserving"
     max_translate: float = field(default=0.05, metadata={"help": "shift ~ U(-m, m)·W (and ·H)"})
     scale: tuple[float, float] = field(default=(0.9, 1.1), metadata={"help": "zoom factor range"})
-    params_help = {"translate_x": "shift as a fraction of W", "translate_y": "shift as a fraction of H",
-                   "scale": "zoom factor about the centre"}
+    params_help = {
+        "translate_x": "shift as a fraction of W",
+        "translate_y": "shift as a fraction of H",
+        "scale": "zoom factor about the centre",
+    }
 
     def sample(self, rng_or_seed, width, height):
         rng = as_rng(rng_or_seed)
         t = self.max_translate
-        return {"translate_x": float(rng.uniform(-t, t)), "translate_y": float(rng.uniform(-t, t)),
-                "scale": float(rng.uniform(*self.scale))}
+        return {
+            "translate_x": float(rng.uniform(-t, t)),
+            "translate_y": float(rng.uniform(-t, t)),
+            "scale": float(rng.uniform(*self.scale)),
+        }
 
     def _m(self, params, w, h):
         tx, ty = params["translate_x"] * w, params["translate_y"] * h

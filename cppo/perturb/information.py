@@ -109,7 +109,7 @@ def read_scene(img: np.ndarray) -> Reading:
         areas = ndimage.sum_labels(np.ones_like(labels), labels, idx)
         keep = idx[areas >= min_area]
         counts.append((name, len(keep)))
-        for _, cx in (ndimage.center_of_mass(mask, labels, keep) if len(keep) else []):
+        for _, cx in ndimage.center_of_mass(mask, labels, keep) if len(keep) else []:
             lefts.append((cx, name))
     return Reading(tuple(counts), min(lefts)[1] if lefts else None)
 

@@ -104,8 +104,10 @@ class GaussianNoise(Perturbation):
     name: str = "gaussian_noise"
     kind: str = "preserving"
     std: tuple[float, float] = field(default=(0.02, 0.05), metadata={"help": "noise std range, [0, 1] units"})
-    params_help = {"std": "noise standard deviation on [0, 1] intensities",
-                   "noise_seed": "seed of the noise map"}
+    params_help = {
+        "std": "noise standard deviation on [0, 1] intensities",
+        "noise_seed": "seed of the noise map",
+    }
 
     def sample(self, rng_or_seed, width, height):
         rng = as_rng(rng_or_seed)

@@ -111,9 +111,12 @@ class Preset:
 
     def to_dict(self) -> dict:
         """A YAML/JSON-ready description; `preset_from_dict` turns it back into an equal preset."""
-        return {"name": self.name, "description": self.description,
-                "preserving": [_spec(e) for e in self.preserving],
-                "removing": [_spec(e) for e in self.removing]}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "preserving": [_spec(e) for e in self.preserving],
+            "removing": [_spec(e) for e in self.removing],
+        }
 
 
 def _spec(e: Perturbation):
@@ -122,8 +125,9 @@ def _spec(e: Perturbation):
         return e.name
     base = next(n for n in list_perturbations() if type(get_perturbation(n)) is type(e))
     ref = get_perturbation(base)
-    changed = {k: list(v) if isinstance(v, tuple) else v
-               for k, (v, _) in e.options().items() if getattr(ref, k) != v}
+    changed = {
+        k: list(v) if isinstance(v, tuple) else v for k, (v, _) in e.options().items() if getattr(ref, k) != v
+    }
     return {"entry": base, "name": e.name, "kind": e.kind, **changed}
 
 
@@ -136,8 +140,12 @@ def preset_from_dict(d: Mapping) -> Preset:
             raise ValueError(f"a preset needs {key!r}")
     if isinstance(d["preserving"], str | Mapping) or isinstance(d["removing"], str | Mapping):
         raise ValueError("'preserving' and 'removing' must be lists")
-    return Preset(name=str(d["name"]), preserving=tuple(d["preserving"]), removing=tuple(d["removing"]),
-                  description=str(d.get("description", "")))
+    return Preset(
+        name=str(d["name"]),
+        preserving=tuple(d["preserving"]),
+        removing=tuple(d["removing"]),
+        description=str(d.get("description", "")),
+    )
 
 
 def load_preset(path: str | Path, register: bool = False) -> Preset:
@@ -178,18 +186,28 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
-register_preset(Preset(
-    "paper", ("color_jitter", "perspective", "rotate"), ("occlusion_noise", "zoom_crop"),
-    "CPPO's reference views, exactly as METHOD.md §1",
-))
-register_preset(Preset(
-    "papo", ("identity",), ("patch_blackout",),
-    "PAPO: the original image against 14-px grid cells blacked out with p = 0.6",
-))
-register_preset(Preset(
-    "in_distribution",
-    ("gaussian_blur", "jpeg", "translate_scale", "gaussian_noise"),
-    ("occlusion_mean", "occlusion_background", "grey_fill"),
-    "mild views and occluders that look like the data (../shared/notes/tiny-vlm.md): "
-    "keeps the entropy-shift probe about lost content, not surprise at noise",
-))
+register_preset(
+    Preset(
+        "paper",
+        ("color_jitter", "perspective", "rotate"),
+        ("occlusion_noise", "zoom_crop"),
+        "CPPO's reference views, exactly as METHOD.md §1",
+    )
+)
+register_preset(
+    Preset(
+        "papo",
+        ("identity",),
+        ("patch_blackout",),
+        "PAPO: the original image against 14-px grid cells blacked out with p = 0.6",
+    )
+)
+register_preset(
+    Preset(
+        "in_distribution",
+        ("gaussian_blur", "jpeg", "translate_scale", "gaussian_noise"),
+        ("occlusion_mean", "occlusion_background", "grey_fill"),
+        "mild views and occluders that look like the data (../shared/notes/tiny-vlm.md): "
+        "keeps the entropy-shift probe about lost content, not surprise at noise",
+    )
+)
