@@ -47,16 +47,24 @@ def response_stats(
     temperature: float = 1.0,
     chunk_size: int = 256,
     pixel_values: torch.Tensor | None = None,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view, float32.
 
     Both are 0 outside `response_mask`. The log-prob carries the gradient; the entropy is detached
-    (it only ranks tokens). Logits are divided by `temperature` (METHOD.md §5.6).
+    (it only ranks tokens) unless `entropy_grad` (PAPO's entropy regulariser needs it). Logits are
+    divided by `temperature` (METHOD.md §5.6).
     """
     _, head = backbone_and_head(model)
     hidden = response_hidden(model, inputs, pixel_values)  # (N, T, D)
     mask = response_mask.to(hidden.device).bool()
     targets = response_ids.to(hidden.device)
     return chunked_entropy_and_logprob(
-        hidden, head, targets, temperature=temperature, chunk_size=chunk_size, mask=mask
+        hidden,
+        head,
+        targets,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        mask=mask,
+        entropy_grad=entropy_grad,
     )

@@ -42,7 +42,8 @@ from cppo.rl.checkpoint import (
     save_checkpoint,
 )
 from cppo.rl.config import ConfigError, TrainConfig
-from cppo.rl.data import PromptSampler, open_dataset, shapes_data
+from cppo.rl.data import PromptSampler, find_split, open_dataset, shapes_data
+from cppo.rl.evaluate import evaluate
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.runlog import RunLogger, plot_curves
@@ -135,12 +136,13 @@ def run_training(cfg: TrainConfig):
             f"{cfg.prompts_per_step} prompts per step cannot be shared by {world} processes: set "
             f"--prompts-per-step to a multiple of {world}"
         )
+    _check_supported(cfg)
     run_dir = Path(cfg.output_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_writable(run_dir)
     _seed_everything(cfg.seed)
-    data_path = cfg.data or shapes_data(run_dir / "data", seed=cfg.seed)
+    data_path = cfg.data or shapes_data(run_dir / "shapes", seed=cfg.seed)
     dataset = open_dataset(data_path, strict=cfg.data_strict)
     model, processor, ref = build_policy(cfg, device)
     n_local = cfg.rollouts // world
@@ -160,6 +162,7 @@ def run_training(cfg: TrainConfig):
         cfg.save(run_dir / "config.yaml")
         print(f"[cppo] {dataset.summary()}")
 
+    eval_set = _eval_set(cfg, data_path) if cfg.eval_every else None
     progress = _progress(cfg, start, rank)
     for step in range(start, cfg.max_steps):
         timer = Timer()
@@ -186,6 +189,10 @@ def run_training(cfg: TrainConfig):
                 ro.ref_logp = rollout_logprobs(ref, ro, cfg)
         metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, world_size=world)
         metrics.update(_step_metrics(ro, timer, time.perf_counter() - t0, device, world))
+        if eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            with timer("eval"):
+                metrics.update(_evaluate(model, processor, eval_set, cfg))
+            metrics["time/eval"] = timer["eval"]
         logger.log(step + 1, metrics)
         logger.log_rollouts(step + 1, _rollout_rows(ro, cfg.log_rollouts))
         progress.update(metrics)
@@ -197,6 +204,48 @@ def run_training(cfg: TrainConfig):
     if rank == 0 and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return run_dir, model
+
+
+def _check_supported(cfg: TrainConfig) -> None:
+    """Options of cppo.loss / cppo.detect that the loop does not wire in (they need the views' hidden
+    states, which the loop does not keep)."""
+    if cfg.cpl_divergence == "full":
+        raise ConfigError(
+            "cpl_divergence full is offered by cppo.loss.contrastive_perception_loss_full for other "
+            "trainers; cppo-train supports k1|k2|k3: set --cpl-divergence k3"
+        )
+    if cfg.selector == "kl_shift":
+        raise ConfigError(
+            "selector kl_shift is offered by cppo-detect; cppo-train ranks by entropy shift: set "
+            "--selector relative (or raw, entropy)"
+        )
+
+
+def _eval_set(cfg: TrainConfig, data_path):
+    path = cfg.eval_data or find_split(data_path, "val")
+    if path is None:
+        raise ConfigError(
+            f"eval_every is {cfg.eval_every} but no eval_data was given and {data_path} has no val split"
+        )
+    return open_dataset(path, split="val" if cfg.eval_data is None else "train", strict=cfg.data_strict)
+
+
+def _evaluate(model, processor, dataset, cfg: TrainConfig) -> dict[str, float]:
+    """avg@K accuracy and format on (at most 64 items of) the held-out set, as eval/* metrics.
+
+    Each process grades the same items: evaluation is cheap next to a step, and it keeps every
+    rank's RNG in step."""
+    report = evaluate(
+        model,
+        processor,
+        dataset,
+        samples=cfg.eval_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        limit=64,
+        temperature=None if cfg.eval_samples == 1 else cfg.temperature,
+    )
+    return {"eval/accuracy": report["accuracy"], "eval/format": report["format"]}
 
 
 def _rollout_seed(seed: int, step: int, rank: int) -> int:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from cppo.loss import (
     contrastive_perception_loss,
+    entropy_bonus,
     gate_responses,
     grpo_loss,
     implicit_perception_loss,
@@ -56,14 +57,16 @@ class Timer(defaultdict):
         return _Span()
 
 
-def _stats(model, ro: Rollouts, rows: list[int], cfg, view: str | None = None):
+def _stats(model, ro: Rollouts, rows: list[int], cfg, view: str | None = None, entropy_grad: bool = False):
     """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images)."""
     inputs = select_rows(ro, rows, _image_token_id(model), view)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     ids = ro.response_ids[rows].to(device)
     mask = ro.response_mask[rows].to(device)
-    return response_stats(model, inputs, ids, mask, cfg.temperature, cfg.logits_chunk_size)
+    return response_stats(
+        model, inputs, ids, mask, cfg.temperature, cfg.logits_chunk_size, entropy_grad=entropy_grad
+    )
 
 
 def _image_token_id(model) -> int:
@@ -89,7 +92,8 @@ def micro_batch_loss(
     device = next(model.parameters()).device
     mask = ro.response_mask[rows].to(device)  # (n, T)
     adv = ro.advantages[rows].to(device)  # (n,)
-    entropy, logp = _stats(model, ro, rows, cfg)  # (n, T), (n, T): the anchor
+    papo_entropy = cfg.algo == "papo" and cfg.papo_entropy_coef > 0
+    entropy, logp = _stats(model, ro, rows, cfg, entropy_grad=papo_entropy)  # (n, T), (n, T): the anchor
     old = logp.detach() if ro.old_logp is None else ro.old_logp[rows].to(device)
     ref = None if ro.ref_logp is None else ro.ref_logp[rows].to(device)
     loss, metrics = grpo_loss(
@@ -107,13 +111,13 @@ def micro_batch_loss(
         agg=cfg.loss_agg,
     )
     n_tok = mask.sum().clamp(min=1)
-    metrics["entropy/mean"] = float((entropy * mask).sum() / n_tok)
+    metrics["entropy/mean"] = float((entropy.detach() * mask).sum() / n_tok)
     if cfg.algo == "cppo" and cfg.cpl_lambda > 0:
         cpl, cpl_metrics = _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views)
         loss = loss + cfg.cpl_lambda * cpl
         metrics.update(cpl_metrics)
     elif cfg.algo == "papo" and ro.views:
-        papo, papo_metrics = _papo(model, ro, rows, cfg, logp, timer)
+        papo, papo_metrics = _papo(model, ro, rows, cfg, logp, entropy, timer)
         loss = loss + papo
         metrics.update(papo_metrics)
     return loss, metrics
@@ -171,19 +175,30 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views):
     return cpl, metrics
 
 
-def _papo(model, ro, rows, cfg, logp, timer):
-    """PAPO (arXiv 2507.06448): gamma·(-KL(pi_I || pi_Imask)) on every response token of image rows."""
+def _papo(model, ro, rows, cfg, logp, entropy, timer):
+    """PAPO (arXiv 2507.06448) on the image rows: gamma·(-KL(pi_I || pi_Imask)) on every response
+    token, plus the double-entropy regulariser eta·(H(I) + H(Imask)) that keeps the maximised KL from
+    being won by making either view's distribution flat."""
     device = logp.device
     image_rows = [i for i, r in enumerate(rows) if bool(ro.has_image[r])]
     if not image_rows:
         return logp.sum() * 0.0, {}
+    use_entropy = cfg.papo_entropy_coef > 0
     with timer("perception"):
-        ent_m, logp_m = _stats(model, ro, [rows[i] for i in image_rows], cfg, view="negative")
+        ent_m, logp_m = _stats(
+            model, ro, [rows[i] for i in image_rows], cfg, view="negative", entropy_grad=use_entropy
+        )
     mask = ro.response_mask[rows].to(device)[image_rows]
-    loss, metrics = implicit_perception_loss(
+    kl_loss, metrics = implicit_perception_loss(
         logp[image_rows], logp_m, mask, divergence=cfg.cpl_divergence, clip=cfg.papo_clip, agg=cfg.loss_agg
     )
-    return cfg.papo_gamma * loss, metrics
+    loss = cfg.papo_gamma * kl_loss
+    if use_entropy:
+        bonus_i, _ = entropy_bonus(entropy[image_rows], mask, cfg.loss_agg)  # -H(I)
+        bonus_m, m = entropy_bonus(ent_m, mask, cfg.loss_agg)  # -H(Imask)
+        loss = loss - cfg.papo_entropy_coef * (bonus_i + bonus_m)
+        metrics["papo/entropy_masked"] = m["entropy/mean"]
+    return loss, metrics
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
