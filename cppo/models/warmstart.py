@@ -15,7 +15,8 @@ next to the training loss. Format alone is learned in ~150 steps by a blind mode
 below that floor means the image is being used.
 
 The checkpoint is saved in bfloat16 (a few MB), then evaluated on the test split with
-`cppo.models.evaluate`; the result is written next to it as `eval.json`.
+`cppo.models.evaluate` (`eval.json`: the first `--eval-n` items; `eval_slice.json`: the first 100,
+which CI re-scores), and `MODEL_CARD.md` is written from those files (`cppo.models.card`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 from cppo.models.build import TinyVLMConfig, build_tiny_model
 from cppo.models.inputs import append_responses, encode_prompts, response_logits
 from cppo.toy.shapes import DEFAULT_IMAGE_SIZE, ShapesItem, make_item, target_response
+
+CI_SLICE = 100  # first test items re-scored by tests/test_demo_model.py
 
 
 def response_batch(tokenizer, items: list[ShapesItem]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,26 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {out} after {train_seconds:.0f}s", flush=True)
 
     if args.eval_n:
+        from cppo.models.card import main as card_main
         from cppo.models.evaluate import main as evaluate_main
 
-        evaluate_main(
-            [
-                "--model",
-                str(out),
-                "--split",
-                "test",
-                "--n",
-                str(args.eval_n),
-                "--seed",
-                "0",
-                "--image-size",
-                str(args.image_size),
-                "--threads",
-                str(args.threads),
-                "--out",
-                str(out / "eval.json"),
-            ]
-        )
+        common = [
+            "--model",
+            str(out),
+            "--split",
+            "test",
+            "--seed",
+            "0",
+            "--image-size",
+            str(args.image_size),
+            "--threads",
+            str(args.threads),
+        ]
+        evaluate_main([*common, "--n", str(args.eval_n), "--out", str(out / "eval.json")])
+        evaluate_main([*common, "--n", str(CI_SLICE), "--no-blank", "--out", str(out / "eval_slice.json")])
+        card_main([str(out)])
     return 0
 
 

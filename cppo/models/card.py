@@ -1,0 +1,98 @@
+"""Write the demo model's MODEL_CARD.md from the JSON its warm start and evaluations left behind.
+
+    python -m cppo.models.card cppo/assets/demo-model
+
+Reads `warmstart.json` (recipe, size, time), `eval.json` (test split, per question type) and
+`eval_slice.json` (the first items of the test split, the slice the CI test re-scores), so every
+number in the card is one a command printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def render_card(model_dir: Path) -> str:
+    ws = json.loads((model_dir / "warmstart.json").read_text())
+    ev = json.loads((model_dir / "eval.json").read_text())
+    sl = json.loads((model_dir / "eval_slice.json").read_text())
+    r = ws["recipe"]
+    size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
+    rows = "\n".join(
+        f"| {q} | {v['n']} | {100 * v['accuracy']:.1f} | {100 * v['format']:.1f} | {100 * v['chance']:.0f} |"
+        for q, v in ev["per_type"].items()
+    )
+    cmd = (
+        "python -m cppo.models.warmstart --out cppo/assets/demo-model "
+        f"--steps {r['steps']} --seed {r['seed']} --batch-size {r['batch_size']} "
+        f"--lr {r['lr']} --warmup {r['warmup']} --threads {r['threads']}"
+    )
+    m = ws["model"]
+    acc, fmt = 100 * ev["accuracy"], 100 * ev["format"]
+    looks = (
+        "the answers depend on the image"
+        if ev["accuracy"] - ev["blank_image_accuracy"] > 0.05
+        else "no better without the image: the model is not using it"
+    )
+    return f"""# cppo demo model: a tiny Qwen2.5-VL warm-started on the shapes task
+
+The default model of `cppo-detect` and `cppo-train` when no model is given
+(`cppo.models.demo_model_path()`). It is a real `Qwen2_5_VLForConditionalGeneration` at CPU size,
+trained only to answer the shapes task (`cppo.toy`) in the METHOD.md §4 format:
+`<think>one sentence naming what it sees</think> \\boxed{{answer}}`. It looks at its image, but
+imperfectly, so RL has room to improve it. It knows nothing else.
+
+## Size
+- {ws["parameters"]:,} parameters; text: hidden {m["hidden_size"]}, {m["num_layers"]} layers,
+  {m["num_heads"]} heads ({m["num_kv_heads"]} KV); vision: hidden {m["vision_hidden_size"]},
+  depth {m["vision_depth"]}; images {m["image_size"]} px (16 image tokens).
+- Tokenizer: `Qwen2Tokenizer`, byte-level BPE learned on the task's text plus Qwen's 14 special tokens;
+  official Qwen2.5-VL chat template. Weights stored in bfloat16: {size_mb:.1f} MB.
+
+## Recipe (seed {r["seed"]})
+    {cmd}
+
+Supervised, a fresh batch of {r["batch_size"]} generated items every step, {r["steps"]} steps,
+AdamW lr {r["lr"]} (betas 0.9/0.98, weight decay {r["weight_decay"]} on matrices), warmup
+{r["warmup"]} then cosine to 10 %, clip 1.0. Training took {ws["train_seconds"] / 60:.1f} min with
+{ws["torch_threads"]} torch threads (CPU shared with other jobs).
+Final training loss {ws["final_loss_ema"]:.4f} nats/token against an image-blind floor of
+{ws["blind_loss_floor"]:.4f}: {
+        "below it, so the answers use the image"
+        if ws["final_loss_ema"] < ws["blind_loss_floor"]
+        else "above it"
+    }.
+
+## Results: test split (seed {ev["seed"]}, first {ev["n"]} items), greedy decoding
+    python -m cppo.models.evaluate --model cppo/assets/demo-model --split test --n {ev["n"]}
+
+| question type | n | accuracy % | format % | chance % |
+|---|---|---|---|---|
+{rows}
+| **overall** | {ev["n"]} | **{acc:.1f}** | **{fmt:.1f}** | {100 * ev["chance"]:.1f} |
+
+With every image replaced by a blank one the accuracy is {100 * ev["blank_image_accuracy"]:.1f} %
+({looks}).
+
+CI re-scores the first {sl["n"]} test items (`tests/test_demo_model.py`):
+accuracy {100 * sl["accuracy"]:.1f} %, format {100 * sl["format"]:.1f} %; tolerance ±3 points
+(bf16 weights on another CPU may flip a near-tied greedy token).
+
+## Limits
+Trained on one synthetic task at one image size; one seed. The shapes task's scenes never overlap and
+use four exact colours; anything else is out of distribution.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    model_dir = Path(argv[0] if argv else "cppo/assets/demo-model")
+    (model_dir / "MODEL_CARD.md").write_text(render_card(model_dir))
+    print(f"wrote {model_dir / 'MODEL_CARD.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
