@@ -126,10 +126,9 @@ def _examples(args) -> tuple[list, str]:
         resp = s.extra.get("response_ids", s.extra.get("response"))
         extra = {"answer": s.answer, **({"question_type": s.question_type} if s.question_type else {})}
         examples.append(Example(s.images, s.question, resp, name=s.source, extra=extra))
-    print(
-        dataset.summary() + (f"; {text_only} text-only skipped (nothing to remove)" if text_only else ""),
-        file=sys.stderr,
-    )
+    if args.data:
+        skipped = f"; {text_only} text-only skipped (nothing to remove)" if text_only else ""
+        print(dataset.summary() + skipped, file=sys.stderr)
     if not examples:
         raise ValueError(f"{path}: no example with an image")
     return examples, path if args.data else "bundled example"
@@ -167,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, FileNotFoundError, UnknownNameError, OSError) as e:
         return _fail(str(e))
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar; ours is over examples
     t0 = time.time()
     try:
         device = resolve_device(args.device)

@@ -49,6 +49,11 @@ def _png_b64(image: Image.Image, max_side: int = 448) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _label(text: str) -> str:
+    """A tick label: non-printable characters escaped (fonts have no glyph for them)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "' '"
+
+
 def shift_plot(det: Detection, path: str | Path | None = None, max_labels: int = 96) -> bytes:
     """Bar plot of the per-token shift, selected tokens highlighted; returns the PNG bytes (and writes it)."""
     import matplotlib
@@ -77,7 +82,7 @@ def shift_plot(det: Detection, path: str | Path | None = None, max_labels: int =
     )
     if T <= max_labels:
         ax.set_xticks(x)
-        ax.set_xticklabels([t.replace("\n", "\\n") or " " for t in det.token_texts], rotation=90, fontsize=7)
+        ax.set_xticklabels([_label(t) for t in det.token_texts], rotation=90, fontsize=7)
     else:
         ax.set_xlabel("response token")
     fig.tight_layout()
