@@ -1,0 +1,64 @@
+"""The bundled demo checkpoint: its files, that it loads, and that it scores what its card says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cppo.models import demo_model_path
+from cppo.models.evaluate import evaluate_items
+from cppo.toy import split_items
+from tests.helpers import demo_model_and_processor
+
+TOLERANCE = 0.03  # the card's own statement: ±3 points on the CI slice
+
+DEMO = demo_model_path()
+pytestmark = pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="demo checkpoint not built")
+
+
+def test_demo_checkpoint_is_small_bf16_and_complete():
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+        "MODEL_CARD.md",
+        "eval.json",
+        "eval_slice.json",
+        "warmstart.json",
+    ]:
+        assert (DEMO / name).is_file(), name
+    assert (DEMO / "model.safetensors").stat().st_size < 5e6
+    with safe_open(DEMO / "model.safetensors", "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.bfloat16}
+
+
+def test_card_states_the_numbers_of_its_eval_files():
+    card = (DEMO / "MODEL_CARD.md").read_text()
+    ev = json.loads((DEMO / "eval.json").read_text())
+    sl = json.loads((DEMO / "eval_slice.json").read_text())
+    assert f"**{100 * ev['accuracy']:.1f}**" in card and f"**{100 * ev['format']:.1f}**" in card
+    assert f"accuracy {100 * sl['accuracy']:.1f} %, format {100 * sl['format']:.1f} %" in card
+    for q, v in ev["per_type"].items():
+        assert f"| {q} | {v['n']} | {100 * v['accuracy']:.1f} |" in card
+    # what the issue asks of the demo model
+    assert ev["format"] >= 0.9
+    assert ev["chance"] + 0.1 < ev["accuracy"] < 0.95
+    assert ev["blank_image_accuracy"] < ev["accuracy"] - 0.05  # it looks at the image
+
+
+@pytest.mark.slow
+def test_demo_model_scores_its_card_on_the_ci_slice():
+    torch.set_num_threads(2)
+    sl = json.loads((DEMO / "eval_slice.json").read_text())
+    model, processor = demo_model_and_processor()
+    items = split_items("test", sl["n"], seed=sl["seed"], image_size=sl["image_size"])
+    result = evaluate_items(model, processor, items)
+    assert abs(result["accuracy"] - sl["accuracy"]) <= TOLERANCE, (result["accuracy"], sl["accuracy"])
+    assert abs(result["format"] - sl["format"]) <= TOLERANCE, (result["format"], sl["format"])
