@@ -118,6 +118,11 @@ def test_bad_config_and_bad_data_exit_2_with_one_line(tiny_dir, data, tmp_path, 
     assert err[-1].startswith("cppo-train: error:") and "broken.jsonl:2" in err[-1]
 
 
+def _run(cmd, env):
+    done = subprocess.run(cmd, env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, tmp_path):
     """torchrun with 2 CPU processes (gloo): both ranks end with the same weights, equal to one process."""
@@ -151,9 +156,9 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         str(tmp_path / "run2"),
         *flags[6:],
     ]
-    subprocess.run(two, check=True, env=env, cwd=REPO, timeout=300, capture_output=True)
+    _run(two, env)
     one = [sys.executable, worker, str(tmp_path / "one"), *flags[:5], str(tmp_path / "run1"), *flags[6:]]
-    subprocess.run(one, check=True, env=env, cwd=REPO, timeout=300, capture_output=True)
+    _run(one, env)
     r0 = torch.load(tmp_path / "two.rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "two.rank1.pt", weights_only=True)
     single = torch.load(tmp_path / "one.rank0.pt", weights_only=True)

@@ -50,12 +50,15 @@ from cppo.rl.runlog import RunLogger, plot_curves
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 
 
-def _dist():
-    """(rank, world size, device) from accelerate's process state (starts gloo/NCCL under torchrun)."""
+def _dist(cfg: TrainConfig):
+    """(rank, world size, device) from accelerate's process state (starts gloo/NCCL under torchrun).
+
+    accelerate treats a CPU machine as one process unless told `cpu=True`, even under torchrun."""
     from accelerate import PartialState
 
-    state = PartialState()
-    return state.process_index, state.num_processes, state.device
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    device = torch.device("cpu") if state.device.type == "cpu" else state.device
+    return state.process_index, state.num_processes, device
 
 
 def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -130,7 +133,7 @@ def train(cfg: TrainConfig) -> Path:
 
 def run_training(cfg: TrainConfig):
     """Run the configured training; returns (run directory, trained policy)."""
-    rank, world, device = _dist()
+    rank, world, device = _dist(cfg)
     if cfg.prompts_per_step % world:
         raise ConfigError(
             f"{cfg.prompts_per_step} prompts per step cannot be shared by {world} processes: set "

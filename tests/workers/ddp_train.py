@@ -1,8 +1,9 @@
 """Run by tests/test_rl_loop.py under `torchrun`: train, then save this rank's final weights.
 
-    torchrun --nproc_per_node 2 tests/workers/ddp_train.py OUT_FILE_PREFIX [cppo-train flags...]
+torchrun --nproc_per_node 2 tests/workers/ddp_train.py OUT_FILE_PREFIX [cppo-train flags...]
 """
 
+import os
 import sys
 
 import torch
@@ -14,5 +15,10 @@ if __name__ == "__main__":
     prefix, flags = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
     _, model = run_training(parse_args(flags))
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    from accelerate import PartialState
+
+    state = PartialState()
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    assert state.num_processes == expected, f"the loop ran {state.num_processes} process(es), not {expected}"
+    rank = state.process_index
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{prefix}.rank{rank}.pt")
