@@ -40,7 +40,7 @@ Where this departs from the paper's code, and why:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -528,7 +528,7 @@ class PerceptionDetector:
 
 
 def detect(
-    model, processor, examples: Sequence[Example], progress: Callable | bool | None = None, **kwargs
+    model, processor, examples: Sequence[Example], progress: bool | None = None, **kwargs
 ) -> list[Detection]:
     """Shorthand: ``PerceptionDetector(model, processor, **kwargs).detect(examples)``."""
     return PerceptionDetector(model, processor, **kwargs).detect(examples, progress=progress)
