@@ -6,6 +6,11 @@ those through the output head in chunks of positions (`cppo.detect.select.chunke
 so the (N, T, V) logits of a long response never exist at once and prompt positions never reach
 the head (METHOD.md §5.8). Entropy and log-prob come from the same chunk's logits.
 
+`full_logits=True` is the official code's way, kept as a reference for tests and benchmarks
+(bench/bench_step.py): the model's own forward puts EVERY position (prompt and response) through the
+output head, and the response's (N, T, V) logits are upcast to float32 and turned into log-probs
+and entropies all at once, so the float32 (N, T, V) tensors live until the backward.
+
 Letters: N rows, L prompt columns (left-padded), T response columns, D hidden size, V vocabulary.
 """
 
@@ -48,13 +53,19 @@ def response_stats(
     chunk_size: int = 256,
     pixel_values: torch.Tensor | None = None,
     entropy_grad: bool = False,
+    full_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view, float32.
 
     Both are 0 outside `response_mask`. The log-prob carries the gradient; the entropy is detached
     (it only ranks tokens) unless `entropy_grad` (PAPO's entropy regulariser needs it). Logits are
-    divided by `temperature` (METHOD.md §5.6).
+    divided by `temperature` (METHOD.md §5.6). `full_logits`: the official code's unchunked path
+    (see the module docstring); same values, much more memory.
     """
+    if full_logits:
+        return _full_logits_stats(
+            model, inputs, response_ids, response_mask, temperature, pixel_values, entropy_grad
+        )
     _, head = backbone_and_head(model)
     hidden = response_hidden(model, inputs, pixel_values)  # (N, T, D)
     mask = response_mask.to(hidden.device).bool()
@@ -68,3 +79,21 @@ def response_stats(
         mask=mask,
         entropy_grad=entropy_grad,
     )
+
+
+def _full_logits_stats(model, inputs, response_ids, response_mask, temperature, pixel_values, entropy_grad):
+    """The official code's path: head over all L+T positions, then all (N, T, V) float32 at once."""
+    L = inputs["prompt_length"]
+    fwd = {k: v for k, v in inputs.items() if k != "prompt_length"}
+    if pixel_values is not None:
+        fwd["pixel_values"] = pixel_values
+    T = fwd["input_ids"].shape[1] - L
+    logits = model(**fwd, use_cache=False).logits  # (N, L+T, V): every position through the head
+    z = logits[:, L - 1 : L - 1 + T].float() / temperature  # (N, T, V) float32
+    logp_all = torch.log_softmax(z, dim=-1)  # (N, T, V)
+    targets = response_ids.to(z.device).long()
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    src = logp_all if entropy_grad else logp_all.detach()
+    entropy = -(src.exp() * src).sum(-1)  # (N, T)
+    mask = response_mask.to(z.device).bool()
+    return entropy.masked_fill(~mask, 0.0), logp.masked_fill(~mask, 0.0)

@@ -7,7 +7,9 @@ For each mini-batch of rows, for each micro-batch:
      I- pass (log-probs for the loss, entropies for the selection), and only rows with at least one
      selected token get the I+ pass. A row outside that set contributes exactly 0 to L_CPL, so its
      passes are skipped without changing the loss (METHOD.md §5.7). `skip_views=False` runs every
-     pass on every row, as the official code does, for tests and benchmarks;
+     pass on every row, as the official code does, for tests and benchmarks; `full_logits=True`
+     also scores every pass as the official code does (all positions through the head, all
+     (n, T, V) logits in float32 at once: cppo.scoring), for benchmarks;
   4. backward of the micro-batch's loss scaled by its share of the mini-batch's rows.
 
 Departures from the official code, each on purpose:
@@ -57,7 +59,15 @@ class Timer(defaultdict):
         return _Span()
 
 
-def _stats(model, ro: Rollouts, rows: list[int], cfg, view: str | None = None, entropy_grad: bool = False):
+def _stats(
+    model,
+    ro: Rollouts,
+    rows: list[int],
+    cfg,
+    view: str | None = None,
+    entropy_grad: bool = False,
+    full_logits: bool = False,
+):
     """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images)."""
     inputs = select_rows(ro, rows, _image_token_id(model), view)
     device = next(model.parameters()).device
@@ -65,7 +75,14 @@ def _stats(model, ro: Rollouts, rows: list[int], cfg, view: str | None = None, e
     ids = ro.response_ids[rows].to(device)
     mask = ro.response_mask[rows].to(device)
     return response_stats(
-        model, inputs, ids, mask, cfg.temperature, cfg.logits_chunk_size, entropy_grad=entropy_grad
+        model,
+        inputs,
+        ids,
+        mask,
+        cfg.temperature,
+        cfg.logits_chunk_size,
+        entropy_grad=entropy_grad,
+        full_logits=full_logits,
     )
 
 
@@ -75,25 +92,31 @@ def _image_token_id(model) -> int:
 
 
 @torch.no_grad()
-def rollout_logprobs(model, ro: Rollouts, cfg) -> torch.Tensor:
+def rollout_logprobs(model, ro: Rollouts, cfg, full_logits: bool = False) -> torch.Tensor:
     """(N, T) log-probs of the responses under `model` (no grad), in micro-batches."""
     out = torch.zeros(ro.response_ids.shape, dtype=torch.float32)
     for s in range(0, ro.num_rows, cfg.micro_batch_size):
         rows = list(range(s, min(s + cfg.micro_batch_size, ro.num_rows)))
-        _, logp = _stats(model, ro, rows, cfg)
+        _, logp = _stats(model, ro, rows, cfg, full_logits=full_logits)
         out[rows] = logp.float().cpu()
     return out
 
 
 def micro_batch_loss(
-    model, ro: Rollouts, rows: list[int], cfg, timer: Timer, skip_views: bool = True
+    model,
+    ro: Rollouts,
+    rows: list[int],
+    cfg,
+    timer: Timer,
+    skip_views: bool = True,
+    full_logits: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch (not yet scaled) and its metrics."""
     device = next(model.parameters()).device
     mask = ro.response_mask[rows].to(device)  # (n, T)
     adv = ro.advantages[rows].to(device)  # (n,)
     papo_entropy = cfg.algo == "papo" and cfg.papo_entropy_coef > 0
-    entropy, logp = _stats(model, ro, rows, cfg, entropy_grad=papo_entropy)  # (n, T), (n, T): the anchor
+    entropy, logp = _stats(model, ro, rows, cfg, entropy_grad=papo_entropy, full_logits=full_logits)  # anchor
     old = logp.detach() if ro.old_logp is None else ro.old_logp[rows].to(device)
     ref = None if ro.ref_logp is None else ro.ref_logp[rows].to(device)
     loss, metrics = grpo_loss(
@@ -113,7 +136,7 @@ def micro_batch_loss(
     n_tok = mask.sum().clamp(min=1)
     metrics["entropy/mean"] = float((entropy.detach() * mask).sum() / n_tok)
     if cfg.algo == "cppo" and cfg.cpl_lambda > 0:
-        cpl, cpl_metrics = _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views)
+        cpl, cpl_metrics = _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits)
         loss = loss + cfg.cpl_lambda * cpl
         metrics.update(cpl_metrics)
     elif cfg.algo == "papo" and ro.views:
@@ -123,7 +146,7 @@ def micro_batch_loss(
     return loss, metrics
 
 
-def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views):
+def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits=False):
     """lambda-free CPL of a micro-batch; rows without an image or a passing gate skip the views."""
     device = logp.device
     mask = ro.response_mask[rows].to(device)
@@ -140,7 +163,9 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views):
     local = gate.nonzero().squeeze(1).tolist() if skip_views else list(range(len(rows)))
     view_rows = [rows[i] for i in local]
     with timer("perception"):
-        ent_neg, logp_neg = _stats(model, ro, view_rows, cfg, view="negative")  # (v, T)
+        ent_neg, logp_neg = _stats(
+            model, ro, view_rows, cfg, view="negative", full_logits=full_logits
+        )  # (v, T)
     sel = perception_mask(
         entropy[local],
         ent_neg,
@@ -158,7 +183,9 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views):
         zero = logp.sum() * 0.0 + logp_neg.sum() * 0.0
         return zero, {"cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
     with timer("perception"):
-        _, logp_pos = _stats(model, ro, [view_rows[i] for i in keep], cfg, view="positive")
+        _, logp_pos = _stats(
+            model, ro, [view_rows[i] for i in keep], cfg, view="positive", full_logits=full_logits
+        )
     anchor = logp[[local[i] for i in keep]]
     cpl, metrics = contrastive_perception_loss(
         anchor,
@@ -215,7 +242,15 @@ def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def policy_update(
-    model, optimizer, scheduler, ro: Rollouts, cfg, timer: Timer, world_size: int = 1, skip_views: bool = True
+    model,
+    optimizer,
+    scheduler,
+    ro: Rollouts,
+    cfg,
+    timer: Timer,
+    world_size: int = 1,
+    skip_views: bool = True,
+    full_logits: bool = False,
 ) -> dict[str, float]:
     """All optimizer updates of one step over this process's rows; returns mean metrics."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +267,7 @@ def policy_update(
             for s in range(0, len(mini_rows), cfg.micro_batch_size):
                 rows = mini_rows[s : s + cfg.micro_batch_size]
                 with timer("update"):
-                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, skip_views)
+                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, skip_views, full_logits)
                     # share of the GLOBAL mini-batch: processes' gradients are summed below
                     (loss * (len(rows) / (len(mini_rows) * world_size))).backward()
                 for k, v in metrics.items():
