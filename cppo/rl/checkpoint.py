@@ -8,7 +8,11 @@ A checkpoint is a directory `run_dir/checkpoints/step-{step:06d}/` holding
   resume loads with `PeftModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)`).
 - `trainer_state.pt`: `{"optimizer": ..., "scheduler": ..., **trainer_state}` (step, sampler state,
   RNG states, config dict), read back by `load_trainer_state` with `weights_only=True` only.
-- `COMPLETE`, written last.
+- `COMPLETE`, written last: a JSON manifest `{"step": N, "files": {relative path: size}}` of every
+  other file. A checkpoint counts as complete only when the marker is there and every file it lists
+  exists with its size (`checkpoint_problem`), so a folder copied by hand and cut short, or one whose
+  disk lost a file, is ignored by `latest_checkpoint` (markers of the older `step N` form are checked
+  for the trainer state and the weights only).
 
 Everything is written into a temporary sibling `.tmp-step-...`, every file and folder fsynced, then
 renamed to its final name and the parent fsynced: a kill at any moment leaves the previous complete
@@ -17,11 +21,16 @@ removes. Older checkpoints are pruned only after the new one is in place.
 
 Call `save_checkpoint` on the main process only (with DDP every rank holds the same weights and
 optimizer state; `capture_rng` is per process).
+
+Resuming (`cppo/rl/loop.py`): `config_changes` lists the fields a resumed run changed that alter
+what it trains (`RESUME_SAFE_FIELDS` may change: run length, logging, saving, evaluation, compute
+layout), and `newer_checkpoints` the checkpoints a resume from an older one would abandon.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import re
@@ -178,14 +187,48 @@ def _save_model(model, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
 
 
-def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints under `ckpt_root`, oldest first."""
+def _manifest(directory: Path) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under `directory`."""
+    return {
+        str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` is not a usable complete checkpoint ("no COMPLETE marker", "model.safetensors is
+    missing", ...), or None when it is."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return "not a directory"
+    marker = ckpt / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} marker (a save that did not finish)"
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (ValueError, AttributeError):  # the older `step N` marker: no manifest
+        files = {}
+    for name, size in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated)"
+    if not (ckpt / TRAINER_STATE).is_file():
+        return f"{TRAINER_STATE} is missing"
+    if not any(ckpt.glob("*.safetensors")):
+        return "no *.safetensors weights"
+    return None
+
+
+def _step_dirs(ckpt_root: Path, complete: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints under `ckpt_root` (the complete ones, or the incomplete ones
+    with `complete=False`), oldest first."""
     if not ckpt_root.is_dir():
         return []
     found = []
     for path in ckpt_root.iterdir():
         m = _STEP_DIR.match(path.name)
-        if m and path.is_dir() and (path / MARKER).is_file():
+        if m and path.is_dir() and (checkpoint_problem(path) is None) == complete:
             found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -224,7 +267,7 @@ def save_checkpoint(
         _save_model(model, tmp)
         processor.save_pretrained(tmp)
         torch.save(state, tmp / TRAINER_STATE)
-        (tmp / MARKER).write_text(f"step {int(step)}\n")
+        (tmp / MARKER).write_text(json.dumps({"step": int(step), "files": _manifest(tmp)}, indent=1) + "\n")
         _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step: move the old one aside, then swap
             old = root / f".old-{name}"
@@ -262,6 +305,49 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step (temporary and unmarked folders ignored), or None."""
     found = _step_dirs(Path(run_dir) / CHECKPOINTS_DIR)
     return found[-1][1] if found else None
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
+    """(path, problem) of every `step-*` folder that `latest_checkpoint` ignores, oldest first."""
+    return [
+        (p, checkpoint_problem(p)) for _, p in _step_dirs(Path(run_dir) / CHECKPOINTS_DIR, complete=False)
+    ]
+
+
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The step in a `step-NNNNNN` folder name, or None for another name."""
+    m = _STEP_DIR.match(Path(ckpt).name)
+    return int(m.group(1)) if m else None
+
+
+def newer_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """The complete checkpoints of `run_dir` after `step`: what a resume from `step` would abandon."""
+    return [p for s, p in _step_dirs(Path(run_dir) / CHECKPOINTS_DIR) if s > step]
+
+
+# Fields a resume may change without changing what is trained (a longer run, other logging, another
+# compute layout). Every other field differing from the checkpoint's config is refused unless forced.
+# max_steps is here although it stretches a linear/cosine schedule: the loop warns when it does.
+RESUME_SAFE_FIELDS = frozenset(
+    """max_steps save_every keep_last eval_every eval_samples eval_data log_rollouts resume force_resume
+    tensorboard output_dir device micro_batch_size logits_chunk_size gradient_checkpointing data_strict
+    max_bad_steps""".split()
+)
+
+
+def config_changes(saved: dict, current: dict, safe=RESUME_SAFE_FIELDS) -> list[str]:
+    """`["group_size 2 -> 3", ...]`: fields in both configs, outside `safe`, whose values differ.
+
+    A field only one side has (a config from another version) is not compared."""
+    changes = []
+    for key in saved:
+        if key in current and key not in safe and _norm(saved[key]) != _norm(current[key]):
+            changes.append(f"{key} {saved[key]!r} -> {current[key]!r}")
+    return changes
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def load_trainer_state(ckpt: Path) -> dict:

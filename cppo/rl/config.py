@@ -33,7 +33,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 _AT_LEAST_ONE = "max_steps prompts_per_step group_size micro_batch_size ppo_epochs logits_chunk_size \
 max_new_tokens eval_samples".split()
 _NON_NEGATIVE = "lr weight_decay grad_clip beta cpl_lambda papo_gamma papo_entropy_coef warmup_steps \
-save_every keep_last eval_every log_rollouts lora_r lora_dropout".split()
+save_every keep_last eval_every log_rollouts lora_r lora_dropout max_bad_steps".split()
 
 
 class ConfigError(ValueError):
@@ -173,7 +173,22 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on eval_data every N steps; 0 = never")
     eval_samples: int = _f(1, "K of the periodic avg@K evaluation")
     log_rollouts: int = _f(4, "rollouts per step written to rollouts.jsonl; 0 = none")
-    resume: str | None = _f(None, "checkpoint folder to resume from, or auto = the latest in output_dir")
+    resume: str | None = _f(
+        None,
+        "checkpoint folder to resume from, or auto = the latest complete one in output_dir "
+        "(none there: start at step 0)",
+    )
+    force_resume: bool = _f(
+        False,
+        "resume although the config differs from the checkpoint's in a field that changes training "
+        "(model, data, group_size, seed, ...), or from an older checkpoint whose newer siblings in "
+        "output_dir are then deleted",
+    )
+    max_bad_steps: int = _f(
+        5,
+        "stop the run after this many consecutive steps with a skipped (NaN/inf loss or gradient) "
+        "optimizer update; 0 = never stop",
+    )
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
 
     def __post_init__(self):

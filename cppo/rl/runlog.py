@@ -1,10 +1,12 @@
-"""What a run writes as it goes: metrics.jsonl, rollouts.jsonl, TensorBoard scalars, curves.png.
+"""What a run writes as it goes: metrics.jsonl, rollouts.jsonl, reward_errors.jsonl, TensorBoard
+scalars, curves.png.
 
     log = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
     log.truncate_after(resumed_step)           # on resume: drop lines from after the checkpoint
     for step in ...:
         log.log(step, metrics)                 # one JSON line, flushed and fsynced
         log.log_rollouts(step, rows)           # a sample of rollouts, one JSON object each
+        log.log_reward_errors(step, errors)    # each reward that raised or gave NaN, with its sample
     log.close()
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
+REWARD_ERRORS_FILE = "reward_errors.jsonl"
 
 
 def _plain(value):
@@ -101,14 +104,19 @@ class RunLogger:
         self.is_main = is_main
         self.metrics_path = self.run_dir / METRICS_FILE
         self.rollouts_path = self.run_dir / ROLLOUTS_FILE
+        self.reward_errors_path = self.run_dir / REWARD_ERRORS_FILE
         self._tb = None
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for path in (self.metrics_path, self.rollouts_path):
+        for path in self._jsonl_paths:
             _cut_torn_tail(path)
         if tensorboard:
             self._tb = self._open_tensorboard(purge_step=None)
+
+    @property
+    def _jsonl_paths(self) -> tuple[Path, ...]:
+        return (self.metrics_path, self.rollouts_path, self.reward_errors_path)
 
     def _open_tensorboard(self, purge_step: int | None):
         try:
@@ -136,15 +144,24 @@ class RunLogger:
         lines = [json.dumps({"step": int(step), **_plain(row)}, ensure_ascii=False) for row in rows]
         _append_lines(self.rollouts_path, lines)
 
+    def log_reward_errors(self, step: int, rows: list[dict]) -> None:
+        """Append one JSON object per failed reward call (reward name, error, response, sample) to
+        reward_errors.jsonl; nothing is created while no reward fails."""
+        if not self.is_main or not rows:
+            return
+        lines = [json.dumps({"step": int(step), **_plain(row)}, ensure_ascii=False) for row in rows]
+        _append_lines(self.reward_errors_path, lines)
+
     def truncate_after(self, step: int) -> None:
-        """Keep only lines with step <= `step` in metrics.jsonl and rollouts.jsonl (on resume).
+        """Keep only lines with step <= `step` in metrics.jsonl, rollouts.jsonl and reward_errors.jsonl
+        (on resume).
 
         Each file is rewritten to a temporary file, fsynced and renamed over the old one, so a crash
         here leaves either the old or the new file. TensorBoard events after `step` are purged too.
         """
         if not self.is_main:
             return
-        for path in (self.metrics_path, self.rollouts_path):
+        for path in self._jsonl_paths:
             _rewrite_keeping(path, int(step))
         if self._tb is not None:
             self._tb.close()
