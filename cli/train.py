@@ -5,7 +5,14 @@
     cppo-train --algo grpo --group-size 8 --print-config
 
 Every field of ``cppo.rl.config.TrainConfig`` is a flag; ``--help`` lists them with their defaults.
-A config the trainer cannot run exits with status 2 and a message saying what to change.
+
+Exit status, each with one line on stderr saying what happened and what to do:
+
+- 0: done;
+- 2: the config, the data, the run directory (unwritable, full) or the resume point cannot be used,
+  found before training (or a checkpoint write that failed: the previous checkpoint is intact);
+- 3: stopped after ``max_bad_steps`` consecutive steps with a non-finite loss or gradient norm;
+- 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM after checkpointing the last completed step.
 """
 
 from __future__ import annotations
@@ -25,16 +32,30 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-config" in argv:
         print(cfg.to_yaml(), end="")
         return 0
+    from cppo.rl.checkpoint import RunDirError
     from cppo.rl.data import DataError
-    from cppo.rl.loop import train
+    from cppo.rl.loop import BadStepsError, RunInterrupted, train
 
     try:
         run_dir = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, RunDirError) as e:
         print(f"cppo-train: error: {e}", file=sys.stderr)
         return 2
+    except BadStepsError as e:
+        print(f"cppo-train: error: {e}", file=sys.stderr)
+        return 3
+    except RunInterrupted as e:
+        print(f"cppo-train: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second signal: no save, the previous checkpoint stays the latest
+        print(
+            "cppo-train: stopped at once by a second signal; resume from the latest checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     print(f"cppo-train: done; run directory {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

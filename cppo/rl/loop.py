@@ -17,15 +17,36 @@ Departures from the official code, on purpose:
 - processes share gradients by an explicit all-reduce of their sum after each mini-batch rather
   than a DDP wrapper, because a CPPO micro-batch makes up to three forward passes of the same
   module before one backward, which DDP's hooks do not expect.
+
+Faults (docs/reliability.md has the table of what was tried):
+- every process reseeds Python, numpy and torch from (seed, step, rank) at the start of each step,
+  so a resumed run draws what the uninterrupted one drew on every rank without per-rank RNG files
+  (the checkpoint's RNG capture is rank 0's, kept for inspection);
+- SIGTERM / SIGINT: during the rollout of a single-process run the step is abandoned (nothing has
+  touched the weights yet); otherwise the step finishes. Either way the last completed step is
+  checkpointed and the run raises RunInterrupted (cppo-train exits 128 + signal: 143 / 130). A
+  second signal stops at once, leaving the previous checkpoint;
+- a step with a skipped (non-finite) optimizer update is logged with its non-finite metrics and
+  counted (update/bad_steps_total, update/bad_streak); it is not checkpointed (except at the run's
+  end or on a signal), and max_bad_steps in a row stop the run (BadStepsError) with the last good
+  checkpoint in place;
+- reward functions that raise or return NaN score 0 and go to reward_errors.jsonl with the sample.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import random
 import resource
+import shutil
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +57,13 @@ from cppo.perturb import get_preset, load_preset
 from cppo.rl.checkpoint import (
     capture_rng,
     check_writable,
+    checkpoint_problem,
+    checkpoint_step,
+    config_changes,
+    incomplete_checkpoints,
     latest_checkpoint,
     load_trainer_state,
+    newer_checkpoints,
     restore_rng,
     save_checkpoint,
 )
@@ -71,17 +97,42 @@ def _preset(name: str):
     return load_preset(name) if str(name).endswith((".yaml", ".yml")) else get_preset(name)
 
 
-def build_policy(cfg: TrainConfig, device: torch.device):
-    """(policy, processor, frozen reference or None) as the config asks."""
-    model, processor = load_model_and_processor(cfg.model or demo_model_path(), device, _dtype(cfg, device))
+class RunInterrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after its last completed step was checkpointed."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class BadStepsError(RuntimeError):
+    """max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
+
+
+def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | None = None):
+    """(policy, processor, frozen reference or None) as the config asks.
+
+    With `resume_from`, a full finetune loads the checkpoint's weights through `from_pretrained`
+    (transformers maps the saved key names back; a raw `load_state_dict` of the files does not fit),
+    and a LoRA run builds the same adapter on the base model, then loads `resume_from/adapter`."""
+    base = cfg.model or demo_model_path()
+    full_resume = resume_from is not None and not cfg.lora_r
+    model, processor = load_model_and_processor(
+        resume_from if full_resume else base, device, _dtype(cfg, device)
+    )
+    ref = None
+    if cfg.beta > 0:  # a frozen copy of the starting policy (METHOD.md §3: k3 to a frozen reference)
+        ref = (
+            load_model_and_processor(base, device, _dtype(cfg, device))[0]
+            if full_resume
+            else copy.deepcopy(model)
+        )
+        ref.eval().requires_grad_(False)
     if cfg.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref = None
-    if cfg.beta > 0:  # a frozen copy of the starting policy (METHOD.md §3: k3 to a frozen reference)
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -94,7 +145,25 @@ def build_policy(cfg: TrainConfig, device: torch.device):
                 target_modules=list(cfg.lora_targets),
             ),
         )
+        if resume_from is not None:
+            _load_adapter(model, Path(resume_from))
     return model, processor, ref
+
+
+def _load_adapter(model, ckpt: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = ckpt / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ConfigError(
+            f"{ckpt} has no adapter/adapter_model.safetensors: it is not from a LoRA run (--lora-r 0)"
+        )
+    result = set_peft_model_state_dict(model, load_file(path))
+    if result.unexpected_keys:
+        raise ConfigError(
+            f"{path}: {len(result.unexpected_keys)} adapter weights do not fit this LoRA config"
+        )
 
 
 def build_optimizer(model, cfg: TrainConfig, updates_total: int):
@@ -115,6 +184,7 @@ def build_optimizer(model, cfg: TrainConfig, updates_total: int):
 
 
 def _seed_everything(seed: int) -> None:
+    """Python, numpy's global generator and torch (every device) from one seed."""
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (user reward code may use the global generator)
     torch.manual_seed(seed)
@@ -132,7 +202,11 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def run_training(cfg: TrainConfig):
-    """Run the configured training; returns (run directory, trained policy)."""
+    """Run the configured training; returns (run directory, trained policy).
+
+    Raises ConfigError / DataError / RunDirError before any model loads when the config, the data,
+    the run directory or the resume point cannot be used; RunInterrupted on SIGTERM/SIGINT and
+    BadStepsError after max_bad_steps bad steps in a row, each after the run's files are consistent."""
     rank, world, device = _dist(cfg)
     if cfg.prompts_per_step % world:
         raise ConfigError(
@@ -142,12 +216,20 @@ def run_training(cfg: TrainConfig):
     _check_supported(cfg)
     run_dir = Path(cfg.output_dir)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        check_writable(run_dir)
+        check_writable(run_dir)  # creates it; a probe write now, not at the first checkpoint hours in
     _seed_everything(cfg.seed)
+    # All data is validated before the model loads: a bad file fails (strict) or is counted now.
     data_path = cfg.data or shapes_data(run_dir / "shapes", seed=cfg.seed)
     dataset = open_dataset(data_path, strict=cfg.data_strict)
-    model, processor, ref = build_policy(cfg, device)
+    eval_set = _eval_set(cfg, data_path) if cfg.eval_every else None
+    if rank == 0:
+        print(f"[cppo] data {dataset.summary()}", flush=True)
+        if eval_set is not None:
+            print(f"[cppo] eval data {eval_set.summary()}", flush=True)
+    fingerprint = _data_fingerprint(dataset)
+    ckpt, state = _resume_point(cfg, run_dir, fingerprint, rank)
+
+    model, processor, ref = build_policy(cfg, device, resume_from=ckpt)
     n_local = cfg.rollouts // world
     mini_local = (cfg.mini_batch_size or cfg.rollouts) // world
     updates_per_step = cfg.ppo_epochs * math.ceil(n_local / mini_local)
@@ -156,54 +238,90 @@ def run_training(cfg: TrainConfig):
     preset = _preset(cfg.preset if cfg.algo != "papo" else cfg.papo_preset)
     scorer = RewardScorer(cfg.rewards, cfg.reward_weights)
     logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
-
+    guard = {"bad_steps_total": 0, "bad_streak": 0}
     start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if ckpt is not None:
-        start = _resume(ckpt, model, optimizer, scheduler, sampler, logger, cfg)
-    elif rank == 0:
-        cfg.save(run_dir / "config.yaml")
-        print(f"[cppo] {dataset.summary()}")
+    if state is not None:
+        start = _resume(ckpt, state, optimizer, scheduler, sampler, guard, logger, cfg)
+    if rank == 0:  # the resolved config of the run as it goes on (a resume may change safe fields)
+        _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
 
-    eval_set = _eval_set(cfg, data_path) if cfg.eval_every else None
+    def save(step: int, sampler_state: dict) -> Path | None:
+        if rank != 0:
+            return None
+        trainer = {
+            "step": step,
+            "sampler": sampler_state,
+            "rng": capture_rng(),
+            "config": cfg.to_dict(),
+            "data_fingerprint": fingerprint,
+            "guard": dict(guard),
+        }
+        return save_checkpoint(run_dir, step, model, processor, optimizer, scheduler, trainer, cfg.keep_last)
+
     progress = _progress(cfg, start, rank)
-    for step in range(start, cfg.max_steps):
-        timer = Timer()
-        t0 = time.perf_counter()
-        draws = sampler.next_batch()[rank * cfg.prompts_per_step // world :][: cfg.prompts_per_step // world]
-        samples = [dataset[d.index] for d in draws]
-        with timer("rollout"):
-            ro = collect_rollouts(
-                model,
-                processor,
-                samples,
-                [d.view_seed for d in draws],
-                cfg,
-                preset,
-                scorer,
-                generator_seed=_rollout_seed(cfg.seed, step, rank),
-                timer=timer,
-                per_prompt_seeds=[d.view_seed + step for d in draws] if cfg.seed_per_prompt else None,
-            )
-        with timer("old_ref_logprobs"):
-            if updates_per_step > 1:
-                ro.old_logp = rollout_logprobs(model, ro, cfg)
-            if ref is not None:
-                ro.ref_logp = rollout_logprobs(ref, ro, cfg)
-        metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, world_size=world)
-        metrics.update(_step_metrics(ro, timer, time.perf_counter() - t0, device, world))
-        if eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            with timer("eval"):
-                metrics.update(_evaluate(model, processor, eval_set, cfg))
-            metrics["time/eval"] = timer["eval"]
-        logger.log(step + 1, metrics)
-        logger.log_rollouts(step + 1, _rollout_rows(ro, cfg.log_rollouts))
-        progress.update(metrics)
-        last = step + 1 == cfg.max_steps
-        if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            _save(run_dir, step + 1, model, processor, optimizer, scheduler, sampler, cfg, rank)
-    progress.close()
-    logger.close()
+    stops = _StopSignals()
+    try:
+        with stops:
+            for step in range(start, cfg.max_steps):
+                _seed_everything(_rollout_seed(cfg.seed, step, rank))
+                sampler_at_start = sampler.state_dict()
+                timer = Timer()
+                t0 = time.perf_counter()
+                try:
+                    with stops.abortable(world == 1):  # nothing below changes weights or optimizer
+                        draws = sampler.next_batch()[rank * cfg.prompts_per_step // world :]
+                        draws = draws[: cfg.prompts_per_step // world]
+                        samples = [dataset[d.index] for d in draws]
+                        with timer("rollout"):
+                            ro = collect_rollouts(
+                                model,
+                                processor,
+                                samples,
+                                [d.view_seed for d in draws],
+                                cfg,
+                                preset,
+                                scorer,
+                                generator_seed=_rollout_seed(cfg.seed, step, rank),
+                                timer=timer,
+                                per_prompt_seeds=[d.view_seed + step for d in draws]
+                                if cfg.seed_per_prompt
+                                else None,
+                            )
+                        with timer("old_ref_logprobs"):
+                            if updates_per_step > 1:
+                                ro.old_logp = rollout_logprobs(model, ro, cfg)
+                            if ref is not None:
+                                ro.ref_logp = rollout_logprobs(ref, ro, cfg)
+                except _AbortStep:  # the state is the end of step `step`: save that, unless it is saved
+                    latest = latest_checkpoint(run_dir)
+                    saved = latest if latest is not None and checkpoint_step(latest) == step else None
+                    if saved is None and step > 0:
+                        saved = save(step, sampler_at_start)
+                    raise stops.interrupted(step, saved) from None
+                metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, world_size=world)
+                metrics.update(_step_metrics(ro, timer, time.perf_counter() - t0, device, world))
+                if eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+                    with timer("eval"):
+                        metrics.update(_evaluate(model, processor, eval_set, cfg))
+                    metrics["time/eval"] = timer["eval"]
+                bad = _count_bad_step(guard, metrics)
+                logger.log(step + 1, metrics)
+                logger.log_rollouts(step + 1, _rollout_rows(ro, cfg.log_rollouts))
+                logger.log_reward_errors(step + 1, _reward_error_rows(ro, rank))
+                progress.update(metrics)
+                if rank == 0:
+                    _report(step + 1, metrics, ro, bad)
+                if cfg.max_bad_steps and guard["bad_streak"] >= cfg.max_bad_steps:
+                    raise BadStepsError(_bad_steps_message(step + 1, guard, metrics, run_dir, cfg))
+                last = step + 1 == cfg.max_steps
+                saved = None
+                if last or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not bad):
+                    saved = save(step + 1, sampler.state_dict())
+                if not last and stops.requested(world, device):
+                    raise stops.interrupted(step + 1, saved or save(step + 1, sampler.state_dict()))
+    finally:
+        progress.close()
+        logger.close()
     if rank == 0 and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return run_dir, model
@@ -289,33 +407,225 @@ def _rollout_rows(ro, n: int) -> list[dict]:
     return rows
 
 
-def _save(run_dir, step, model, processor, optimizer, scheduler, sampler, cfg, rank) -> None:
-    if rank != 0:
-        return
-    state = {"step": step, "sampler": sampler.state_dict(), "rng": capture_rng(), "config": cfg.to_dict()}
-    save_checkpoint(run_dir, step, model, processor, optimizer, scheduler, state, keep_last=cfg.keep_last)
+def _reward_error_rows(ro, rank: int) -> list[dict]:
+    """The scorer's errors of this step, each with its question (reward_errors.jsonl)."""
+    G = ro.num_rows // max(1, len(ro.samples))
+    return [
+        {**e, "question": ro.samples[e["index"] // G].question, "rank": rank} for e in ro.reward_result.errors
+    ]
 
 
-def _resume(ckpt: Path, model, optimizer, scheduler, sampler, logger, cfg) -> int:
-    from safetensors.torch import load_file
+def _count_bad_step(guard: dict, metrics: dict) -> bool:
+    """Update the run's bad-step counters from a step's metrics; True when an update was skipped."""
+    bad = metrics.get("update/skipped_nonfinite", 0) > 0
+    guard["bad_steps_total"] += int(bad)
+    guard["bad_streak"] = guard["bad_streak"] + 1 if bad else 0
+    metrics["update/bad_steps_total"] = float(guard["bad_steps_total"])
+    metrics["update/bad_streak"] = float(guard["bad_streak"])
+    return bad
 
-    state = load_trainer_state(ckpt)
-    weights = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        weights.update(load_file(f))
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    missing, unexpected = target.load_state_dict(weights, strict=False)
-    if unexpected:
-        raise ConfigError(
-            f"{ckpt}: checkpoint weights do not fit the model ({len(unexpected)} unexpected keys)"
+
+def _nonfinite(metrics: dict) -> str:
+    """`grpo/pg_loss=nan, grad_norm=nan`: the step's non-finite metrics, i.e. where it went wrong."""
+    keys = [f"{k}={v}" for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    return ", ".join(keys) or "no non-finite metric (a non-finite gradient only)"
+
+
+def _report(step: int, metrics: dict, ro, bad: bool) -> None:
+    """One stderr line for a skipped update or for reward errors (the details are in the run files)."""
+    if bad:
+        n = int(metrics["update/skipped_nonfinite"])
+        print(
+            f"[cppo] step {step}: skipped {n} optimizer update(s): non-finite {_nonfinite(metrics)}",
+            file=sys.stderr,
         )
+    errors = ro.reward_result.errors
+    if errors:
+        e = errors[0]
+        print(
+            f"[cppo] step {step}: {len(errors)} reward error(s) scored 0, e.g. {e['reward']}: {e['error']} "
+            "(all in reward_errors.jsonl)",
+            file=sys.stderr,
+        )
+
+
+def _bad_steps_message(step: int, guard: dict, metrics: dict, run_dir: Path, cfg) -> str:
+    latest = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    return (
+        f"stopped at step {step}: {guard['bad_streak']} consecutive steps with a non-finite loss or gradient "
+        f"norm (max_bad_steps {cfg.max_bad_steps}; last: {_nonfinite(metrics)}); {kept}. Lower --lr, check "
+        "the rewards and data, then --resume auto"
+    )
+
+
+def _data_fingerprint(dataset) -> str:
+    """A hash of the samples' questions, answers, types and image references, in order."""
+    h = hashlib.sha256()
+    for r in dataset.records:
+        images = [i if isinstance(i, str) else type(i).__name__ for i in r.images]
+        h.update(json.dumps([r.question, r.answer, r.question_type, images], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path, fingerprint: str, rank: int):
+    """(checkpoint, its trainer state) to resume from, or (None, None); refuses (ConfigError) an
+    incomplete checkpoint, a changed config or data, and abandoning newer checkpoints, unless forced."""
+    if not cfg.resume:
+        return None, None
+    if cfg.resume == "auto":
+        if rank == 0:
+            for path, problem in incomplete_checkpoints(run_dir):
+                print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            if rank == 0:
+                print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
+            return None, None
+    else:
+        ckpt = Path(cfg.resume)
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise ConfigError(
+                f"cannot resume from {ckpt}: {problem}; give a complete checkpoint or --resume auto"
+            )
+    try:
+        state = load_trainer_state(ckpt)  # weights_only: never runs code from the checkpoint
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot read {ckpt / 'trainer_state.pt'} with torch.load(weights_only=True) ({first}); "
+            "nothing in it was executed. It was not written by cppo-train or was altered: resume from "
+            "another checkpoint"
+        ) from None
+    step = int(state["step"])
+    changes = config_changes(state.get("config", {}), cfg.to_dict())
+    if state.get("data_fingerprint", fingerprint) != fingerprint:
+        changes.append("data contents (the samples differ from the checkpoint's)")
+    newer = (
+        newer_checkpoints(run_dir, step)
+        if ckpt.resolve().parent == (run_dir / "checkpoints").resolve()
+        else []
+    )
+    if newer:
+        changes.append(
+            f"abandons newer checkpoints {', '.join(p.name for p in newer)} (--force-resume deletes them)"
+        )
+    if changes and not cfg.force_resume:
+        raise ConfigError(
+            f"refusing to resume from {ckpt}: {'; '.join(changes)}. Restore these settings, use a new "
+            "--output-dir, or pass --force-resume"
+        )
+    if changes and rank == 0:
+        print(f"[cppo] --force-resume from {ckpt} despite: {'; '.join(changes)}", file=sys.stderr)
+    if rank == 0:
+        for path in newer:  # so that a later --resume auto cannot pick the abandoned branch
+            shutil.rmtree(path)
+    return ckpt, state
+
+
+def _resume(ckpt: Path, state: dict, optimizer, scheduler, sampler, guard, logger, cfg) -> int:
+    """Load the optimizer, schedule, data position and counters of `ckpt` (the weights are loaded by
+    build_policy); drop log lines written after it. Returns the step to continue from."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
-    restore_rng(state["rng"])
-    logger.truncate_after(int(state["step"]))
-    print(f"[cppo] resumed from {ckpt} at step {state['step']}")
-    return int(state["step"])
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError:
+        if not cfg.force_resume:
+            raise
+        print("[cppo] the data order cannot continue (forced resume): starting a new epoch", file=sys.stderr)
+        sampler.epoch, sampler.offset = int(state["sampler"]["epoch"]) + 1, 0
+    guard.update(state.get("guard", {}))
+    restore_rng(state["rng"])  # rank 0's; each step reseeds from (seed, step, rank) anyway
+    step = int(state["step"])
+    logger.truncate_after(step)
+    saved_max = state.get("config", {}).get("max_steps", cfg.max_steps)
+    if saved_max != cfg.max_steps and cfg.lr_schedule != "constant":
+        print(
+            f"[cppo] max_steps {saved_max} -> {cfg.max_steps} stretches the {cfg.lr_schedule} "
+            "schedule from here",
+            file=sys.stderr,
+        )
+    print(f"[cppo] resumed from {ckpt} at step {step}", flush=True)
+    return step
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class _AbortStep(BaseException):
+    """Raised by the signal handler inside an abortable section (BaseException: reward code that
+    catches Exception cannot swallow it)."""
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT handling for the loop (installed on the main thread only).
+
+    The first signal raises _AbortStep inside `abortable()` sections, else sets a flag that
+    `requested()` reads after the step; a second signal raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._abortable = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
+        self.signum = signum
+        name = signal.Signals(signum).name
+        if self._abortable:
+            self._abortable = False
+            print(
+                f"\n[cppo] {name}: abandoning this step's rollout, saving the last completed step",
+                file=sys.stderr,
+            )
+            raise _AbortStep()
+        print(f"\n[cppo] {name}: finishing this step, then saving and stopping", file=sys.stderr)
+
+    @contextmanager
+    def abortable(self, enabled: bool = True):
+        self._abortable = enabled
+        try:
+            yield
+        finally:
+            self._abortable = False
+
+    def requested(self, world: int, device) -> bool:
+        """Whether any process got a signal (an all-reduce with several processes, so all stop together)."""
+        flag = self.signum is not None
+        if world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.signum is None:
+                self.signum = signal.SIGTERM
+        return flag
+
+    def interrupted(self, step: int, saved: Path | None) -> RunInterrupted:
+        name = signal.Signals(self.signum).name
+        where = f"checkpoint {saved}" if saved else "no new checkpoint (no step completed)"
+        return RunInterrupted(
+            self.signum, f"stopped by {name} after step {step}; {where}; continue with --resume auto"
+        )
 
 
 class _progress:
