@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-config" in argv:
         print(cfg.to_yaml(), end="")
         return 0
-    from cppo.rl.checkpoint import RunDirError
+    from cppo.rl.checkpoint import RunDirError, RunInterrupted
     from cppo.rl.data import DataError
-    from cppo.rl.loop import BadStepsError, RunInterrupted, train
+    from cppo.rl.loop import BadStepsError, train
 
     try:
         run_dir = train(cfg)

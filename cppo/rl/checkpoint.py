@@ -22,23 +22,37 @@ removes. Older checkpoints are pruned only after the new one is in place.
 Call `save_checkpoint` on the main process only (with DDP every rank holds the same weights and
 optimizer state; `capture_rng` is per process).
 
-Resuming (`cppo/rl/loop.py`): `config_changes` lists the fields a resumed run changed that alter
-what it trains (`RESUME_SAFE_FIELDS` may change: run length, logging, saving, evaluation, compute
-layout), and `newer_checkpoints` the checkpoints a resume from an older one would abandon.
+Resuming: `resume_point(cfg, run_dir, data_fingerprint(dataset), rank)` picks the checkpoint
+(`--resume auto`: the latest complete one) and refuses, with one line listing why, a checkpoint that
+is incomplete or unreadable with `weights_only`, a config that changed a field outside
+`RESUME_SAFE_FIELDS` (run length, logging, saving, evaluation, compute layout may change), data whose
+samples changed, or abandoning newer checkpoints of the same run, unless `force_resume` (which then
+deletes those newer checkpoints, so a later `--resume auto` cannot pick the abandoned branch).
+
+Stopping: `StopSignals` turns the first SIGTERM/SIGINT into a request the loop honours after the
+step (or at once, as `AbortStep`, inside a section that changes no weights), and a second one into
+KeyboardInterrupt; the loop checkpoints and raises `RunInterrupted` (exit status 128 + signal).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cppo.rl.config import ConfigError
 
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -356,3 +370,153 @@ def load_trainer_state(ckpt: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {ckpt} is not a complete checkpoint")
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+# ----------------------------------------------------------------------------------------- resuming
+
+
+def data_fingerprint(dataset) -> str:
+    """A hash of the samples' questions, answers, types and image references, in order."""
+    h = hashlib.sha256()
+    for r in dataset.records:
+        images = [i if isinstance(i, str) else type(i).__name__ for i in r.images]
+        h.update(json.dumps([r.question, r.answer, r.question_type, images], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def resume_point(cfg, run_dir: Path, fingerprint: str, rank: int = 0):
+    """(checkpoint, its trainer state) to resume from, or (None, None); refuses (ConfigError) an
+    incomplete checkpoint, a changed config or data, and abandoning newer checkpoints, unless forced."""
+    if not cfg.resume:
+        return None, None
+    if cfg.resume == "auto":
+        if rank == 0:
+            for path, problem in incomplete_checkpoints(run_dir):
+                print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            if rank == 0:
+                print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
+            return None, None
+    else:
+        ckpt = Path(cfg.resume)
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise ConfigError(
+                f"cannot resume from {ckpt}: {problem}; give a complete checkpoint or --resume auto"
+            )
+    try:
+        state = load_trainer_state(ckpt)  # weights_only: never runs code from the checkpoint
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot read {ckpt / 'trainer_state.pt'} with torch.load(weights_only=True) ({first}); "
+            "nothing in it was executed. It was not written by cppo-train or was altered: resume from "
+            "another checkpoint"
+        ) from None
+    step = int(state["step"])
+    changes = config_changes(state.get("config", {}), cfg.to_dict())
+    if state.get("data_fingerprint", fingerprint) != fingerprint:
+        changes.append("data contents (the samples differ from the checkpoint's)")
+    newer = (
+        newer_checkpoints(run_dir, step)
+        if ckpt.resolve().parent == (run_dir / "checkpoints").resolve()
+        else []
+    )
+    if newer:
+        changes.append(
+            f"abandons newer checkpoints {', '.join(p.name for p in newer)} (--force-resume deletes them)"
+        )
+    if changes and not cfg.force_resume:
+        raise ConfigError(
+            f"refusing to resume from {ckpt}: {'; '.join(changes)}. Restore these settings, use a new "
+            "--output-dir, or pass --force-resume"
+        )
+    if changes and rank == 0:
+        print(f"[cppo] --force-resume from {ckpt} despite: {'; '.join(changes)}", file=sys.stderr)
+    if rank == 0:
+        for path in newer:  # so that a later --resume auto cannot pick the abandoned branch
+            shutil.rmtree(path)
+    return ckpt, state
+
+
+# ----------------------------------------------------------------------------------------- stopping
+
+
+class RunInterrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after its last completed step was checkpointed."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class AbortStep(BaseException):
+    """Raised by the signal handler inside an abortable section (BaseException: reward code that
+    catches Exception cannot swallow it)."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT handling for the loop (installed on the main thread only).
+
+    The first signal raises AbortStep inside `abortable()` sections, else sets a flag that
+    `requested()` reads after the step; a second signal raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._abortable = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
+        self.signum = signum
+        name = signal.Signals(signum).name
+        if self._abortable:
+            self._abortable = False
+            print(
+                f"\n[cppo] {name}: abandoning this step's rollout, saving the last completed step",
+                file=sys.stderr,
+            )
+            raise AbortStep()
+        print(f"\n[cppo] {name}: finishing this step, then saving and stopping", file=sys.stderr)
+
+    @contextmanager
+    def abortable(self, enabled: bool = True):
+        self._abortable = enabled
+        try:
+            yield
+        finally:
+            self._abortable = False
+
+    def requested(self, world: int, device) -> bool:
+        """Whether any process got a signal (an all-reduce with several processes, so all stop together)."""
+        flag = self.signum is not None
+        if world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.signum is None:
+                self.signum = signal.SIGTERM
+        return flag
+
+    def interrupted(self, step: int, saved: Path | None) -> RunInterrupted:
+        name = signal.Signals(self.signum).name
+        where = f"checkpoint {saved}" if saved else "no new checkpoint (no step completed)"
+        return RunInterrupted(
+            self.signum, f"stopped by {name} after step {step}; {where}; continue with --resume auto"
+        )

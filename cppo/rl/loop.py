@@ -36,17 +36,11 @@ Faults (docs/reliability.md has the table of what was tried):
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import random
 import resource
-import shutil
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +49,15 @@ import torch
 from cppo.models import demo_model_path, load_model_and_processor
 from cppo.perturb import get_preset, load_preset
 from cppo.rl.checkpoint import (
+    AbortStep,
+    StopSignals,
     capture_rng,
     check_writable,
-    checkpoint_problem,
     checkpoint_step,
-    config_changes,
-    incomplete_checkpoints,
+    data_fingerprint,
     latest_checkpoint,
-    load_trainer_state,
-    newer_checkpoints,
     restore_rng,
+    resume_point,
     save_checkpoint,
 )
 from cppo.rl.config import ConfigError, TrainConfig
@@ -95,14 +88,6 @@ def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 def _preset(name: str):
     return load_preset(name) if str(name).endswith((".yaml", ".yml")) else get_preset(name)
-
-
-class RunInterrupted(Exception):
-    """SIGTERM/SIGINT stopped the run after its last completed step was checkpointed."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class BadStepsError(RuntimeError):
@@ -226,8 +211,8 @@ def run_training(cfg: TrainConfig):
         print(f"[cppo] data {dataset.summary()}", flush=True)
         if eval_set is not None:
             print(f"[cppo] eval data {eval_set.summary()}", flush=True)
-    fingerprint = _data_fingerprint(dataset)
-    ckpt, state = _resume_point(cfg, run_dir, fingerprint, rank)
+    fingerprint = data_fingerprint(dataset)
+    ckpt, state = resume_point(cfg, run_dir, fingerprint, rank)
 
     model, processor, ref = build_policy(cfg, device, resume_from=ckpt)
     n_local = cfg.rollouts // world
@@ -259,7 +244,7 @@ def run_training(cfg: TrainConfig):
         return save_checkpoint(run_dir, step, model, processor, optimizer, scheduler, trainer, cfg.keep_last)
 
     progress = _progress(cfg, start, rank)
-    stops = _StopSignals()
+    stops = StopSignals()
     try:
         with stops:
             for step in range(start, cfg.max_steps):
@@ -292,7 +277,7 @@ def run_training(cfg: TrainConfig):
                                 ro.old_logp = rollout_logprobs(model, ro, cfg)
                             if ref is not None:
                                 ro.ref_logp = rollout_logprobs(ref, ro, cfg)
-                except _AbortStep:  # the state is the end of step `step`: save that, unless it is saved
+                except AbortStep:  # the state is the end of step `step`: save that, unless it is saved
                     latest = latest_checkpoint(run_dir)
                     saved = latest if latest is not None and checkpoint_step(latest) == step else None
                     if saved is None and step > 0:
@@ -459,71 +444,6 @@ def _bad_steps_message(step: int, guard: dict, metrics: dict, run_dir: Path, cfg
     )
 
 
-def _data_fingerprint(dataset) -> str:
-    """A hash of the samples' questions, answers, types and image references, in order."""
-    h = hashlib.sha256()
-    for r in dataset.records:
-        images = [i if isinstance(i, str) else type(i).__name__ for i in r.images]
-        h.update(json.dumps([r.question, r.answer, r.question_type, images], default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def _resume_point(cfg: TrainConfig, run_dir: Path, fingerprint: str, rank: int):
-    """(checkpoint, its trainer state) to resume from, or (None, None); refuses (ConfigError) an
-    incomplete checkpoint, a changed config or data, and abandoning newer checkpoints, unless forced."""
-    if not cfg.resume:
-        return None, None
-    if cfg.resume == "auto":
-        if rank == 0:
-            for path, problem in incomplete_checkpoints(run_dir):
-                print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            if rank == 0:
-                print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
-            return None, None
-    else:
-        ckpt = Path(cfg.resume)
-        problem = checkpoint_problem(ckpt)
-        if problem:
-            raise ConfigError(
-                f"cannot resume from {ckpt}: {problem}; give a complete checkpoint or --resume auto"
-            )
-    try:
-        state = load_trainer_state(ckpt)  # weights_only: never runs code from the checkpoint
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"cannot read {ckpt / 'trainer_state.pt'} with torch.load(weights_only=True) ({first}); "
-            "nothing in it was executed. It was not written by cppo-train or was altered: resume from "
-            "another checkpoint"
-        ) from None
-    step = int(state["step"])
-    changes = config_changes(state.get("config", {}), cfg.to_dict())
-    if state.get("data_fingerprint", fingerprint) != fingerprint:
-        changes.append("data contents (the samples differ from the checkpoint's)")
-    newer = (
-        newer_checkpoints(run_dir, step)
-        if ckpt.resolve().parent == (run_dir / "checkpoints").resolve()
-        else []
-    )
-    if newer:
-        changes.append(
-            f"abandons newer checkpoints {', '.join(p.name for p in newer)} (--force-resume deletes them)"
-        )
-    if changes and not cfg.force_resume:
-        raise ConfigError(
-            f"refusing to resume from {ckpt}: {'; '.join(changes)}. Restore these settings, use a new "
-            "--output-dir, or pass --force-resume"
-        )
-    if changes and rank == 0:
-        print(f"[cppo] --force-resume from {ckpt} despite: {'; '.join(changes)}", file=sys.stderr)
-    if rank == 0:
-        for path in newer:  # so that a later --resume auto cannot pick the abandoned branch
-            shutil.rmtree(path)
-    return ckpt, state
-
-
 def _resume(ckpt: Path, state: dict, optimizer, scheduler, sampler, guard, logger, cfg) -> int:
     """Load the optimizer, schedule, data position and counters of `ckpt` (the weights are loaded by
     build_policy); drop log lines written after it. Returns the step to continue from."""
@@ -555,77 +475,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-class _AbortStep(BaseException):
-    """Raised by the signal handler inside an abortable section (BaseException: reward code that
-    catches Exception cannot swallow it)."""
-
-
-class _StopSignals:
-    """SIGTERM and SIGINT handling for the loop (installed on the main thread only).
-
-    The first signal raises _AbortStep inside `abortable()` sections, else sets a flag that
-    `requested()` reads after the step; a second signal raises KeyboardInterrupt at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._abortable = False
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        self._old = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
-        self.signum = signum
-        name = signal.Signals(signum).name
-        if self._abortable:
-            self._abortable = False
-            print(
-                f"\n[cppo] {name}: abandoning this step's rollout, saving the last completed step",
-                file=sys.stderr,
-            )
-            raise _AbortStep()
-        print(f"\n[cppo] {name}: finishing this step, then saving and stopping", file=sys.stderr)
-
-    @contextmanager
-    def abortable(self, enabled: bool = True):
-        self._abortable = enabled
-        try:
-            yield
-        finally:
-            self._abortable = False
-
-    def requested(self, world: int, device) -> bool:
-        """Whether any process got a signal (an all-reduce with several processes, so all stop together)."""
-        flag = self.signum is not None
-        if world > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor([float(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-            if flag and self.signum is None:
-                self.signum = signal.SIGTERM
-        return flag
-
-    def interrupted(self, step: int, saved: Path | None) -> RunInterrupted:
-        name = signal.Signals(self.signum).name
-        where = f"checkpoint {saved}" if saved else "no new checkpoint (no step completed)"
-        return RunInterrupted(
-            self.signum, f"stopped by {name} after step {step}; {where}; continue with --resume auto"
-        )
 
 
 class _progress:
