@@ -14,6 +14,7 @@ newline. Equivalence is tried in this order, cheapest first:
 from __future__ import annotations
 
 import re
+import threading
 from fractions import Fraction
 
 FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
@@ -77,10 +78,12 @@ def _math_verify_equal(predicted: str, truth: str) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return False
+    # math-verify's timeout uses SIGALRM, which only the main thread can receive.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        gold = parse(f"${truth}$", parsing_timeout=None)
-        pred = parse(f"${predicted}$", parsing_timeout=None)
-        return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+        gold = parse(f"${truth}$", parsing_timeout=timeout)
+        pred = parse(f"${predicted}$", parsing_timeout=timeout)
+        return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=timeout))
     except Exception:  # the grader must never take a run down; an unparsable answer is wrong
         return False
 
