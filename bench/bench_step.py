@@ -50,6 +50,7 @@ from datetime import date
 import numpy as np
 import torch
 
+from cppo import scoring
 from cppo.loss import group_advantages
 from cppo.perturb import get_preset
 from cppo.rl.config import TrainConfig
@@ -59,6 +60,9 @@ from cppo.rl.rollout import collect_rollouts
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 
 VARIANTS = ("grpo", "cppo_official", "cppo")
+# --ablate-share adds these: the same as grpo / cppo with the vision tower run once per row
+# (cppo.scoring.SHARE_IMAGES off), i.e. the code before the image sharing optimisation.
+ABLATIONS = ("grpo_noshare", "cppo_noshare")
 PHASES = ("rollout", "reward", "old_ref_logprobs", "update", "perception")
 
 # Qwen2.5-VL-3B-Instruct's sizes (config.json); random weights.
@@ -172,8 +176,9 @@ def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer
     """Old/ref log-probs and the policy update of `variant` from `start_state`; (timer, metrics)."""
     from cppo.rl.loop import build_optimizer  # read-only use of the loop's optimizer/schedule
 
-    algo = "grpo" if variant == "grpo" else "cppo"
+    algo = "grpo" if variant.startswith("grpo") else "cppo"
     official = variant == "cppo_official"
+    scoring.SHARE_IMAGES = not variant.endswith("_noshare")
     cfg = train_config(args, algo)
     policy.load_state_dict(start_state)
     optimizer, scheduler = build_optimizer(policy, cfg, 8)
@@ -190,6 +195,7 @@ def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer
     )
     _sync(args.device)
     del optimizer, scheduler
+    scoring.SHARE_IMAGES = True
     return timer, metrics
 
 
@@ -278,7 +284,8 @@ def _fmt(v: tuple[float, float, float], digits: int = 2) -> str:
 
 def bench(args) -> dict:
     policy, processor, ref, start_state, samples = setup(args)
-    rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = VARIANTS + (ABLATIONS if args.ablate_share else ())
+    rows: dict[str, list[dict]] = {v: [] for v in variants}
     shares, tokens = [], 0
     for r in range(args.repeats + 1):  # repeat 0 warms up and is dropped
         seed = args.seed + r
@@ -292,10 +299,10 @@ def bench(args) -> dict:
             raise RuntimeError("GRPO and CPPO rollouts differ for the same weights and seed")
         share = fake_advantages(ro, args.group, seed)
         tokens = tokens_of(ro)
-        k = r % len(VARIANTS)
-        for variant in VARIANTS[k:] + VARIANTS[:k]:
+        k = r % len(variants)
+        for variant in variants[k:] + variants[:k]:
             timer, metrics = run_variant(variant, policy, start_state, ref, ro, args)
-            algo = "grpo" if variant == "grpo" else "cppo"
+            algo = "grpo" if variant.startswith("grpo") else "cppo"
             _, t_roll, t_rew = got[algo]
             row = {
                 "rollout": t_roll,
@@ -313,12 +320,12 @@ def bench(args) -> dict:
             shares.append(share)
         print(
             f"[bench_step] repeat {r}{' (warm-up)' if r == 0 else ''}: "
-            + ", ".join(f"{v} {rows[v][-1]['step']:.2f}s" if r > 0 else v for v in VARIANTS),
+            + ", ".join(f"{v} {rows[v][-1]['step']:.2f}s" if r > 0 else v for v in variants),
             flush=True,
         )
     memory = {}
     if not args.no_memory:
-        for variant in VARIANTS:
+        for variant in variants:
             memory[variant] = _memory_subprocess(variant, args)
     return _report(args, rows, memory, shares, tokens)
 
@@ -361,23 +368,26 @@ def _report(args, rows, memory, shares, tokens) -> dict:
         "gate_share": statistics.mean(shares),
         "variants": {},
     }
-    for v in VARIANTS:
+    for v in rows:
         d = {}
+        base = "grpo_noshare" if v.endswith("_noshare") else "grpo"  # GRPO with the same encoding
         for key in PHASES + ("step", "tokens_per_s", "cpl_rows"):
             d[key] = _summary([row[key] for row in rows[v]])
         for key in ("step", "update", "old_ref_logprobs"):
-            ratios = [a[key] / b[key] for a, b in zip(rows[v], rows["grpo"])]
+            ratios = [a[key] / b[key] for a, b in zip(rows[v], rows[base])]
             d[f"{key}_ratio"] = _summary(ratios)
         if memory:
             d["memory"] = memory[v]
             for key in ("peak_mb", "delta_mb"):
-                d[f"{key}_ratio"] = memory[v][key] / memory["grpo"][key]
+                d[f"{key}_ratio"] = memory[v][key] / memory[base][key]
         out["variants"][v] = d
     return out
 
 
 def markdown(res: dict) -> str:
     a = res["args"]
+    V = res["variants"]
+    VARIANTS = list(V)
     lines = [
         f"rows {a['prompts']}×{a['group']}, response {a['max_new_tokens']} tokens, micro-batch {a['micro']}, "
         f"mini-batch {a['mini']}, {res['tokens_per_step']} tokens/step, "
@@ -386,7 +396,6 @@ def markdown(res: dict) -> str:
         "| | " + " | ".join(VARIANTS) + " |",
         "|---|" + "---|" * len(VARIANTS),
     ]
-    V = res["variants"]
     for key, label in (
         ("rollout", "rollout s (incl. reward, views)"),
         ("reward", "reward s"),
@@ -447,8 +456,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--ablate-share", action="store_true", help="add grpo/cppo with per-row image encoding")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--memory-of", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-of", choices=VARIANTS + ABLATIONS, default=None, help=argparse.SUPPRESS)
     return p
 
 

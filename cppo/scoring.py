@@ -20,6 +20,10 @@ import torch
 
 from cppo.detect.select import chunked_entropy_and_logprob
 
+# Default of `share_images` when a caller passes None (the trainer does); bench/bench_step.py turns it
+# off to measure the per-row encoding it replaced.
+SHARE_IMAGES = True
+
 
 def backbone_and_head(model):
     """(multimodal backbone, output head) of a Qwen2.5-VL model, through DDP and peft wrappers."""
@@ -29,16 +33,50 @@ def backbone_and_head(model):
     return inner.model, inner.lm_head
 
 
-def response_hidden(model, inputs: dict, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+    """`mm_encoder_outputs` for `backbone.forward` with each run of identical consecutive images
+    encoded once.
+
+    The G rows of a prompt's group carry the same pixels (rows of a group are adjacent), and the
+    model's own forward runs the vision tower once per row. Here each image equal to the previous
+    distinct one (same grid, `torch.equal` patches) reuses its features: the tower runs once per
+    prompt and view instead of G times. Under grad, autograd sums the G rows' feature gradients
+    before one backward through the tower, so the loss is the same and the gradients equal up to
+    float summation order (tests/test_bench_fast_paths.py). The official code encodes every row.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    sizes = image_grid_thw.prod(-1).tolist()  # patches per image
+    parts = torch.split(pixel_values, sizes)
+    which, uniq = [], []  # which[i]: index into uniq of image i
+    for i, (part, grid) in enumerate(zip(parts, image_grid_thw)):
+        j = uniq[-1] if uniq else None
+        same = j is not None and torch.equal(image_grid_thw[j], grid) and torch.equal(parts[j], part)
+        if not same:
+            uniq.append(i)
+        which.append(len(uniq) - 1)
+    feats = backbone.get_image_features(
+        torch.cat([parts[i] for i in uniq]), image_grid_thw[uniq], return_dict=True
+    ).pooler_output  # one (tokens, D) per distinct image
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[w] for w in which))}
+
+
+def response_hidden(
+    model, inputs: dict, pixel_values: torch.Tensor | None = None, share_images: bool = True
+) -> torch.Tensor:
     """(N, T, D) hidden states that predict the T response tokens of `append_responses` inputs.
 
     `pixel_values` replaces the batch's images with a view of the same size (same grids, same ids).
+    `share_images`: encode repeated images once (`shared_image_features`).
     """
     backbone, _ = backbone_and_head(model)
     L = inputs["prompt_length"]
     fwd = {k: v for k, v in inputs.items() if k != "prompt_length"}
     if pixel_values is not None:
         fwd["pixel_values"] = pixel_values
+    if share_images and fwd.get("pixel_values") is not None and fwd.get("image_grid_thw") is not None:
+        pixels = fwd.pop("pixel_values")
+        fwd["mm_encoder_outputs"] = shared_image_features(backbone, pixels, fwd["image_grid_thw"])
     T = fwd["input_ids"].shape[1] - L
     hidden = backbone(**fwd, use_cache=False).last_hidden_state  # (N, L+T, D)
     return hidden[:, L - 1 : L - 1 + T]  # (N, T, D): column L-1+t predicts response token t
@@ -54,20 +92,24 @@ def response_stats(
     pixel_values: torch.Tensor | None = None,
     entropy_grad: bool = False,
     full_logits: bool = False,
+    share_images: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view, float32.
 
     Both are 0 outside `response_mask`. The log-prob carries the gradient; the entropy is detached
     (it only ranks tokens) unless `entropy_grad` (PAPO's entropy regulariser needs it). Logits are
     divided by `temperature` (METHOD.md §5.6). `full_logits`: the official code's unchunked path
-    (see the module docstring); same values, much more memory.
+    (see the module docstring); same values, much more memory; it encodes every row's images, as
+    the official code does. `share_images`: encode a group's repeated images once (None: the module's
+    SHARE_IMAGES, True).
     """
     if full_logits:
         return _full_logits_stats(
             model, inputs, response_ids, response_mask, temperature, pixel_values, entropy_grad
         )
     _, head = backbone_and_head(model)
-    hidden = response_hidden(model, inputs, pixel_values)  # (N, T, D)
+    share = SHARE_IMAGES if share_images is None else share_images
+    hidden = response_hidden(model, inputs, pixel_values, share)  # (N, T, D)
     mask = response_mask.to(hidden.device).bool()
     targets = response_ids.to(hidden.device)
     return chunked_entropy_and_logprob(
