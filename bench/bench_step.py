@@ -60,9 +60,10 @@ from cppo.rl.rollout import collect_rollouts
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 
 VARIANTS = ("grpo", "cppo_official", "cppo")
-# --ablate-share adds these: the same as grpo / cppo with the vision tower run once per row
-# (cppo.scoring.SHARE_IMAGES off), i.e. the code before the image sharing optimisation.
-ABLATIONS = ("grpo_noshare", "cppo_noshare")
+# --ablate-share / --ablate-fused add these: grpo / cppo with one optimisation of cppo.scoring off,
+# i.e. the code before it: the vision tower once per row (SHARE_IMAGES), the checkpointed autograd
+# head of cppo.detect.select instead of the hand-written backward (FUSED_HEAD).
+ABLATIONS = {"share": ("grpo_noshare", "cppo_noshare"), "fused": ("grpo_unfused", "cppo_unfused")}
 PHASES = ("rollout", "reward", "old_ref_logprobs", "update", "perception")
 
 # Qwen2.5-VL-3B-Instruct's sizes (config.json); random weights.
@@ -179,6 +180,7 @@ def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer
     algo = "grpo" if variant.startswith("grpo") else "cppo"
     official = variant == "cppo_official"
     scoring.SHARE_IMAGES = not variant.endswith("_noshare")
+    scoring.FUSED_HEAD = not variant.endswith("_unfused")
     cfg = train_config(args, algo)
     policy.load_state_dict(start_state)
     optimizer, scheduler = build_optimizer(policy, cfg, 8)
@@ -195,7 +197,7 @@ def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer
     )
     _sync(args.device)
     del optimizer, scheduler
-    scoring.SHARE_IMAGES = True
+    scoring.SHARE_IMAGES = scoring.FUSED_HEAD = True
     return timer, metrics
 
 
@@ -284,7 +286,8 @@ def _fmt(v: tuple[float, float, float], digits: int = 2) -> str:
 
 def bench(args) -> dict:
     policy, processor, ref, start_state, samples = setup(args)
-    variants = VARIANTS + (ABLATIONS if args.ablate_share else ())
+    variants = VARIANTS + (ABLATIONS["share"] if args.ablate_share else ())
+    variants += ABLATIONS["fused"] if args.ablate_fused else ()
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     shares, tokens = [], 0
     for r in range(args.repeats + 1):  # repeat 0 warms up and is dropped
@@ -370,7 +373,7 @@ def _report(args, rows, memory, shares, tokens) -> dict:
     }
     for v in rows:
         d = {}
-        base = "grpo_noshare" if v.endswith("_noshare") else "grpo"  # GRPO with the same encoding
+        base = "grpo" + v[v.index("_") :] if v.endswith(("_noshare", "_unfused")) else "grpo"  # same code
         for key in PHASES + ("step", "tokens_per_s", "cpl_rows"):
             d[key] = _summary([row[key] for row in rows[v]])
         for key in ("step", "update", "old_ref_logprobs"):
@@ -457,8 +460,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--ablate-share", action="store_true", help="add grpo/cppo with per-row image encoding")
+    p.add_argument("--ablate-fused", action="store_true", help="add grpo/cppo with the checkpointed head")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--memory-of", choices=VARIANTS + ABLATIONS, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--memory-of", choices=VARIANTS + sum(ABLATIONS.values(), ()), default=None, help=argparse.SUPPRESS
+    )
     return p
 
 

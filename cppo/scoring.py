@@ -23,6 +23,9 @@ from cppo.detect.select import chunked_entropy_and_logprob
 # Default of `share_images` when a caller passes None (the trainer does); bench/bench_step.py turns it
 # off to measure the per-row encoding it replaced.
 SHARE_IMAGES = True
+# Whether `response_stats` uses `fused_head_stats` (else cppo.detect.select's checkpointed chunks);
+# bench/bench_step.py turns it off to measure the path it replaced.
+FUSED_HEAD = True
 
 
 def backbone_and_head(model):
@@ -112,6 +115,9 @@ def response_stats(
     hidden = response_hidden(model, inputs, pixel_values, share)  # (N, T, D)
     mask = response_mask.to(hidden.device).bool()
     targets = response_ids.to(hidden.device)
+    plain_linear = isinstance(head, torch.nn.Linear) and head.bias is None
+    if FUSED_HEAD and plain_linear and not entropy_grad and bool(mask.any()):
+        return fused_head_stats(hidden, head.weight, targets, mask, temperature, chunk_size)
     return chunked_entropy_and_logprob(
         hidden,
         head,
@@ -139,3 +145,73 @@ def _full_logits_stats(model, inputs, response_ids, response_mask, temperature, 
     entropy = -(src.exp() * src).sum(-1)  # (N, T)
     mask = response_mask.to(z.device).bool()
     return entropy.masked_fill(~mask, 0.0), logp.masked_fill(~mask, 0.0)
+
+
+class _HeadStats(torch.autograd.Function):
+    """Entropy and target log-prob of softmax(h W^T / temperature), chunked over positions, with a
+    hand-written backward.
+
+    Forward keeps only h and one log-sum-exp per position. Backward recomputes each chunk's logits
+    once and forms d logp / d z = onehot(target) - softmax(z) directly from the saved log-sum-exp.
+    The checkpointed autograd path (cppo.detect.select) instead re-runs the whole chunk function in
+    backward, entropy included, and then back-propagates through log_softmax and gather: about a
+    third more work over (P, V) per pass, for the same numbers. The entropy is detached (it only
+    ranks tokens), so the gradient is that of the log-prob alone.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk_size):
+        P = h.shape[0]
+        ent = torch.empty(P, dtype=torch.float32, device=h.device)
+        lp = torch.empty_like(ent)
+        lse = torch.empty_like(ent)
+        for s in range(0, P, chunk_size):
+            z = torch.nn.functional.linear(h[s : s + chunk_size], weight).float() / temperature  # (c, V)
+            lse_c = torch.logsumexp(z, dim=-1)  # (c,)
+            logp = z - lse_c.unsqueeze(-1)  # (c, V)
+            lp[s : s + chunk_size] = logp.gather(-1, targets[s : s + chunk_size].unsqueeze(-1)).squeeze(-1)
+            safe = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+            ent[s : s + chunk_size] = -(logp.exp() * safe).sum(-1)
+            lse[s : s + chunk_size] = lse_c
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(ent)
+        return ent, lp
+
+    @staticmethod
+    def backward(ctx, _grad_ent, grad_lp):
+        h, weight, targets, lse = ctx.saved_tensors
+        T, c = ctx.temperature, ctx.chunk_size
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, h.shape[0], c):
+            hc, g = h[s : s + c], grad_lp[s : s + c].float()  # (c, D), (c,)
+            z = torch.nn.functional.linear(hc, weight).float() / T  # (c, V)
+            gz = torch.exp(z - lse[s : s + c].unsqueeze(-1)).mul_(-g.unsqueeze(-1))  # -g * softmax
+            gz.scatter_add_(1, targets[s : s + c].unsqueeze(-1), g.unsqueeze(-1))  # + g * onehot
+            gz = gz.div_(T).to(h.dtype)  # d loss / d (h W^T)
+            if grad_h is not None:
+                grad_h[s : s + c] = gz @ weight
+            if ctx.needs_input_grad[1]:
+                grad_w += (gz.t() @ hc).float()
+        grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None, None
+
+
+def fused_head_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy (N, T), logprob (N, T)) as `chunked_entropy_and_logprob` with a plain (V, D) head and a
+    detached entropy, through `_HeadStats`; 0 outside `mask`."""
+    n, t, d = hidden.shape
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # (P,)
+    h = hidden.reshape(n * t, d).index_select(0, idx)  # (P, D): only response positions
+    tgt = target_ids.reshape(-1).index_select(0, idx).long()
+    ent, lp = _HeadStats.apply(h, weight, tgt, temperature, chunk_size)
+    zeros = torch.zeros(n * t, dtype=ent.dtype, device=ent.device)
+    return zeros.index_copy(0, idx, ent).reshape(n, t), zeros.index_copy(0, idx, lp).reshape(n, t)
