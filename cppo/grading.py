@@ -20,6 +20,7 @@ from fractions import Fraction
 FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
 _OPTION_RE = re.compile(r"^\(?([A-Za-z])\)?(?:[.:)]\s*.*)?$")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_WORDS_RE = re.compile(r"[a-z][a-z ]*")
 _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(-?[0-9.]+)\}\{(-?[0-9.]+)\}$")
 
 
@@ -100,6 +101,8 @@ def answers_match(predicted: str, truth: str) -> bool:
     pn, tn = _as_number(p), _as_number(t)
     if pn is not None and tn is not None:
         return pn == tn
+    if _WORDS_RE.fullmatch(p) and _WORDS_RE.fullmatch(t):
+        return False  # two different plain words ("red", "blue"): nothing for a maths grader to add
     return _math_verify_equal(predicted, truth)
 
 
