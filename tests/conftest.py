@@ -15,3 +15,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved random tiny Qwen2.5-VL (model + processor), loadable by path like a real checkpoint."""
+    from tests.helpers import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor(seed=3)
+    d = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The train split (data.jsonl) of a small exported shapes dataset."""
+    from tests.helpers import shapes_dataset
+
+    return shapes_dataset(tmp_path_factory.mktemp("data"), n=8)["train"]

@@ -26,7 +26,6 @@ import cppo.rl.loop as loop_mod
 import cppo.rl.update as update_mod
 from cli.train import main as train_main
 from cppo.rl.checkpoint import MARKER, latest_checkpoint, load_trainer_state
-from tests.helpers import shapes_dataset, tiny_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 CHAOS = REPO / "tests" / "workers" / "chaos_reward.py"
@@ -41,20 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    model, processor = tiny_model_and_processor(seed=3)
-    d = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(d)
-    processor.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return shapes_dataset(tmp_path_factory.mktemp("data"), n=8)["train"]
 
 
 def _flags(tiny_dir, data, out, *extra):

@@ -11,23 +11,8 @@ import torch
 
 from cli.train import main as train_main
 from cppo.models import load_model_and_processor
-from tests.helpers import shapes_dataset, tiny_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    model, processor = tiny_model_and_processor(seed=3)
-    d = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(d)
-    processor.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return shapes_dataset(tmp_path_factory.mktemp("data"), n=8)["train"]
 
 
 def _flags(tiny_dir, data, out, *extra):

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from cppo.rl.config import ConfigError
+from cppo.rl.runlog import fsync_dir
 
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -143,15 +144,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _check_weights_only(obj, what: str) -> None:
@@ -289,11 +282,11 @@ def save_checkpoint(
                 shutil.rmtree(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, RunDirError):
