@@ -35,19 +35,13 @@ Faults (docs/reliability.md has the table of what was tried):
 
 from __future__ import annotations
 
-import copy
 import math
-import random
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from cppo.models import demo_model_path, load_model_and_processor
-from cppo.perturb import get_preset, load_preset
 from cppo.rl.checkpoint import (
     AbortStep,
     StopSignals,
@@ -66,119 +60,21 @@ from cppo.rl.evaluate import evaluate
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.runlog import RunLogger, plot_curves
+from cppo.rl.setup import build_optimizer, build_policy, process_info, seed_everything, views_preset
+from cppo.rl.steplog import (
+    Progress,
+    bad_steps_message,
+    count_bad_step,
+    report_step,
+    reward_error_rows,
+    rollout_rows,
+    step_metrics,
+)
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
-
-
-def _dist(cfg: TrainConfig):
-    """(rank, world size, device) from accelerate's process state (starts gloo/NCCL under torchrun).
-
-    accelerate treats a CPU machine as one process unless told `cpu=True`, even under torchrun."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
-    device = torch.device("cpu") if state.device.type == "cpu" else state.device
-    return state.process_index, state.num_processes, device
-
-
-def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.dtype)
-
-
-def _preset(name: str):
-    return load_preset(name) if str(name).endswith((".yaml", ".yml")) else get_preset(name)
 
 
 class BadStepsError(RuntimeError):
     """max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
-
-
-def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | None = None):
-    """(policy, processor, frozen reference or None) as the config asks.
-
-    With `resume_from`, a full finetune loads the checkpoint's weights through `from_pretrained`
-    (transformers maps the saved key names back; a raw `load_state_dict` of the files does not fit),
-    and a LoRA run builds the same adapter on the base model, then loads `resume_from/adapter`."""
-    base = cfg.model or demo_model_path()
-    full_resume = resume_from is not None and not cfg.lora_r
-    model, processor = load_model_and_processor(
-        resume_from if full_resume else base, device, _dtype(cfg, device)
-    )
-    ref = None
-    if cfg.beta > 0:  # a frozen copy of the starting policy (METHOD.md §3: k3 to a frozen reference)
-        ref = (
-            load_model_and_processor(base, device, _dtype(cfg, device))[0]
-            if full_resume
-            else copy.deepcopy(model)
-        )
-        ref.eval().requires_grad_(False)
-    if cfg.freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=list(cfg.lora_targets),
-            ),
-        )
-        if resume_from is not None:
-            _load_adapter(model, Path(resume_from))
-    return model, processor, ref
-
-
-def _load_adapter(model, ckpt: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    path = ckpt / "adapter" / "adapter_model.safetensors"
-    if not path.is_file():
-        raise ConfigError(
-            f"{ckpt} has no adapter/adapter_model.safetensors: it is not from a LoRA run (--lora-r 0)"
-        )
-    result = set_peft_model_state_dict(model, load_file(path))
-    if result.unexpected_keys:
-        raise ConfigError(
-            f"{path}: {len(result.unexpected_keys)} adapter weights do not fit this LoRA config"
-        )
-
-
-def build_optimizer(model, cfg: TrainConfig, updates_total: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-    def factor(update: int) -> float:
-        if update < cfg.warmup_steps:
-            return (update + 1) / cfg.warmup_steps
-        progress = (update - cfg.warmup_steps) / max(1, updates_total - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _seed_everything(seed: int) -> None:
-    """Python, numpy's global generator and torch (every device) from one seed."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 (user reward code may use the global generator)
-    torch.manual_seed(seed)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -192,7 +88,7 @@ def run_training(cfg: TrainConfig):
     Raises ConfigError / DataError / RunDirError before any model loads when the config, the data,
     the run directory or the resume point cannot be used; RunInterrupted on SIGTERM/SIGINT and
     BadStepsError after max_bad_steps bad steps in a row, each after the run's files are consistent."""
-    rank, world, device = _dist(cfg)
+    rank, world, device = process_info(cfg)
     if cfg.prompts_per_step % world:
         raise ConfigError(
             f"{cfg.prompts_per_step} prompts per step cannot be shared by {world} processes: set "
@@ -202,7 +98,7 @@ def run_training(cfg: TrainConfig):
     run_dir = Path(cfg.output_dir)
     if rank == 0:
         check_writable(run_dir)  # creates it; a probe write now, not at the first checkpoint hours in
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     # All data is validated before the model loads: a bad file fails (strict) or is counted now.
     data_path = cfg.data or shapes_data(run_dir / "shapes", seed=cfg.seed)
     dataset = open_dataset(data_path, strict=cfg.data_strict)
@@ -220,7 +116,7 @@ def run_training(cfg: TrainConfig):
     updates_per_step = cfg.ppo_epochs * math.ceil(n_local / mini_local)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps * updates_per_step)
     sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed)
-    preset = _preset(cfg.preset if cfg.algo != "papo" else cfg.papo_preset)
+    preset = views_preset(cfg.preset if cfg.algo != "papo" else cfg.papo_preset)
     scorer = RewardScorer(cfg.rewards, cfg.reward_weights)
     logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
     guard = {"bad_steps_total": 0, "bad_streak": 0}
@@ -243,12 +139,12 @@ def run_training(cfg: TrainConfig):
         }
         return save_checkpoint(run_dir, step, model, processor, optimizer, scheduler, trainer, cfg.keep_last)
 
-    progress = _progress(cfg, start, rank)
+    progress = Progress(cfg, start, rank)
     stops = StopSignals()
     try:
         with stops:
             for step in range(start, cfg.max_steps):
-                _seed_everything(_rollout_seed(cfg.seed, step, rank))
+                seed_everything(_rollout_seed(cfg.seed, step, rank))
                 sampler_at_start = sampler.state_dict()
                 timer = Timer()
                 t0 = time.perf_counter()
@@ -284,20 +180,20 @@ def run_training(cfg: TrainConfig):
                         saved = save(step, sampler_at_start)
                     raise stops.interrupted(step, saved) from None
                 metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, world_size=world)
-                metrics.update(_step_metrics(ro, timer, time.perf_counter() - t0, device, world))
+                metrics.update(step_metrics(ro, timer, time.perf_counter() - t0, device, world))
                 if eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
                     with timer("eval"):
                         metrics.update(_evaluate(model, processor, eval_set, cfg))
                     metrics["time/eval"] = timer["eval"]
-                bad = _count_bad_step(guard, metrics)
+                bad = count_bad_step(guard, metrics)
                 logger.log(step + 1, metrics)
-                logger.log_rollouts(step + 1, _rollout_rows(ro, cfg.log_rollouts))
-                logger.log_reward_errors(step + 1, _reward_error_rows(ro, rank))
+                logger.log_rollouts(step + 1, rollout_rows(ro, cfg.log_rollouts))
+                logger.log_reward_errors(step + 1, reward_error_rows(ro, rank))
                 progress.update(metrics)
                 if rank == 0:
-                    _report(step + 1, metrics, ro, bad)
+                    report_step(step + 1, metrics, ro, bad)
                 if cfg.max_bad_steps and guard["bad_streak"] >= cfg.max_bad_steps:
-                    raise BadStepsError(_bad_steps_message(step + 1, guard, metrics, run_dir, cfg))
+                    raise BadStepsError(bad_steps_message(step + 1, guard, metrics, run_dir, cfg))
                 last = step + 1 == cfg.max_steps
                 saved = None
                 if last or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not bad):
@@ -358,92 +254,6 @@ def _rollout_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def _step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict[str, float]:
-    mask = ro.response_mask
-    tokens = int(mask.sum()) + int(ro.inputs["attention_mask"][:, : ro.inputs["prompt_length"]].sum())
-    out = dict(ro.reward_result.metrics())
-    out["response/length"] = float(mask.sum(1).float().mean())
-    out["response/clipped"] = float((mask.sum(1) == mask.shape[1]).float().mean())
-    out["adv/positive_frac"] = float((ro.advantages > 0).float().mean())
-    for phase in ("rollout", "reward", "old_ref_logprobs", "update", "perception"):
-        out[f"time/{phase}"] = timer.get(phase, 0.0)
-    out["time/step"] = step_time
-    out["throughput/tokens_per_s"] = tokens * world / step_time
-    out["memory/peak_mb"] = _peak_memory_mb(device)
-    return out
-
-
-def _rollout_rows(ro, n: int) -> list[dict]:
-    G = ro.num_rows // max(1, len(ro.samples))
-    rows = []
-    for i in range(min(n, ro.num_rows)):
-        s = ro.samples[i // G]
-        rows.append(
-            {
-                "question": s.question,
-                "answer": s.answer,
-                "question_type": s.question_type,
-                "response": ro.texts[i],
-                "reward": float(ro.rewards[i]),
-                "advantage": float(ro.advantages[i]),
-                "views": ro.view_records[i // G],
-            }
-        )
-    return rows
-
-
-def _reward_error_rows(ro, rank: int) -> list[dict]:
-    """The scorer's errors of this step, each with its question (reward_errors.jsonl)."""
-    G = ro.num_rows // max(1, len(ro.samples))
-    return [
-        {**e, "question": ro.samples[e["index"] // G].question, "rank": rank} for e in ro.reward_result.errors
-    ]
-
-
-def _count_bad_step(guard: dict, metrics: dict) -> bool:
-    """Update the run's bad-step counters from a step's metrics; True when an update was skipped."""
-    bad = metrics.get("update/skipped_nonfinite", 0) > 0
-    guard["bad_steps_total"] += int(bad)
-    guard["bad_streak"] = guard["bad_streak"] + 1 if bad else 0
-    metrics["update/bad_steps_total"] = float(guard["bad_steps_total"])
-    metrics["update/bad_streak"] = float(guard["bad_streak"])
-    return bad
-
-
-def _nonfinite(metrics: dict) -> str:
-    """`grpo/pg_loss=nan, grad_norm=nan`: the step's non-finite metrics, i.e. where it went wrong."""
-    keys = [f"{k}={v}" for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-    return ", ".join(keys) or "no non-finite metric (a non-finite gradient only)"
-
-
-def _report(step: int, metrics: dict, ro, bad: bool) -> None:
-    """One stderr line for a skipped update or for reward errors (the details are in the run files)."""
-    if bad:
-        n = int(metrics["update/skipped_nonfinite"])
-        print(
-            f"[cppo] step {step}: skipped {n} optimizer update(s): non-finite {_nonfinite(metrics)}",
-            file=sys.stderr,
-        )
-    errors = ro.reward_result.errors
-    if errors:
-        e = errors[0]
-        print(
-            f"[cppo] step {step}: {len(errors)} reward error(s) scored 0, e.g. {e['reward']}: {e['error']} "
-            "(all in reward_errors.jsonl)",
-            file=sys.stderr,
-        )
-
-
-def _bad_steps_message(step: int, guard: dict, metrics: dict, run_dir: Path, cfg) -> str:
-    latest = latest_checkpoint(run_dir)
-    kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
-    return (
-        f"stopped at step {step}: {guard['bad_streak']} consecutive steps with a non-finite loss or gradient "
-        f"norm (max_bad_steps {cfg.max_bad_steps}; last: {_nonfinite(metrics)}); {kept}. Lower --lr, check "
-        "the rewards and data, then --resume auto"
-    )
-
-
 def _resume(ckpt: Path, state: dict, optimizer, scheduler, sampler, guard, logger, cfg) -> int:
     """Load the optimizer, schedule, data position and counters of `ckpt` (the weights are loaded by
     build_policy); drop log lines written after it. Returns the step to continue from."""
@@ -475,27 +285,3 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-class _progress:
-    """A tqdm bar with the last reward on it; a no-op on non-main ranks."""
-
-    def __init__(self, cfg, start: int, rank: int):
-        self.bar = None
-        if rank == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.max_steps, initial=start, desc=f"cppo-train {cfg.algo}", unit="step")
-
-    def update(self, m: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(
-                reward=f"{m.get('reward/total', 0):.3f}",
-                acc=f"{m.get('reward/accuracy', 0):.2f}",
-                cpl=f"{m.get('cpl/loss', 0):.3f}",
-            )
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -1,0 +1,132 @@
+"""What a step reports: its metrics line, the rollouts it logs, the bad-step guard, the progress bar.
+
+Split from cppo/rl/loop.py so that the loop reads top to bottom on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from cppo.rl.checkpoint import latest_checkpoint
+from cppo.rl.update import Timer
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict[str, float]:
+    mask = ro.response_mask
+    tokens = int(mask.sum()) + int(ro.inputs["attention_mask"][:, : ro.inputs["prompt_length"]].sum())
+    out = dict(ro.reward_result.metrics())
+    out["response/length"] = float(mask.sum(1).float().mean())
+    out["response/clipped"] = float((mask.sum(1) == mask.shape[1]).float().mean())
+    out["adv/positive_frac"] = float((ro.advantages > 0).float().mean())
+    for phase in ("rollout", "reward", "old_ref_logprobs", "update", "perception"):
+        out[f"time/{phase}"] = timer.get(phase, 0.0)
+    out["time/step"] = step_time
+    out["throughput/tokens_per_s"] = tokens * world / step_time
+    out["memory/peak_mb"] = peak_memory_mb(device)
+    return out
+
+
+def rollout_rows(ro, n: int) -> list[dict]:
+    G = ro.num_rows // max(1, len(ro.samples))
+    rows = []
+    for i in range(min(n, ro.num_rows)):
+        s = ro.samples[i // G]
+        rows.append(
+            {
+                "question": s.question,
+                "answer": s.answer,
+                "question_type": s.question_type,
+                "response": ro.texts[i],
+                "reward": float(ro.rewards[i]),
+                "advantage": float(ro.advantages[i]),
+                "views": ro.view_records[i // G],
+            }
+        )
+    return rows
+
+
+def reward_error_rows(ro, rank: int) -> list[dict]:
+    """The scorer's errors of this step, each with its question (reward_errors.jsonl)."""
+    G = ro.num_rows // max(1, len(ro.samples))
+    return [
+        {**e, "question": ro.samples[e["index"] // G].question, "rank": rank} for e in ro.reward_result.errors
+    ]
+
+
+def count_bad_step(guard: dict, metrics: dict) -> bool:
+    """Update the run's bad-step counters from a step's metrics; True when an update was skipped."""
+    bad = metrics.get("update/skipped_nonfinite", 0) > 0
+    guard["bad_steps_total"] += int(bad)
+    guard["bad_streak"] = guard["bad_streak"] + 1 if bad else 0
+    metrics["update/bad_steps_total"] = float(guard["bad_steps_total"])
+    metrics["update/bad_streak"] = float(guard["bad_streak"])
+    return bad
+
+
+def _nonfinite(metrics: dict) -> str:
+    """`grpo/pg_loss=nan, grad_norm=nan`: the step's non-finite metrics, i.e. where it went wrong."""
+    keys = [f"{k}={v}" for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    return ", ".join(keys) or "no non-finite metric (a non-finite gradient only)"
+
+
+def report_step(step: int, metrics: dict, ro, bad: bool) -> None:
+    """One stderr line for a skipped update or for reward errors (the details are in the run files)."""
+    if bad:
+        n = int(metrics["update/skipped_nonfinite"])
+        print(
+            f"[cppo] step {step}: skipped {n} optimizer update(s): non-finite {_nonfinite(metrics)}",
+            file=sys.stderr,
+        )
+    errors = ro.reward_result.errors
+    if errors:
+        e = errors[0]
+        print(
+            f"[cppo] step {step}: {len(errors)} reward error(s) scored 0, e.g. {e['reward']}: {e['error']} "
+            "(all in reward_errors.jsonl)",
+            file=sys.stderr,
+        )
+
+
+def bad_steps_message(step: int, guard: dict, metrics: dict, run_dir: Path, cfg) -> str:
+    latest = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    return (
+        f"stopped at step {step}: {guard['bad_streak']} consecutive steps with a non-finite loss or gradient "
+        f"norm (max_bad_steps {cfg.max_bad_steps}; last: {_nonfinite(metrics)}); {kept}. Lower --lr, check "
+        "the rewards and data, then --resume auto"
+    )
+
+
+class Progress:
+    """A tqdm bar with the last reward on it; a no-op on non-main ranks."""
+
+    def __init__(self, cfg, start: int, rank: int):
+        self.bar = None
+        if rank == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc=f"cppo-train {cfg.algo}", unit="step")
+
+    def update(self, m: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(
+                reward=f"{m.get('reward/total', 0):.3f}",
+                acc=f"{m.get('reward/accuracy', 0):.2f}",
+                cpl=f"{m.get('cpl/loss', 0):.3f}",
+            )
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
