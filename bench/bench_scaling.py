@@ -140,19 +140,17 @@ def plot(result: dict, path: Path) -> None:
 
     xs = [p["x"] for p in result["points"]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for v, style in zip(bench_step.VARIANTS, ("o-", "s--", "^-")):
-        axes[0].plot(xs, [p[v]["seconds"] for p in result["points"]], style, label=v)
-        axes[1].plot(xs, [p[v]["mb"] for p in result["points"]], style, label=v)
-        axes[2].plot(
-            xs, [p[v]["seconds"] / p["grpo"]["seconds"] for p in result["points"]], style, label=f"{v} time"
-        )
-        axes[2].plot(
-            xs,
-            [p[v]["mb"] / max(p["grpo"]["mb"], 1) for p in result["points"]],
-            style,
-            alpha=0.4,
-            label=f"{v} memory",
-        )
+    for v, style, color in zip(bench_step.VARIANTS, ("o-", "s--", "^-"), ("C0", "C1", "C2")):
+        kw = dict(color=color)
+        axes[0].plot(xs, [p[v]["seconds"] for p in result["points"]], style, label=v, **kw)
+        axes[1].plot(xs, [p[v]["mb"] for p in result["points"]], style, label=v, **kw)
+        if v == "grpo":
+            continue
+        t_ratio = [p[v]["seconds"] / p["grpo"]["seconds"] for p in result["points"]]
+        m_ratio = [p[v]["mb"] / max(p["grpo"]["mb"], 1) for p in result["points"]]
+        axes[2].plot(xs, t_ratio, style, label=f"{v} time", **kw)
+        axes[2].plot(xs, m_ratio, ":", marker=style[0], alpha=0.5, label=f"{v} memory", **kw)
+    axes[2].axhline(1.0, color="C0", lw=0.8)
     axes[0].set_ylabel("old/ref + update, s")
     axes[1].set_ylabel("step's own peak RSS, MB")
     axes[2].set_ylabel("÷ GRPO")
@@ -185,7 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--values", type=int, nargs="+", default=None, help="override the swept values")
     p.add_argument("--out", default=None, help="folder for <sweep>.json and scaling_<sweep>.png")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plots from --out's JSON files")
     args = p.parse_args(argv)
+    if args.plot_only:
+        for f in sorted(Path(args.out).glob("scaling_*.json")):
+            plot(json.loads(f.read_text()), f.with_suffix(".png"))
+        return 0
     args.size, args.device, args.prompts = "tiny", "cpu", 1
     torch.set_num_threads(args.threads)
     names = list(SWEEPS) if args.sweep == "all" else [args.sweep]

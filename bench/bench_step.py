@@ -436,6 +436,42 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def head_bench(args) -> str:
+    """The output head alone, forward + backward of sum(logp), fused (hand-written backward) against the
+    checkpointed chunks it replaced, interleaved, on random (rows, T, hidden) states and a (V, hidden)
+    head; isolates the head from the rest of the step (and from most of the machine's noise)."""
+    from cppo.detect.select import chunked_entropy_and_logprob
+
+    torch.manual_seed(args.seed)
+    V = args.vocab or 151936
+    h = torch.randn(args.micro, args.max_new_tokens, args.hidden, requires_grad=True)
+    w = (torch.randn(V, args.hidden) * 0.02).requires_grad_(True)
+    tgt = torch.randint(0, V, (args.micro, args.max_new_tokens))
+    mask = torch.ones_like(tgt, dtype=torch.bool)
+
+    def fused():
+        return scoring.fused_head_stats(h, w, tgt, mask, 1.0, args.chunk)
+
+    def plain():
+        return chunked_entropy_and_logprob(h, w, tgt, chunk_size=args.chunk, mask=mask)
+
+    times = {"fused": [], "checkpointed": []}
+    for r in range(args.repeats + 1):
+        for name, fn in (("fused", fused), ("checkpointed", plain))[:: 1 if r % 2 else -1]:
+            h.grad = w.grad = None
+            t0 = time.perf_counter()
+            fn()[1].sum().backward()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    ratio = _summary([a / b for a, b in zip(times["fused"], times["checkpointed"])])
+    return (
+        f"head fwd+bwd, {args.micro}x{args.max_new_tokens} positions, D {args.hidden}, V {V}, "
+        f"chunk {args.chunk}: fused {_fmt(_summary(times['fused']), 3)} s, "
+        f"checkpointed {_fmt(_summary(times['checkpointed']), 3)} s, "
+        f"fused ÷ checkpointed {_fmt(ratio)} ({args.repeats} interleaved repeats)"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=("tiny", "3b"), default="tiny")
@@ -463,6 +499,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate-fused", action="store_true", help="add grpo/cppo with the checkpointed head")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument(
+        "--head-only", action="store_true", help="time only the output head: fused vs checkpointed"
+    )
+    p.add_argument(
         "--memory-of", choices=VARIANTS + sum(ABLATIONS.values(), ()), default=None, help=argparse.SUPPRESS
     )
     return p
@@ -471,6 +510,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parser().parse_args(argv)
+    if args.head_only:
+        torch.set_num_threads(args.threads)
+        print(head_bench(args))
+        return 0
     if args.memory_of:
         print(json.dumps(memory_of(args.memory_of, args)))
         return 0
