@@ -6,6 +6,11 @@ those through the output head in chunks of positions (`cppo.detect.select.chunke
 so the (N, T, V) logits of a long response never exist at once and prompt positions never reach
 the head (METHOD.md §5.8). Entropy and log-prob come from the same chunk's logits.
 
+Two departures from the official code, both with equal loss and gradients
+(tests/test_bench_fast_paths.py) and measured in docs/benchmarks.md: the G rows of a group encode
+their shared image once per pass (`shared_image_features`), and the head's backward is written by
+hand (`fused_head_stats`) instead of re-running each checkpointed chunk through autograd.
+
 `full_logits=True` is the official code's way, kept as a reference for tests and benchmarks
 (bench/bench_step.py): the model's own forward puts EVERY position (prompt and response) through the
 output head, and the response's (N, T, V) logits are upcast to float32 and turned into log-probs
