@@ -175,7 +175,7 @@ def rollouts(model, processor, samples, args, algo: str, seed: int):
 
 def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer, dict]:
     """Old/ref log-probs and the policy update of `variant` from `start_state`; (timer, metrics)."""
-    from cppo.rl.loop import build_optimizer  # read-only use of the loop's optimizer/schedule
+    from cppo.rl.setup import build_optimizer  # the trainer's own optimizer and schedule
 
     algo = "grpo" if variant.startswith("grpo") else "cppo"
     official = variant == "cppo_official"
