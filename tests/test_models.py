@@ -329,3 +329,31 @@ def test_encode_images_gives_the_prompt_batch_pixels():
     pixels, grid = encode_images(processor, [[it.image] for it in items])
     assert torch.equal(pixels, batch["pixel_values"]) and torch.equal(grid, batch["image_grid_thw"])
     assert pixels.shape == (3 * 64, 1176) and grid.tolist() == [[1, 8, 8]] * 3
+
+
+# ---------------------------------------------------------------- warm-start pieces
+
+
+def test_warmstart_targets_end_with_im_end_and_describe_items_list_the_scene_left_to_right():
+    import numpy as np
+
+    from cppo.models.warmstart import describe_item, lr_at, response_batch
+
+    _, processor = tiny_model_and_processor()
+    tok = processor.tokenizer
+    rng = np.random.default_rng(0)
+    items = [describe_item(rng) for _ in range(5)] + shapes_items(3)
+    ids, mask = response_batch(tok, items)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for row, m, it in zip(ids.tolist(), mask.tolist(), items):
+        n = sum(m)
+        assert row[n - 1] == end and all(m[:n]) and not any(m[n:])
+        assert tok.decode(row[: n - 1]).endswith(f"\\boxed{{{it.answer}}}")
+    for it in items[:5]:
+        xs = sorted(it.scene.shapes, key=lambda s: s.x)
+        assert it.answer == str(len(xs))
+        positions = [it.reasoning.index(f"{s.color} {s.kind}") for s in xs]
+        assert positions == sorted(positions)
+    # warmup is linear to the peak, then cosine down to 10 % of it
+    assert lr_at(0, 100, 10, 1.0) == 0.1 and lr_at(9, 100, 10, 1.0) == 1.0
+    assert abs(lr_at(100, 100, 10, 1.0) - 0.1) < 1e-9 and lr_at(50, 100, 10, 1.0) < 1.0

@@ -29,6 +29,13 @@ def render_card(model_dir: Path) -> str:
         f"--steps {r['steps']} --seed {r['seed']} --batch-size {r['batch_size']} "
         f"--lr {r['lr']} --warmup {r['warmup']} --threads {r['threads']}"
     )
+    for flag, key, default in (
+        ("--describe-frac", "describe_frac", 0.0),
+        ("--layers", "layers", 2),
+        ("--hidden", "hidden", 128),
+    ):
+        if r.get(key, default) != default:
+            cmd += f" {flag} {r[key]}"
     m = ws["model"]
     acc, fmt = 100 * ev["accuracy"], 100 * ev["format"]
     looks = (

@@ -35,9 +35,25 @@ import torch
 
 from cppo.models.build import TinyVLMConfig, build_tiny_model
 from cppo.models.inputs import append_responses, encode_prompts, response_logits
-from cppo.toy.shapes import DEFAULT_IMAGE_SIZE, ShapesItem, make_item, target_response
+from cppo.toy.shapes import DEFAULT_IMAGE_SIZE, ShapesItem, make_item, make_scene, render, target_response
 
 CI_SLICE = 100  # first test items re-scored by tests/test_demo_model.py
+
+
+def describe_item(rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_SIZE) -> ShapesItem:
+    """An auxiliary training item, dense in perception: count all shapes, naming each left to right.
+
+    "How many shapes are there?" -> "<think>I see a red circle, a blue square and a green
+    triangle.</think> \\boxed{3}". Every colour and shape word of the reasoning is read off the
+    image, so the vision path gets several supervised tokens per item instead of one. Used in the
+    warm start only (`--describe-frac`); it is not one of the task's question types.
+    """
+    scene = make_scene(rng, image_size)
+    names = [f"a {s.color} {s.kind}" for s in sorted(scene.shapes, key=lambda s: s.x)]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return ShapesItem(
+        render(scene), "How many shapes are there?", str(len(names)), "describe", scene, f"I see {listed}."
+    )
 
 
 def response_batch(tokenizer, items: list[ShapesItem]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0, help="model init and training-stream seed")
     ap.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    ap.add_argument(
+        "--describe-frac",
+        type=float,
+        default=0.0,
+        help="fraction of each batch that is the auxiliary describe-all-shapes item",
+    )
+    ap.add_argument("--layers", type=int, default=2, help="text decoder layers (TinyVLMConfig.num_layers)")
+    ap.add_argument("--hidden", type=int, default=128, help="text width (TinyVLMConfig.hidden_size)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=400, help="test items evaluated after training (0: none)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    config = TinyVLMConfig(image_size=args.image_size)
+    config = TinyVLMConfig(
+        image_size=args.image_size,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+    )
     model, processor = build_tiny_model(config, seed=args.seed)
     tok = processor.tokenizer
     floor = blind_floor(tok, image_size=args.image_size)
@@ -112,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     t0, ema, log = time.time(), None, []
     for step in range(args.steps):
-        items = [make_item(rng, args.image_size) for _ in range(args.batch_size)]
+        items = [
+            describe_item(rng, args.image_size)
+            if rng.random() < args.describe_frac
+            else make_item(rng, args.image_size)
+            for _ in range(args.batch_size)
+        ]
         batch = encode_prompts(processor, [it.question for it in items], [[it.image] for it in items])
         ids, mask = response_batch(tok, items)
         inputs = append_responses(batch, ids, mask)
