@@ -53,7 +53,6 @@ def test_card_states_the_numbers_of_its_eval_files():
     assert ev["blank_image_accuracy"] < ev["accuracy"] - 0.05  # it looks at the image
 
 
-@pytest.mark.slow
 def test_demo_model_scores_its_card_on_the_ci_slice():
     torch.set_num_threads(2)
     sl = json.loads((DEMO / "eval_slice.json").read_text())
