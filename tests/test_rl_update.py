@@ -1,5 +1,7 @@
 """The update's efficiency paths equal the plain path (METHOD.md §5.7–8)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -82,3 +84,23 @@ def test_closed_gate_gives_zero_cpl_and_no_view_pass(rollouts):
     assert metrics["cpl/loss"] == 0.0
     assert timer.get("perception", 0.0) == 0.0  # neither I+ nor I- was run
     assert torch.isfinite(loss)
+
+
+def test_one_update_moves_logprobs_the_way_the_advantages_point(rollouts):
+    """After one plain-SGD step on the GRPO loss alone, responses with A > 0 gained log-probability
+    and responses with A < 0 lost it (a sign error in the policy loss fails this)."""
+    from cppo.rl.update import rollout_logprobs
+
+    model, ro, cfg = rollouts
+    model = copy.deepcopy(model)  # the fixture's model stays as it was for other tests
+    cfg.cpl_lambda, cfg.beta = 0.0, 0.0
+    before = rollout_logprobs(model, ro, cfg).sum(1)  # (N,)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.zero_grad(set_to_none=True)
+    loss, _ = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, Timer())
+    loss.backward()
+    opt.step()
+    delta = rollout_logprobs(model, ro, cfg).sum(1) - before  # (N,)
+    adv = ro.advantages
+    assert bool((delta[adv > 0] > 0).all()), (delta, adv)
+    assert bool((delta[adv < 0] < 0).all()), (delta, adv)
