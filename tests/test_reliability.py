@@ -490,3 +490,26 @@ def test_lora_run_resumes_its_adapter_exactly(tiny_dir, data, tmp_path):
     )
     wa, wb = _weights(run / "checkpoints/step-000003"), _weights(full / "checkpoints/step-000003")
     assert all(torch.equal(wa[k], wb[k]) for k in wb)  # merged weights: base + the same delta
+
+
+def test_keep_best_keeps_the_best_evaluated_checkpoint_outside_keep_last(
+    tiny_dir, data, tmp_path, monkeypatch
+):
+    """--keep-best: the checkpoint with the best eval/accuracy survives keep_last pruning and
+    checkpoints/best.json names it; later, worse evaluations do not replace it."""
+    from cppo.rl.checkpoint import best_checkpoint
+
+    scores = iter([0.5, 0.9, 0.2, 0.4])  # steps 1..4: the best is step 2
+    monkeypatch.setattr(
+        loop_mod, "_evaluate", lambda *a, **k: {"eval/accuracy": next(scores), "eval/format": 1.0}
+    )
+    out = tmp_path / "run"
+    flags = _flags(tiny_dir, data, out)
+    flags[flags.index("--max-steps") + 1] = "4"
+    flags[flags.index("--keep-last") + 1] = "1"
+    assert train_main([*flags, "--eval-every", "1", "--keep-best", "--eval-data", str(data)]) == 0
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept == ["step-000002", "step-000004"], kept
+    assert best_checkpoint(out) == out / "checkpoints" / "step-000002"
+    assert json.loads((out / "checkpoints" / "best.json").read_text())["score"] == 0.9
+    assert train_main([*_flags(tiny_dir, data, tmp_path / "r2"), "--keep-best"]) == 2  # no eval_every

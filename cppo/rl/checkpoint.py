@@ -58,6 +58,7 @@ from cppo.rl.runlog import fsync_dir
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
+BEST_FILE = "best.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -249,12 +250,14 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict,
     keep_last: int = 2,
+    keep: tuple[Path, ...] = (),
 ) -> Path:
     """Write `run_dir/checkpoints/step-{step:06d}/` atomically and prune to the last `keep_last` (0 = all).
 
-    The checkpoint just written is always kept, whatever its step. A failure leaves no partial final
-    folder and the previous checkpoints untouched; an OSError (full disk, permissions) is raised as
-    RunDirError naming the folder.
+    The checkpoint just written is always kept, whatever its step, and so are the folders in `keep`
+    (the best one, with --keep-best), outside the count. A failure leaves no partial final folder and
+    the previous checkpoints untouched; an OSError (full disk, permissions) is raised as RunDirError
+    naming the folder.
     """
     state = {
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -263,9 +266,9 @@ def save_checkpoint(
     }
     _check_weights_only({k: v for k, v in state.items() if k != "optimizer"}, "trainer_state")
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    name = f"step-{int(step):06d}"
-    final, tmp = root / name, root / f".tmp-{name}"
+    final = checkpoint_dir(run_dir, step)
+    root, name = final.parent, final.name
+    tmp = root / f".tmp-{name}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a run killed while saving
@@ -299,13 +302,45 @@ def save_checkpoint(
         raise
 
     if keep_last > 0:
-        others = [p for _, p in _step_dirs(root) if p != final]
+        protected = {Path(p) for p in keep}
+        others = [p for _, p in _step_dirs(root) if p != final and p not in protected]
         for path in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(path, ignore_errors=True)
     return final
 
 
 # ----------------------------------------------------------------------------------------- loading
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives: run_dir/checkpoints/step-NNNNNN."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{int(step):06d}"
+
+
+def write_best(run_dir: Path, step: int, score: float, metric: str) -> None:
+    """Record (atomically) which complete checkpoint scored best on `metric`: checkpoints/best.json."""
+    path = Path(run_dir) / CHECKPOINTS_DIR / BEST_FILE
+    tmp = path.with_name(f".{BEST_FILE}.tmp")
+    record = {
+        "step": int(step),
+        "metric": metric,
+        "score": float(score),
+        "path": checkpoint_dir(".", step).name,
+    }
+    tmp.write_text(json.dumps(record) + "\n")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint recorded in checkpoints/best.json, if it is there and complete."""
+    path = Path(run_dir) / CHECKPOINTS_DIR / BEST_FILE
+    if not path.is_file():
+        return None
+    ckpt = checkpoint_dir(run_dir, json.loads(path.read_text())["step"])
+    return ckpt if checkpoint_problem(ckpt) is None else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -336,9 +371,9 @@ def newer_checkpoints(run_dir: Path, step: int) -> list[Path]:
 # compute layout). Every other field differing from the checkpoint's config is refused unless forced.
 # max_steps is here although it stretches a linear/cosine schedule: the loop warns when it does.
 RESUME_SAFE_FIELDS = frozenset(
-    """max_steps save_every keep_last eval_every eval_samples eval_data log_rollouts resume force_resume
-    tensorboard output_dir device micro_batch_size logits_chunk_size gradient_checkpointing data_strict
-    max_bad_steps""".split()
+    """max_steps save_every keep_last keep_best eval_every eval_samples eval_data log_rollouts resume
+    force_resume tensorboard output_dir device micro_batch_size logits_chunk_size gradient_checkpointing
+    data_strict max_bad_steps""".split()
 )
 
 

@@ -170,6 +170,11 @@ class TrainConfig:
     # --- run
     save_every: int = _f(0, "checkpoint every N steps (and at the end); 0 = only at the end")
     keep_last: int = _f(2, "checkpoints kept; older ones are deleted; 0 = keep all")
+    keep_best: bool = _f(
+        False,
+        "also keep the checkpoint with the best eval/accuracy (checkpoints/best.json names it), outside "
+        "keep_last; needs eval_every",
+    )
     eval_every: int = _f(0, "evaluate on eval_data every N steps; 0 = never")
     eval_samples: int = _f(1, "K of the periodic avg@K evaluation")
     log_rollouts: int = _f(4, "rollouts per step written to rollouts.jsonl; 0 = none")
@@ -219,6 +224,8 @@ class TrainConfig:
                 errors.append(f"{name} must be >= 0 (0 turns it off), got {value}")
         if self.algo not in ALGOS:
             errors.append(f"unknown algo {self.algo!r}; valid: {', '.join(ALGOS)}")
+        if self.keep_best and not self.eval_every:
+            errors.append("keep_best needs evaluations to compare: set --eval-every N (or drop --keep-best)")
         for name, valid in (("dtype", DTYPES), ("lr_schedule", SCHEDULES)):
             if getattr(self, name) not in valid:
                 errors.append(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")

@@ -47,12 +47,14 @@ from cppo.rl.checkpoint import (
     StopSignals,
     capture_rng,
     check_writable,
+    checkpoint_dir,
     checkpoint_step,
     data_fingerprint,
     latest_checkpoint,
     restore_rng,
     resume_point,
     save_checkpoint,
+    write_best,
 )
 from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import PromptSampler, find_split, open_dataset, shapes_data
@@ -119,7 +121,7 @@ def run_training(cfg: TrainConfig):
     preset = views_preset(cfg.preset if cfg.algo != "papo" else cfg.papo_preset)
     scorer = RewardScorer(cfg.rewards, cfg.reward_weights)
     logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
-    guard = {"bad_steps_total": 0, "bad_streak": 0}
+    guard = {"bad_steps_total": 0, "bad_streak": 0, "best_step": 0, "best_score": -1.0}
     start = 0
     if state is not None:
         start = _resume(ckpt, state, optimizer, scheduler, sampler, guard, logger, cfg)
@@ -137,7 +139,10 @@ def run_training(cfg: TrainConfig):
             "data_fingerprint": fingerprint,
             "guard": dict(guard),
         }
-        return save_checkpoint(run_dir, step, model, processor, optimizer, scheduler, trainer, cfg.keep_last)
+        keep = (checkpoint_dir(run_dir, guard["best_step"]),) if guard["best_step"] else ()
+        return save_checkpoint(
+            run_dir, step, model, processor, optimizer, scheduler, trainer, cfg.keep_last, keep=keep
+        )
 
     progress = Progress(cfg, start, rank)
     stops = StopSignals()
@@ -196,7 +201,13 @@ def run_training(cfg: TrainConfig):
                     raise BadStepsError(bad_steps_message(step + 1, guard, metrics, run_dir, cfg))
                 last = step + 1 == cfg.max_steps
                 saved = None
-                if last or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not bad):
+                if cfg.keep_best and not bad and metrics.get("eval/accuracy", -1.0) > guard["best_score"]:
+                    guard["best_step"], guard["best_score"] = step + 1, metrics["eval/accuracy"]
+                    saved = save(step + 1, sampler.state_dict())
+                    if rank == 0:
+                        write_best(run_dir, step + 1, guard["best_score"], "eval/accuracy")
+                due = last or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not bad)
+                if saved is None and due:
                     saved = save(step + 1, sampler.state_dict())
                 if not last and stops.requested(world, device):
                     raise stops.interrupted(step + 1, saved or save(step + 1, sampler.state_dict()))
