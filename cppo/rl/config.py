@@ -77,7 +77,7 @@ class TrainConfig:
     output_dir: str = _f("runs/cppo", "run directory: config.yaml, metrics.jsonl, checkpoints, rollouts")
     seed: int = _f(0, "seed of the data order, the views, the sampling and the initialisation of LoRA")
     # --- batch shape
-    max_steps: int = _f(40, "training steps (one rollout batch each)")
+    max_steps: int = _f(60, "training steps (one rollout batch each)")
     prompts_per_step: int = _f(8, "B, prompts per step (paper: 512)")
     rollouts_per_step: int | None = _f(
         None,
@@ -93,11 +93,16 @@ class TrainConfig:
     micro_batch_size: int = _f(4, "rollouts per forward/backward pass; gradients accumulate to a mini-batch")
     ppo_epochs: int = _f(1, "passes over the step's rollouts; updates per step = ppo_epochs x N / mini_batch")
     # --- optimiser
-    lr: float = _f(1e-5, "AdamW learning rate (paper: 1e-6 on 3B/7B; the tiny demo model needs more)")
+    lr: float = _f(
+        5e-5, "AdamW learning rate (paper: 1e-6 on 3B/7B; 5e-5 is the stable rate for the tiny demo model)"
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     lr_schedule: str = _f("constant", f"learning-rate schedule after warmup, one of {'|'.join(SCHEDULES)}")
-    warmup_steps: int = _f(0, "optimizer updates of linear warmup from 0")
+    warmup_steps: int = _f(
+        10,
+        "optimizer updates of linear warmup from 0 (Adam's first full-size steps can collapse a policy)",
+    )
     grad_clip: float = _f(1.0, "max global gradient norm; 0 = no clipping")
     # --- GRPO
     beta: float = _f(0.01, "weight of the KL to a frozen reference model; 0 = no reference model is loaded")
