@@ -28,13 +28,13 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from cppo.detect.select import select_perception_tokens
 from cppo.loss import (
     contrastive_perception_loss,
     entropy_bonus,
     gate_responses,
     grpo_loss,
     implicit_perception_loss,
-    perception_mask,
 )
 from cppo.rl.rollout import Rollouts, select_rows
 from cppo.scoring import response_stats
@@ -154,34 +154,22 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits=Fal
     gate = gate_responses(adv, rewards, cfg.cpl_gate, max_reward=sum(cfg.reward_weights))
     gate &= ro.has_image[rows].to(device)
     if not ro.views or not bool(gate.any()):
-        zero = logp.sum() * 0.0  # keeps the graph; exactly 0
-        return contrastive_perception_loss(logp, logp, logp, torch.zeros_like(mask), cfg.cpl_tau)[0] + zero, {
-            "cpl/loss": 0.0,
-            "cpl/mask_frac": 0.0,
-            "cpl/rows": 0.0,
-        }
+        return _no_cpl(logp)
     local = gate.nonzero().squeeze(1).tolist() if skip_views else list(range(len(rows)))
     view_rows = [rows[i] for i in local]
     with timer("perception"):
         ent_neg, logp_neg = _stats(
             model, ro, view_rows, cfg, view="negative", full_logits=full_logits
         )  # (v, T)
-    sel = perception_mask(
-        entropy[local],
-        ent_neg,
-        mask[local],
-        adv[local],
-        rewards[local],
-        gate=cfg.cpl_gate,
-        selector=cfg.selector,
-        top_percent=cfg.top_percent,
-        max_reward=sum(cfg.reward_weights),
-    )  # (v, T) bool, already gated
-    sel &= gate[local].unsqueeze(1)  # rows without an image never carry CPL
+    # METHOD.md §2: the top fraction of positively shifted tokens per response, then the gate (which
+    # already holds "has an image"), computed once above.
+    sel = select_perception_tokens(
+        entropy[local], ent_neg, mask[local], top_percent=cfg.top_percent, score=cfg.selector
+    )  # (v, T) bool
+    sel &= gate[local].unsqueeze(1)
     keep = sel.any(dim=1).nonzero().squeeze(1).tolist() if skip_views else list(range(len(local)))
     if not keep:
-        zero = logp.sum() * 0.0 + logp_neg.sum() * 0.0
-        return zero, {"cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
+        return _no_cpl(logp, logp_neg)
     with timer("perception"):
         _, logp_pos = _stats(
             model, ro, [view_rows[i] for i in keep], cfg, view="positive", full_logits=full_logits
@@ -200,6 +188,12 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits=Fal
     metrics["cpl/mask_frac"] = float(sel.sum()) / max(int(mask.sum()), 1)  # of the micro-batch's tokens
     metrics["cpl/rows"] = float(len(keep))
     return cpl, metrics
+
+
+def _no_cpl(*graph: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """An exact 0 that stays in the autograd graph of `graph`, and the metrics of an empty CPL."""
+    zero = sum(t.sum() * 0.0 for t in graph)
+    return zero, {"cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
 
 
 def _papo(model, ro, rows, cfg, logp, entropy, timer):
