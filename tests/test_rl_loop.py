@@ -154,3 +154,26 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         torch.testing.assert_close(r0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
         moved += not torch.equal(single[name], before)
     assert moved > 0
+
+
+@pytest.mark.parametrize(
+    "algo, present, absent",
+    [
+        ("grpo", [], ["cpl/loss", "papo/loss"]),
+        ("papo", ["papo/loss", "papo/kl_prcp", "papo/entropy_masked"], ["cpl/loss"]),
+    ],
+)
+def test_grpo_and_papo_are_the_same_loop_with_their_own_terms(
+    tiny_dir, data, tmp_path, algo, present, absent
+):
+    out = tmp_path / algo
+    flags = _flags(tiny_dir, data, out, "--algo", algo)
+    flags[flags.index("--max-steps") + 1] = "1"
+    assert train_main(flags) == 0
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(present) <= set(line), sorted(set(present) - set(line))
+    assert not set(absent) & set(line)
+    if algo == "papo":
+        assert line["papo/kl_prcp"] > 0 and line["time/perception"] > 0  # the masked view really ran
+    else:
+        assert line["time/perception"] == 0.0  # GRPO runs no view pass

@@ -122,7 +122,8 @@ def collect_rollouts(
     records: list[list[dict]] = [[] for _ in samples]
     if cfg.algo != "grpo" and any(images):
         pos, neg, records = draw_views(samples, view_seeds, preset)
-        views["positive"] = _row_pixels(batch_b, encode_images(processor, pos)[0], rows, image_token_id)
+        if cfg.algo == "cppo":  # PAPO contrasts the original with the removing view only
+            views["positive"] = _row_pixels(batch_b, encode_images(processor, pos)[0], rows, image_token_id)
         views["negative"] = _row_pixels(batch_b, encode_images(processor, neg)[0], rows, image_token_id)
 
     ids, mask = _generate(model, processor, batch_n, cfg, generator_seed, per_prompt_seeds, image_token_id)
