@@ -90,7 +90,16 @@ def response_hidden(
     return hidden[:, L - 1 : L - 1 + T]  # (N, T, D): column L-1+t predicts response token t
 
 
-def response_stats(
+def response_stats(model, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy (N, T), logprob (N, T)) of the response tokens under one view: `plain_response_stats`,
+    run through the FSDP root's gathered parameters when the model is sharded (cppo.rl.fsdp)."""
+    fsdp_entry = getattr(model, "cppo_response_stats", None)
+    if fsdp_entry is not None:
+        return fsdp_entry(*args, **kwargs)
+    return plain_response_stats(model, *args, **kwargs)
+
+
+def plain_response_stats(
     model,
     inputs: dict,
     response_ids: torch.Tensor,

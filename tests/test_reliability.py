@@ -338,10 +338,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_resume_continues(
 ):
     real = checkpoint_mod._save_model
 
-    def disk_full_at_step_2(model, directory):
+    def disk_full_at_step_2(model, directory, state_dict=None):
         if directory.name == ".tmp-step-000002":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(model, directory)
+        return real(model, directory, state_dict)
 
     monkeypatch.setattr(checkpoint_mod, "_save_model", disk_full_at_step_2)
     run = tmp_path / "run"

@@ -105,12 +105,17 @@ def test_bad_config_and_bad_data_exit_2_with_one_line(tiny_dir, data, tmp_path, 
 
 def _run(cmd, env):
     done = subprocess.run(cmd, env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-6000:]
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, tmp_path):
-    """torchrun with 2 CPU processes (gloo): both ranks end with the same weights, equal to one process."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, tmp_path, fsdp):
+    """torchrun with 2 CPU processes (gloo): both ranks end with the same weights, equal to one process.
+
+    fsdp2: the environment `accelerate launch` exports for an FSDP config (fsdp_version 2) shards the
+    policy over the two processes; the update must still equal the one-process update, and the
+    checkpoint it writes must be the full model."""
     flags = _flags(
         tiny_dir,
         data,
@@ -126,6 +131,8 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         "1.0",
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if fsdp:
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
     worker = str(REPO / "tests" / "workers" / "ddp_train.py")
     two = [
         sys.executable,
@@ -134,7 +141,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        "29518" if fsdp else "29517",
         worker,
         str(tmp_path / "two"),
         *flags[:5],
@@ -154,6 +161,16 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         torch.testing.assert_close(r0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
         moved += not torch.equal(single[name], before)
     assert moved > 0
+    (ckpt,) = sorted((tmp_path / "run2" / "checkpoints").glob("step-*"))
+    saved, _ = load_model_and_processor(ckpt)  # the full model, loadable without FSDP
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(value, r0[name], msg=name)
+    if fsdp:  # its full optimizer state (keyed by name) resumes in one process without FSDP
+        resume = [*flags[:5], str(tmp_path / "run2"), *flags[6:], "--resume", "auto"]
+        resume[resume.index("--max-steps") + 1] = "3"
+        assert train_main(resume) == 0
+        lines = (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(

@@ -185,9 +185,11 @@ def _merged_peft_state_dict(peft_model) -> dict:
     return state
 
 
-def _save_model(model, directory: Path) -> None:
+def _save_model(model, directory: Path, state_dict: dict | None = None) -> None:
     model = getattr(model, "module", model)  # DistributedDataParallel
-    if hasattr(model, "get_base_model"):  # peft: merged weights loadable as a plain model, plus the adapter
+    if state_dict is not None:  # FSDP: the full weights, gathered by every process beforehand
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    elif hasattr(model, "get_base_model"):  # peft: merged weights loadable as a plain model, plus the adapter
         base = model.get_base_model()
         base.save_pretrained(directory, state_dict=_merged_peft_state_dict(model), safe_serialization=True)
         model.save_pretrained(directory / "adapter", safe_serialization=True)
@@ -251,16 +253,21 @@ def save_checkpoint(
     trainer_state: dict,
     keep_last: int = 2,
     keep: tuple[Path, ...] = (),
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-{step:06d}/` atomically and prune to the last `keep_last` (0 = all).
 
     The checkpoint just written is always kept, whatever its step, and so are the folders in `keep`
     (the best one, with --keep-best), outside the count. A failure leaves no partial final folder and
     the previous checkpoints untouched; an OSError (full disk, permissions) is raised as RunDirError
-    naming the folder.
+    naming the folder. `model_state` / `optimizer_state`: full states gathered from an FSDP model
+    (cppo.rl.fsdp), used instead of the model's and optimizer's own.
     """
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     state = {
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         **trainer_state,
     }
@@ -274,7 +281,7 @@ def save_checkpoint(
         if tmp.exists():  # left by a run killed while saving
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _save_model(model, tmp)
+        _save_model(model, tmp, model_state)
         processor.save_pretrained(tmp)
         torch.save(state, tmp / TRAINER_STATE)
         (tmp / MARKER).write_text(json.dumps({"step": int(step), "files": _manifest(tmp)}, indent=1) + "\n")

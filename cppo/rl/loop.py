@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
 from cppo.rl.checkpoint import (
     AbortStep,
@@ -59,6 +60,15 @@ from cppo.rl.checkpoint import (
 from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import PromptSampler, find_split, open_dataset, shapes_data
 from cppo.rl.evaluate import evaluate
+from cppo.rl.fsdp import (
+    fsdp_settings,
+    full_model_state,
+    full_optimizer_state,
+    gathered,
+    is_sharded,
+    load_full_optimizer_state,
+    shard_policy,
+)
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.runlog import RunLogger, plot_curves
@@ -97,6 +107,11 @@ def run_training(cfg: TrainConfig):
             f"--prompts-per-step to a multiple of {world}"
         )
     _check_supported(cfg)
+    fsdp = fsdp_settings()  # from an accelerate config (accelerate launch); None without FSDP
+    if fsdp is not None and cfg.lora_r:
+        raise ConfigError(
+            "LoRA is not supported with FSDP: set --lora-r 0, or launch without the FSDP config"
+        )
     run_dir = Path(cfg.output_dir)
     if rank == 0:
         check_writable(run_dir)  # creates it; a probe write now, not at the first checkpoint hours in
@@ -113,6 +128,13 @@ def run_training(cfg: TrainConfig):
     ckpt, state = resume_point(cfg, run_dir, fingerprint, rank)
 
     model, processor, ref = build_policy(cfg, device, resume_from=ckpt)
+    sharded = fsdp is not None and dist.is_initialized()
+    if fsdp is not None and not sharded and rank == 0:
+        print("[cppo] the FSDP config has one process to shard over: training unsharded", flush=True)
+    if sharded:
+        if fsdp.activation_checkpointing and not cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = shard_policy(model, fsdp, device)
     n_local = cfg.rollouts // world
     mini_local = (cfg.mini_batch_size or cfg.rollouts) // world
     updates_per_step = cfg.ppo_epochs * math.ceil(n_local / mini_local)
@@ -124,11 +146,17 @@ def run_training(cfg: TrainConfig):
     guard = {"bad_steps_total": 0, "bad_streak": 0, "best_step": 0, "best_score": -1.0}
     start = 0
     if state is not None:
-        start = _resume(ckpt, state, optimizer, scheduler, sampler, guard, logger, cfg)
+        start = _resume(ckpt, state, model, optimizer, scheduler, sampler, guard, logger, cfg)
     if rank == 0:  # the resolved config of the run as it goes on (a resume may change safe fields)
         _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
 
     def save(step: int, sampler_state: dict) -> Path | None:
+        full = {}
+        if sharded:  # a collective: every process gathers, rank 0 writes
+            full = {
+                "model_state": full_model_state(model),
+                "optimizer_state": full_optimizer_state(model, optimizer),
+            }
         if rank != 0:
             return None
         trainer = {
@@ -141,7 +169,7 @@ def run_training(cfg: TrainConfig):
         }
         keep = (checkpoint_dir(run_dir, guard["best_step"]),) if guard["best_step"] else ()
         return save_checkpoint(
-            run_dir, step, model, processor, optimizer, scheduler, trainer, cfg.keep_last, keep=keep
+            run_dir, step, model, processor, optimizer, scheduler, trainer, cfg.keep_last, keep=keep, **full
         )
 
     progress = Progress(cfg, start, rank)
@@ -187,7 +215,7 @@ def run_training(cfg: TrainConfig):
                 metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, world_size=world)
                 metrics.update(step_metrics(ro, timer, time.perf_counter() - t0, device, world))
                 if eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-                    with timer("eval"):
+                    with timer("eval"), gathered(model):
                         metrics.update(_evaluate(model, processor, eval_set, cfg))
                     metrics["time/eval"] = timer["eval"]
                 bad = count_bad_step(guard, metrics)
@@ -265,10 +293,16 @@ def _rollout_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def _resume(ckpt: Path, state: dict, optimizer, scheduler, sampler, guard, logger, cfg) -> int:
+def _resume(ckpt: Path, state: dict, model, optimizer, scheduler, sampler, guard, logger, cfg) -> int:
     """Load the optimizer, schedule, data position and counters of `ckpt` (the weights are loaded by
-    build_policy); drop log lines written after it. Returns the step to continue from."""
-    optimizer.load_state_dict(state["optimizer"])
+    build_policy); drop log lines written after it. Returns the step to continue from.
+
+    An optimizer state keyed by parameter name is a full one saved from an FSDP run: it loads into
+    a sharded or an unsharded model alike."""
+    if is_sharded(model) or _keyed_by_name(state["optimizer"]):
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     try:
         sampler.load_state_dict(state["sampler"])
@@ -290,6 +324,10 @@ def _resume(ckpt: Path, state: dict, optimizer, scheduler, sampler, guard, logge
         )
     print(f"[cppo] resumed from {ckpt} at step {step}", flush=True)
     return step
+
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    return any(isinstance(k, str) for k in optimizer_state.get("state", {}))
 
 
 def _write_atomic(path: Path, text: str) -> None:

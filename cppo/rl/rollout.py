@@ -19,6 +19,7 @@ from cppo.batching import take_rows
 from cppo.loss import group_advantages
 from cppo.models import append_responses, encode_images, encode_prompts, generate_responses
 from cppo.rl.data import Sample
+from cppo.rl.fsdp import gathered
 from cppo.rl.rewards import RewardResult, RewardScorer
 
 
@@ -126,7 +127,10 @@ def collect_rollouts(
             views["positive"] = _row_pixels(batch_b, encode_images(processor, pos)[0], rows, image_token_id)
         views["negative"] = _row_pixels(batch_b, encode_images(processor, neg)[0], rows, image_token_id)
 
-    ids, mask = _generate(model, processor, batch_n, cfg, generator_seed, per_prompt_seeds, image_token_id)
+    with gathered(model):  # FSDP: one all-gather for the whole generation
+        ids, mask = _generate(
+            model, processor, batch_n, cfg, generator_seed, per_prompt_seeds, image_token_id
+        )
     texts = processor.tokenizer.batch_decode(
         [row[m].tolist() for row, m in zip(ids, mask)], skip_special_tokens=True
     )

@@ -36,6 +36,7 @@ from cppo.loss import (
     grpo_loss,
     implicit_perception_loss,
 )
+from cppo.rl.fsdp import is_sharded
 from cppo.rl.rollout import Rollouts, select_rows
 from cppo.scoring import response_stats
 
@@ -248,6 +249,7 @@ def policy_update(
 ) -> dict[str, float]:
     """All optimizer updates of one step over this process's rows; returns mean metrics."""
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = is_sharded(model)
     n = ro.num_rows
     mini = (cfg.mini_batch_size or n * world_size) // world_size  # rows per update on this process
     sums: dict[str, float] = defaultdict(float)
@@ -268,10 +270,11 @@ def policy_update(
                     sums[k] += v
                     counts[k] += 1
             with timer("update"):
-                if world_size > 1:
+                if world_size > 1 and not sharded:  # FSDP reduce-scatters (a sum) in the backward
                     _all_reduce_grads(params)
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
                 if torch.isfinite(norm):
                     optimizer.step()
                     scheduler.step()

@@ -1,4 +1,5 @@
-"""Run by tests/test_rl_loop.py under `torchrun`: train, then save this rank's final weights.
+"""Run by tests/test_rl_loop.py under `torchrun`: train, then save this rank's final weights
+(gathered in full when an accelerate FSDP config sharded the model).
 
 torchrun --nproc_per_node 2 tests/workers/ddp_train.py OUT_FILE_PREFIX [cppo-train flags...]
 """
@@ -21,4 +22,8 @@ if __name__ == "__main__":
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     assert state.num_processes == expected, f"the loop ran {state.num_processes} process(es), not {expected}"
     rank = state.process_index
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{prefix}.rank{rank}.pt")
+    from cppo.rl.fsdp import full_model_state, is_sharded
+
+    assert is_sharded(model) == (os.environ.get("ACCELERATE_USE_FSDP") == "true" and expected > 1)
+    weights = full_model_state(model, every_rank=True) if is_sharded(model) else model.state_dict()
+    torch.save({k: v.detach().cpu() for k, v in weights.items()}, f"{prefix}.rank{rank}.pt")

@@ -1,0 +1,161 @@
+"""FSDP2 sharding of the policy, switched on by an accelerate config.
+
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml -m cppo.cli.train --max-steps 100
+
+`accelerate launch` with `distributed_type: FSDP` exports ACCELERATE_USE_FSDP=true and the config's
+fields as FSDP_* environment variables; `fsdp_settings()` reads those (so `torchrun` with the same
+variables does the same). The policy is sharded with torch's `fully_shard` (FSDP2): one unit per
+decoder layer and per vision block, and the root unit for the rest (embeddings, the tied output
+head, norms, the patch embedding and merger). Fields honoured: `fsdp_version` (2 is required),
+`fsdp_reshard_after_forward`, `fsdp_offload_params` (CUDA only), `fsdp_activation_checkpointing`.
+The parameter dtype is the trainer's `--dtype` (bf16 on CUDA), not a mixed-precision policy.
+
+What changes in the loop, and why:
+- The trainer never calls the root's `forward`: it runs the backbone and the output head itself
+  (cppo.scoring, head on response positions only) and calls `generate`. Both are registered as
+  FSDP forward methods (`register_fsdp_forward_method`), so the root's parameters are gathered
+  around them and its gradients reduce-scattered after the backward, as for `forward`.
+- FSDP averages gradients over processes; the loop's hand-written all-reduce sums them (each
+  micro-batch loss is scaled by its share of the GLOBAL mini-batch). Under FSDP the reduction is
+  set to a sum too (`set_gradient_divide_factor(1.0)`), so the same scaling gives the same update.
+- Generation gathers every unit once and keeps it gathered until `generate` returns, instead of one
+  all-gather per layer per new token.
+- Checkpoints hold full (unsharded) weights and optimizer state, gathered on every process and
+  written by rank 0: a run can resume with another number of processes, or without FSDP.
+- The frozen reference model is not sharded (a full copy per process).
+- LoRA is not supported together with FSDP here (the trainer says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from dataclasses import dataclass
+
+import torch
+
+from cppo.rl.config import ConfigError
+
+_TRUE = {"1", "true", "yes", "y", "on", "full_shard"}
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    reshard_after_forward: bool = True
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in _TRUE
+
+
+def fsdp_settings() -> FSDPSettings | None:
+    """The FSDP settings an accelerate config exported to this process, or None without FSDP."""
+    if not _flag("ACCELERATE_USE_FSDP", False):
+        return None
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version.strip() != "2":
+        raise ConfigError(
+            f"the accelerate config asks for FSDP version {version}; cppo-train shards with FSDP2: "
+            "set fsdp_version: 2 in the config (accelerate config / --fsdp_version 2)"
+        )
+    return FSDPSettings(
+        reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", True),
+        offload_params=_flag("FSDP_OFFLOAD_PARAMS", False),
+        activation_checkpointing=_flag("FSDP_ACTIVATION_CHECKPOINTING", False),
+    )
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _units(model) -> list[torch.nn.Module]:
+    """The modules that become their own FSDP unit: decoder layers and vision blocks."""
+    backbone = model.model
+    return [*backbone.language_model.layers, *backbone.visual.blocks]
+
+
+def shard_policy(model, settings: FSDPSettings, device: torch.device):
+    """Shard `model` in place with FSDP2 over all processes; returns it (now an FSDPModule).
+
+    Call before building the optimizer (its parameters become DTensor shards)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
+
+    if settings.offload_params and device.type != "cuda":
+        raise ConfigError("fsdp_offload_params needs CUDA: set fsdp_offload_params: false in the config")
+    kw = {"reshard_after_forward": settings.reshard_after_forward}
+    if settings.offload_params:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for unit in _units(model):
+        fully_shard(unit, **kw)
+    fully_shard(model, **kw)
+    model._cppo_reshard_after_forward = settings.reshard_after_forward
+    for unit in [*_units(model), model]:  # each unit's own setting
+        unit.set_gradient_divide_factor(1.0)  # a sum over processes, as the loop's own all-reduce
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
+
+    from cppo.scoring import plain_response_stats
+
+    model.cppo_response_stats = types.MethodType(plain_response_stats, model)
+    register_fsdp_forward_method(model, "cppo_response_stats")
+    register_fsdp_forward_method(model, "generate")
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Keep every FSDP unit of `model` unsharded inside the block (no-op without FSDP): generation
+    then all-gathers each unit once, not once per new token."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False, recurse=True)
+    for m in modules:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+        model.set_reshard_after_forward(_reshard_setting(model), recurse=True)
+
+
+def _reshard_setting(model) -> bool:
+    return getattr(model, "_cppo_reshard_after_forward", True)
+
+
+def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded weights on the CPU, on rank 0 only (other ranks get {}) unless `every_rank`.
+
+    A collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    return {k: v.cpu() for k, v in get_model_state_dict(model, options=options).items()}
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The unsharded optimizer state keyed by parameter name, on rank 0 (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """Shard a full optimizer state (from `full_optimizer_state`) into `optimizer` (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )
