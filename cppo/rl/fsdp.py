@@ -1,6 +1,6 @@
 """FSDP2 sharding of the policy, switched on by an accelerate config.
 
-    accelerate launch --config_file examples/accelerate/fsdp2.yaml -m cppo.cli.train --max-steps 100
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml -m cli.train --max-steps 100
 
 `accelerate launch` with `distributed_type: FSDP` exports ACCELERATE_USE_FSDP=true and the config's
 fields as FSDP_* environment variables; `fsdp_settings()` reads those (so `torchrun` with the same
