@@ -72,7 +72,14 @@ from cppo.rl.fsdp import (
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.runlog import RunLogger, plot_curves
-from cppo.rl.setup import build_optimizer, build_policy, process_info, seed_everything, views_preset
+from cppo.rl.setup import (
+    build_optimizer,
+    build_policy,
+    enable_gradient_checkpointing,
+    process_info,
+    seed_everything,
+    views_preset,
+)
 from cppo.rl.steplog import (
     Progress,
     bad_steps_message,
@@ -133,7 +140,7 @@ def run_training(cfg: TrainConfig):
         print("[cppo] the FSDP config has one process to shard over: training unsharded", flush=True)
     if sharded:
         if fsdp.activation_checkpointing and not cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         model = shard_policy(model, fsdp, device)
     n_local = cfg.rollouts // world
     mini_local = (cfg.mini_batch_size or cfg.rollouts) // world

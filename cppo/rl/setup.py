@@ -62,7 +62,7 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -78,6 +78,11 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
         if resume_from is not None:
             _load_adapter(model, Path(resume_from))
     return model, processor, ref
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant: works with FSDP2 and several forwards)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _load_adapter(model, ckpt: Path) -> None:
