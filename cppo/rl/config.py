@@ -63,21 +63,25 @@ class TrainConfig:
         None,
         "held-out data for eval_every (same formats); None = the val split next "
         "to the training data when there is one",
+        resume_safe=True,
     )
     data_strict: bool = _f(
         False,
         "treat unusable samples (missing answer or image, corrupt image) as errors "
         "instead of skipping them with a count",
+        resume_safe=True,
     )
     algo: str = _f(
         "cppo",
         f"one of {'|'.join(ALGOS)}: the same loop; cppo adds the views and CPL, "
         "papo the masked-image KL term",
     )
-    output_dir: str = _f("runs/cppo", "run directory: config.yaml, metrics.jsonl, checkpoints, rollouts")
+    output_dir: str = _f(
+        "runs/cppo", "run directory: config.yaml, metrics.jsonl, checkpoints, rollouts", resume_safe=True
+    )
     seed: int = _f(0, "seed of the data order, the views, the sampling and the initialisation of LoRA")
     # --- batch shape
-    max_steps: int = _f(60, "training steps (one rollout batch each)")
+    max_steps: int = _f(60, "training steps (one rollout batch each)", resume_safe=True)
     prompts_per_step: int = _f(8, "B, prompts per step (paper: 512)")
     rollouts_per_step: int | None = _f(
         None,
@@ -90,7 +94,9 @@ class TrainConfig:
         "rollouts per optimizer update; None = all N of the step (one "
         "update per epoch). Paper: 320 (64 prompts x 5), 8 updates per step",
     )
-    micro_batch_size: int = _f(4, "rollouts per forward/backward pass; gradients accumulate to a mini-batch")
+    micro_batch_size: int = _f(
+        4, "rollouts per forward/backward pass; gradients accumulate to a mini-batch", resume_safe=True
+    )
     ppo_epochs: int = _f(1, "passes over the step's rollouts; updates per step = ppo_epochs x N / mini_batch")
     # --- optimiser
     lr: float = _f(
@@ -161,45 +167,57 @@ class TrainConfig:
     )
     reward_weights: list[float] = _f([0.9, 0.1], "one weight per reward function (paper: 0.9, 0.1)")
     # --- compute
-    logits_chunk_size: int = _f(256, "response positions per chunk of the output head (entropy, log-probs)")
+    logits_chunk_size: int = _f(
+        256, "response positions per chunk of the output head (entropy, log-probs)", resume_safe=True
+    )
     dtype: str = _f(
         "auto", f"parameter dtype, one of {'|'.join(DTYPES)}; auto = bfloat16 on CUDA, float32 else"
     )
-    device: str = _f("auto", "auto = what accelerate picks (CUDA when present), or cpu / cuda")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (paper: on)")
+    device: str = _f(
+        "auto", "auto = what accelerate picks (CUDA when present), or cpu / cuda", resume_safe=True
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations in backward (paper: on)", resume_safe=True
+    )
     freeze_vision: bool = _f(False, "freeze the vision tower and its merger; train only the language model")
     lora_r: int = _f(0, "LoRA rank; 0 = full finetuning (LoRA needs peft installed)")
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA wraps")
     # --- run
-    save_every: int = _f(0, "checkpoint every N steps (and at the end); 0 = only at the end")
-    keep_last: int = _f(2, "checkpoints kept; older ones are deleted; 0 = keep all")
+    save_every: int = _f(
+        0, "checkpoint every N steps (and at the end); 0 = only at the end", resume_safe=True
+    )
+    keep_last: int = _f(2, "checkpoints kept; older ones are deleted; 0 = keep all", resume_safe=True)
     keep_best: bool = _f(
         False,
         "also keep the checkpoint with the best eval/accuracy (checkpoints/best.json names it), outside "
         "keep_last; needs eval_every",
+        resume_safe=True,
     )
-    eval_every: int = _f(0, "evaluate on eval_data every N steps; 0 = never")
-    eval_samples: int = _f(1, "K of the periodic avg@K evaluation")
-    log_rollouts: int = _f(4, "rollouts per step written to rollouts.jsonl; 0 = none")
+    eval_every: int = _f(0, "evaluate on eval_data every N steps; 0 = never", resume_safe=True)
+    eval_samples: int = _f(1, "K of the periodic avg@K evaluation", resume_safe=True)
+    log_rollouts: int = _f(4, "rollouts per step written to rollouts.jsonl; 0 = none", resume_safe=True)
     resume: str | None = _f(
         None,
         "checkpoint folder to resume from, or auto = the latest complete one in output_dir "
         "(none there: start at step 0)",
+        resume_safe=True,
     )
     force_resume: bool = _f(
         False,
         "resume although the config differs from the checkpoint's in a field that changes training "
         "(model, data, group_size, seed, ...), or from an older checkpoint whose newer siblings in "
         "output_dir are then deleted",
+        resume_safe=True,
     )
     max_bad_steps: int = _f(
         5,
         "stop the run after this many consecutive steps with a skipped (NaN/inf loss or gradient) "
         "optimizer update; 0 = never stop",
+        resume_safe=True,
     )
-    tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
+    tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed", resume_safe=True)
 
     def __post_init__(self):
         self.validate()
@@ -307,6 +325,13 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(load_yaml(path), source=str(path))
+
+
+def resume_safe_fields() -> frozenset[str]:
+    """The fields marked ``resume_safe``: a resume may change them without changing what is trained
+    (a longer run, other logging, another compute layout). max_steps is one although it stretches a
+    linear/cosine schedule: the loop warns when it does."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume_safe"))
 
 
 def _registry_errors(cfg: TrainConfig) -> list[str]:
