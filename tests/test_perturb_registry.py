@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from cppo.perturb import (
+    PERTURBATIONS,
     Perturbation,
     UnknownNameError,
     get_perturbation,
     list_perturbations,
     register_perturbation,
 )
-from cppo.perturb.base import _REGISTRY
 
 torch.set_num_threads(1)
 
@@ -240,5 +240,5 @@ def test_register_a_new_entry_and_a_variant():
         with pytest.raises(ValueError, match="kind"):
             Invert(kind="sideways")
     finally:
-        _REGISTRY.pop("test_invert", None)
-        _REGISTRY.pop("test_rotate2", None)
+        PERTURBATIONS.unregister("test_invert")
+        PERTURBATIONS.unregister("test_rotate2")

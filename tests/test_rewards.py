@@ -103,7 +103,7 @@ def test_register_reward_adds_a_name_once():
         with pytest.raises(ValueError, match="already registered"):
             register_reward("test_always_half")(half)
     finally:
-        REWARDS._fns.pop("test_always_half")
+        REWARDS.unregister("test_always_half")
 
 
 def test_weights_must_match_functions():

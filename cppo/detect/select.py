@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from cppo.loss.registry import Registry
+from cppo.registry import Registry
 
 SELECTORS = Registry("selector")
 register_selector = SELECTORS.register

@@ -3,7 +3,7 @@
 Tensors in, ``(loss, metrics)`` out; no model or config object. Letters used in every docstring:
 B prompts, G group size, N = B * G responses, T response tokens, V vocabulary.
 
-Registries (one way, see ``cppo.loss.registry``): ``DIVERGENCES``, ``AGGREGATIONS``,
+Registries (one way, see ``cppo.registry``): ``DIVERGENCES``, ``AGGREGATIONS``,
 ``POLICY_LOSSES``, ``GATES``; the selectors live in ``cppo.detect.select.SELECTORS``.
 
 Typical use (METHOD.md section 3)::
@@ -30,7 +30,7 @@ from cppo.loss.grpo import (
 )
 from cppo.loss.mask import GATES, gate_responses, get_gate, perception_mask, register_gate
 from cppo.loss.papo import entropy_bonus, implicit_perception_loss
-from cppo.loss.registry import Registry
+from cppo.registry import Registry
 
 __all__ = [
     "AGGREGATIONS",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from cppo.loss.registry import Registry
+from cppo.registry import Registry
 
 AGGREGATIONS = Registry("aggregation")
 register_aggregation = AGGREGATIONS.register

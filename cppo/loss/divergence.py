@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from cppo.loss.registry import Registry
+from cppo.registry import Registry
 
 DIVERGENCES = Registry("divergence")
 register_divergence = DIVERGENCES.register

@@ -17,7 +17,7 @@ import torch
 
 from cppo.loss.agg import agg_loss
 from cppo.loss.divergence import get_divergence
-from cppo.loss.registry import Registry
+from cppo.registry import Registry
 
 POLICY_LOSSES = Registry("policy loss")
 register_policy_loss = POLICY_LOSSES.register

@@ -26,13 +26,15 @@ Image contract (every entry, every preset):
       (B, 3, H, W) float32 for tensors. The two paths agree to a few grey levels (JPEG: kornia's
       differentiable codec vs libjpeg, more), not bit for bit.
 
-Registered entries and presets are listed by `list_perturbations()` / `list_presets()` and
+Registered entries and presets (the `PERTURBATIONS` and `PRESETS` registries, `cppo.registry.Registry`
+like every other registry in cppo) are listed by `list_perturbations()` / `list_presets()` and
 documented, with measured information survival rates, in docs/perturbations.md.
 """
 
 from cppo.perturb import geometry, occlusion, photometric  # noqa: F401  (register the entries)
 from cppo.perturb.base import (
     KINDS,
+    PERTURBATIONS,
     Perturbation,
     UnknownNameError,
     get_perturbation,
@@ -41,6 +43,7 @@ from cppo.perturb.base import (
 )
 from cppo.perturb.image import image_size
 from cppo.perturb.presets import (
+    PRESETS,
     Preset,
     get_preset,
     list_presets,
@@ -51,6 +54,8 @@ from cppo.perturb.presets import (
 
 __all__ = [
     "KINDS",
+    "PERTURBATIONS",
+    "PRESETS",
     "Perturbation",
     "Preset",
     "UnknownNameError",

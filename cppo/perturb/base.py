@@ -1,4 +1,5 @@
-"""`Perturbation`, the registry, and the error an unknown name raises.
+"""`Perturbation`, its registry (`PERTURBATIONS`, a `cppo.registry.Registry`), and the error an
+unknown name raises.
 
 A perturbation is a frozen dataclass whose fields are its options (ranges, probabilities), each
 documented in `metadata["help"]`. It draws random parameters into a JSON-serialisable dict,
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from cppo.perturb.image import image_size, to_array, to_batch
+from cppo.registry import Registry
 
 KINDS = ("preserving", "removing")
 
@@ -116,7 +118,7 @@ class Perturbation:
         return " ".join(parts)
 
 
-_REGISTRY: dict[str, Perturbation] = {}
+PERTURBATIONS = Registry("perturbation", error=UnknownNameError)  # name -> Perturbation instance
 
 
 def register_perturbation(entry=None, *, name: str | None = None, overwrite: bool = False):
@@ -134,21 +136,16 @@ def register_perturbation(entry=None, *, name: str | None = None, overwrite: boo
         inst = inst.with_options(name=name)
     if not inst.name:
         raise ValueError("a perturbation needs a non-empty name")
-    if inst.name in _REGISTRY and not overwrite:
-        raise ValueError(f"perturbation {inst.name!r} is already registered; pass overwrite=True")
-    _REGISTRY[inst.name] = inst
+    PERTURBATIONS.register(inst.name, overwrite=overwrite)(inst)
     return entry
 
 
 def get_perturbation(name: str) -> Perturbation:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError("perturbation", name, _REGISTRY) from None
+    return PERTURBATIONS.get(name)
 
 
 def list_perturbations(kind: str | None = None) -> list[str]:
     """Registered names, sorted; `kind` ("preserving" or "removing") filters."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
-    return sorted(n for n, p in _REGISTRY.items() if kind is None or p.kind == kind)
+    return [n for n, p in PERTURBATIONS.items() if kind is None or p.kind == kind]

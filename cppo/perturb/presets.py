@@ -27,6 +27,7 @@ from cppo.perturb.base import (
     list_perturbations,
 )
 from cppo.perturb.image import image_size
+from cppo.registry import Registry
 
 
 def _entry(spec) -> Perturbation:
@@ -162,28 +163,22 @@ def load_preset(path: str | Path, register: bool = False) -> Preset:
     return preset
 
 
-_PRESETS: dict[str, Preset] = {}
+PRESETS = Registry("preset", error=UnknownNameError)  # name -> Preset
 
 
 def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
-    if preset.name in _PRESETS and not overwrite:
-        raise ValueError(f"preset {preset.name!r} is already registered; pass overwrite=True to replace it")
-    _PRESETS[preset.name] = preset
-    return preset
+    return PRESETS.register(preset.name, overwrite=overwrite)(preset)
 
 
 def get_preset(name: str) -> Preset:
     """A registered preset by name, or a preset loaded from a path ending in .yaml / .yml."""
-    if name not in _PRESETS and str(name).endswith((".yaml", ".yml")) and Path(name).is_file():
+    if name not in PRESETS and str(name).endswith((".yaml", ".yml")) and Path(name).is_file():
         return load_preset(name)
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        raise UnknownNameError("preset", name, _PRESETS) from None
+    return PRESETS.get(name)
 
 
 def list_presets() -> list[str]:
-    return sorted(_PRESETS)
+    return PRESETS.names()
 
 
 register_preset(

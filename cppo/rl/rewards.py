@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cppo.grading import grade
-from cppo.loss.registry import Registry
+from cppo.registry import Registry
 
 REWARDS = Registry("reward")
 register_reward = REWARDS.register
