@@ -18,6 +18,7 @@ from cppo.loss import (
     implicit_perception_loss,
     k3,
     perception_mask,
+    select_perception_tokens,
 )
 
 
@@ -231,8 +232,6 @@ def test_perception_mask_is_selection_and_gate(gate):
     h, hm = torch.rand(4, 8, generator=g), torch.rand(4, 8, generator=g) * 2
     resp = torch.rand(4, 8, generator=g) > 0.2
     adv, rew = torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.tensor([1.0, 0.0, 1.0, 0.5])
-    from cppo.detect import select_perception_tokens
-
     m = perception_mask(h, hm, resp, adv, rew, gate=gate)
     expected = select_perception_tokens(h, hm, resp) & gate_responses(adv, rew, gate).unsqueeze(-1)
     assert torch.equal(m, expected)

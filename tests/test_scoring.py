@@ -1,6 +1,6 @@
 import torch
 
-from cppo.detect.select import token_entropy
+from cppo.loss.entropy import token_entropy
 from cppo.models import append_responses, generate_responses, response_logits
 from cppo.scoring import response_stats
 from tests.helpers import shapes_batch, tiny_model_and_processor

@@ -1,6 +1,7 @@
 """cppo.detect: which response tokens depend on the image (METHOD.md section 2).
 
-The pure tensor functions live in ``cppo.detect.select``; the trainer and ``cppo.loss`` call them.
+The pure tensor functions (entropies, selectors, the selection rule) live in ``cppo.loss.entropy``
+and ``cppo.loss.select``, shared with the trainer; they are re-exported here.
 ``cppo.detect.detector`` runs the model passes (``PerceptionDetector``), ``cppo.detect.report`` writes
 what ``cppo-detect`` shows.
 """
@@ -13,14 +14,12 @@ from cppo.detect.detector import (
     ResponseTooLongError,
     detect,
 )
-from cppo.detect.select import (
+from cppo.loss.entropy import chunked_entropy_and_logprob, chunked_kl, token_entropy
+from cppo.loss.select import (
     SELECTORS,
-    chunked_entropy_and_logprob,
-    chunked_kl,
     get_selector,
     register_selector,
     select_perception_tokens,
-    token_entropy,
     top_fraction_per_row,
 )
 

@@ -7,7 +7,7 @@
 
 For every response token it computes, exactly as METHOD.md section 2, the entropy under the original
 image H(I), the entropy under an information-removing view H(I-), the shift dH = H(I-) - H(I), the
-selector's score and the selection mask (``cppo.detect.select``: one copy of the rule, shared with
+selector's score and the selection mask (``cppo.loss.select``: one copy of the rule, shared with
 the trainer). The response is teacher-forced under every view (METHOD.md 5.4); one backbone pass
 per view, and only response positions go through the output head, in chunks of positions
 (``cppo.scoring.response_hidden`` + ``chunked_entropy_and_logprob``), so the (N, T, V) logits of a
@@ -47,13 +47,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cppo.detect.select import (
-    SELECTORS,
-    chunked_entropy_and_logprob,
-    chunked_kl,
-    get_selector,
-    select_perception_tokens,
-)
+from cppo.loss.entropy import chunked_entropy_and_logprob, chunked_kl
+from cppo.loss.select import SELECTORS, get_selector, select_perception_tokens
 
 
 class DetectError(ValueError):

@@ -1,10 +1,16 @@
-"""cppo.loss: the Contrastive Perception Loss and the GRPO losses as pure tensor functions.
+"""cppo.loss: the maths of CPPO as pure tensor functions: the perception-token selection, the
+Contrastive Perception Loss and the GRPO losses.
 
 Tensors in, ``(loss, metrics)`` out; no model or config object. Letters used in every docstring:
 B prompts, G group size, N = B * G responses, T response tokens, V vocabulary.
 
-Registries (one way, see ``cppo.registry``): ``DIVERGENCES``, ``AGGREGATIONS``,
-``POLICY_LOSSES``, ``GATES``; the selectors live in ``cppo.detect.select.SELECTORS``.
+Modules: ``entropy`` (per-token entropy, chunked entropy/log-prob/KL through the output head),
+``select`` (selectors and the per-response top-k rule, METHOD.md section 2), ``mask`` (selection
+times a response gate), ``divergence``, ``agg``, ``cpl``, ``grpo``, ``papo``. ``cppo.detect`` and the
+trainer call these; nothing here imports them.
+
+Registries (one way, see ``cppo.registry``): ``SELECTORS``, ``DIVERGENCES``, ``AGGREGATIONS``,
+``POLICY_LOSSES``, ``GATES``.
 
 Typical use (METHOD.md section 3)::
 
@@ -18,6 +24,7 @@ Typical use (METHOD.md section 3)::
 from cppo.loss.agg import AGGREGATIONS, agg_loss, get_aggregation, register_aggregation
 from cppo.loss.cpl import contrastive_perception_loss, contrastive_perception_loss_full, cpl_from_divergences
 from cppo.loss.divergence import DIVERGENCES, get_divergence, k1, k2, k3, register_divergence
+from cppo.loss.entropy import chunked_entropy_and_logprob, chunked_kl, token_entropy
 from cppo.loss.grpo import (
     POLICY_LOSSES,
     get_policy_loss,
@@ -30,6 +37,13 @@ from cppo.loss.grpo import (
 )
 from cppo.loss.mask import GATES, gate_responses, get_gate, perception_mask, register_gate
 from cppo.loss.papo import entropy_bonus, implicit_perception_loss
+from cppo.loss.select import (
+    SELECTORS,
+    get_selector,
+    register_selector,
+    select_perception_tokens,
+    top_fraction_per_row,
+)
 from cppo.registry import Registry
 
 __all__ = [
@@ -38,7 +52,10 @@ __all__ = [
     "GATES",
     "POLICY_LOSSES",
     "Registry",
+    "SELECTORS",
     "agg_loss",
+    "chunked_entropy_and_logprob",
+    "chunked_kl",
     "contrastive_perception_loss",
     "contrastive_perception_loss_full",
     "cpl_from_divergences",
@@ -48,6 +65,7 @@ __all__ = [
     "get_divergence",
     "get_gate",
     "get_policy_loss",
+    "get_selector",
     "group_advantages",
     "grpo_loss",
     "implicit_perception_loss",
@@ -61,5 +79,9 @@ __all__ = [
     "register_divergence",
     "register_gate",
     "register_policy_loss",
+    "register_selector",
     "reinforce_loss",
+    "select_perception_tokens",
+    "token_entropy",
+    "top_fraction_per_row",
 ]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from cppo.loss.agg import agg_loss
 from cppo.loss.divergence import get_divergence
+from cppo.loss.entropy import chunked_kl
 
 
 def _mean(x: torch.Tensor, m: torch.Tensor) -> float:
@@ -125,7 +126,7 @@ def contrastive_perception_loss_full(
     Args:
         anchor_logits, positive_logits, negative_logits: (N, T, V) logits under I, I+, I- (or
             (N, T, D) hidden states with ``head`` the output projection, see
-            ``cppo.detect.select.chunked_kl``). All with grad.
+            ``cppo.loss.entropy.chunked_kl``). All with grad.
         mask: (N, T) m_t. Only selected positions go through the softmax, in chunks.
         tau, agg, response_mask: as in ``contrastive_perception_loss``.
         temperature: the rollout temperature dividing all logits.
@@ -134,8 +135,6 @@ def contrastive_perception_loss_full(
     Not in the paper (which estimates the KL from the sampled token); exposed because it removes
     the estimator's variance at the cost of three (P, V) softmaxes per chunk.
     """
-    from cppo.detect.select import chunked_kl  # here, not at the top: cppo.detect.select imports cppo.loss
-
     m = mask.detach().bool()
     if response_mask is not None:
         m = m & response_mask.detach().bool()

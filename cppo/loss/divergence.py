@@ -17,7 +17,7 @@ are left unclamped, as in their usual definitions.
 
 For CPL: a is the anchor (view I), b the positive or negative view. For the KL to the reference: a is
 the policy, b the reference. The full-vocabulary KL, which needs logits rather than one token's
-log-prob, is ``cppo.detect.select.chunked_kl`` (and ``contrastive_perception_loss_full``).
+log-prob, is ``cppo.loss.entropy.chunked_kl`` (and ``contrastive_perception_loss_full``).
 """
 
 from __future__ import annotations

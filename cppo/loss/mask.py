@@ -1,4 +1,4 @@
-"""The CPL token mask: the perception-token selection (``cppo.detect.select``) times a response gate.
+"""The CPL token mask: the perception-token selection (``cppo.loss.select``) times a response gate.
 
 METHOD.md section 2, last line: m_t <- m_t * [A_i > 0]. Letters: N responses, T response tokens.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from cppo.loss.select import select_perception_tokens
 from cppo.registry import Registry
 
 GATES = Registry("gate")
@@ -94,7 +95,7 @@ def perception_mask(
         advantages: (N,) A_i.
         rewards: (N,) r_i, for ``gate="correct"``.
         gate: see ``GATES``.
-        selector: see ``cppo.detect.select.SELECTORS`` (``relative``, ``raw``, ``kl_shift``, ``entropy``).
+        selector: see ``cppo.loss.select.SELECTORS`` (``relative``, ``raw``, ``kl_shift``, ``entropy``).
         top_percent: rho (0.5).
         kl: (N, T) per-token KL between the views, for ``selector="kl_shift"``.
         max_reward: the full reward, for ``gate="correct"``.
@@ -102,10 +103,6 @@ def perception_mask(
     Returns:
         (N, T) bool, a subset of ``response_mask``; no grad.
     """
-    # Imported here: cppo.detect.select imports cppo.loss.registry, so a top-level import would be a
-    # cycle whenever cppo.detect is imported first.
-    from cppo.detect.select import select_perception_tokens
-
     g = gate_responses(advantages, rewards, gate, max_reward)  # (N,)
     sel = select_perception_tokens(
         entropy, perturbed_entropy, response_mask, top_percent, selector, kl
