@@ -9,7 +9,7 @@ and the log-prob of the sampled token in float32 (what the detector and the trai
 
 - naive: ``logits = hidden @ W.T`` for the whole response, float32 (T, V), then
   ``token_entropy`` and a gather: the (T, V) logits and several (T, V) temporaries exist at once.
-- chunked: ``cppo.detect.select.chunked_entropy_and_logprob`` with ``--chunk`` positions at a time.
+- chunked: ``cppo.loss.entropy.chunked_entropy_and_logprob`` with ``--chunk`` positions at a time.
 
 The hidden size only changes the matmul (small by default so the CPU run stays short); the memory
 that grows with T is the (T, V) float32 work, which does not depend on D.
@@ -44,7 +44,7 @@ def _rss_kib(field: str) -> int:
 def _one(method: str, T: int, D: int, chunk: int, repeats: int, device: str, threads: int) -> dict:
     import torch
 
-    from cppo.detect.select import chunked_entropy_and_logprob, token_entropy
+    from cppo.loss.entropy import chunked_entropy_and_logprob, token_entropy
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

@@ -62,7 +62,7 @@ from cppo.rl.update import Timer, policy_update, rollout_logprobs
 VARIANTS = ("grpo", "cppo_official", "cppo")
 # --ablate-share / --ablate-fused add these: grpo / cppo with one optimisation of cppo.scoring off,
 # i.e. the code before it: the vision tower once per row (SHARE_IMAGES), the checkpointed autograd
-# head of cppo.detect.select instead of the hand-written backward (FUSED_HEAD).
+# head of cppo.loss.entropy instead of the hand-written backward (FUSED_HEAD).
 ABLATIONS = {"share": ("grpo_noshare", "cppo_noshare"), "fused": ("grpo_unfused", "cppo_unfused")}
 PHASES = ("rollout", "reward", "old_ref_logprobs", "update", "perception")
 
@@ -440,7 +440,7 @@ def head_bench(args) -> str:
     """The output head alone, forward + backward of sum(logp), fused (hand-written backward) against the
     checkpointed chunks it replaced, interleaved, on random (rows, T, hidden) states and a (V, hidden)
     head; isolates the head from the rest of the step (and from most of the machine's noise)."""
-    from cppo.detect.select import chunked_entropy_and_logprob
+    from cppo.loss.entropy import chunked_entropy_and_logprob
 
     torch.manual_seed(args.seed)
     V = args.vocab or 151936

@@ -30,7 +30,7 @@ def bundled_example_path() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cppo.detect.select import SELECTORS
+    from cppo.loss.select import SELECTORS
 
     ap = argparse.ArgumentParser(
         prog=PROG,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from cppo.detect.select import chunked_entropy_and_logprob
+from cppo.loss.entropy import chunked_entropy_and_logprob
 
 # Default of `share_images` when a caller passes None (the trainer does); bench/bench_step.py turns it
 # off to measure the per-row encoding it replaced.

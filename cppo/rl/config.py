@@ -336,8 +336,7 @@ def resume_safe_fields() -> frozenset[str]:
 
 def _registry_errors(cfg: TrainConfig) -> list[str]:
     """Names that must be in a registry; the registries' own errors list the valid names."""
-    from cppo.detect.select import SELECTORS
-    from cppo.loss import AGGREGATIONS, DIVERGENCES, GATES, POLICY_LOSSES
+    from cppo.loss import AGGREGATIONS, DIVERGENCES, GATES, POLICY_LOSSES, SELECTORS
     from cppo.perturb import get_preset
 
     checks = [

@@ -28,13 +28,13 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from cppo.detect.select import select_perception_tokens
 from cppo.loss import (
     contrastive_perception_loss,
     entropy_bonus,
     gate_responses,
     grpo_loss,
     implicit_perception_loss,
+    select_perception_tokens,
 )
 from cppo.rl.fsdp import is_sharded
 from cppo.rl.rollout import Rollouts, select_rows
