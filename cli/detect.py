@@ -1,4 +1,4 @@
-"""cppo-detect: which response tokens depend on the image (METHOD.md section 2), as a visual report.
+"""cppo-detect: which response tokens depend on the image (docs/method.md §2), as a visual report.
 
     cppo-detect                                                     # bundled demo model and example
     cppo-detect --image shapes.png --prompt "What color is the square?" --draws 4

@@ -2,7 +2,7 @@
 
 The processor returns ``pixel_values`` as ONE ``(patches, 1176)`` tensor for the whole batch and
 ``image_grid_thw`` as one ``(images, 3)`` tensor, in the order the images appear in the rows.
-Micro-batching, and running a view only on the rows that need it (METHOD.md §5.7), must therefore
+Micro-batching, and running a view only on the rows that need it (docs/method.md §5.7), must therefore
 cut those tensors by row. A row's images are found from its ``<|image_pad|>`` tokens: an image of
 grid ``(t, h, w)`` has ``t·h·w`` patches and ``t·h·w / merge²`` pad tokens.
 

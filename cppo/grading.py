@@ -1,6 +1,6 @@
 """Answer extraction and grading shared by the rewards, the evaluation and the model card.
 
-METHOD.md §4: accuracy grades the content of the LAST ``\\boxed{...}`` against the ground truth
+docs/method.md §4: accuracy grades the content of the LAST ``\\boxed{...}`` against the ground truth
 with math-aware equivalence; format is ``<think>.*</think>.*\\boxed{.*}.*`` with dot matching
 newline. Equivalence is tried in this order, cheapest first:
 
@@ -42,7 +42,7 @@ def last_boxed(text: str) -> str | None:
 
 
 def format_ok(response: str) -> bool:
-    """METHOD.md §4's format check: think tags, then a boxed answer."""
+    """docs/method.md §4's format check: think tags, then a boxed answer."""
     return FORMAT_RE.fullmatch(response.strip()) is not None
 
 

@@ -1,4 +1,4 @@
-"""The prompt of METHOD.md §4: the question followed by the think/boxed instruction, as a user turn.
+"""The prompt of docs/method.md §4: the question followed by the think/boxed instruction, as a user turn.
 
 Every command that talks to a model (warm start, detector, trainer, evaluation) builds its
 messages here, so the prompt the model was warm-started on is the prompt it is trained and

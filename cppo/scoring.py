@@ -4,7 +4,7 @@ Both the detector and the trainer score a sampled response by teacher forcing it
 the model's backbone once, keeps only the hidden states that predict response tokens, and sends
 those through the output head in chunks of positions (`cppo.detect.select.chunked_entropy_and_logprob`),
 so the (N, T, V) logits of a long response never exist at once and prompt positions never reach
-the head (METHOD.md §5.8). Entropy and log-prob come from the same chunk's logits.
+the head (docs/method.md §5.8). Entropy and log-prob come from the same chunk's logits.
 
 Two departures from the official code, both with equal loss and gradients
 (tests/test_bench_fast_paths.py) and measured in docs/benchmarks.md: the G rows of a group encode
@@ -115,7 +115,7 @@ def plain_response_stats(
 
     Both are 0 outside `response_mask`. The log-prob carries the gradient; the entropy is detached
     (it only ranks tokens) unless `entropy_grad` (PAPO's entropy regulariser needs it). Logits are
-    divided by `temperature` (METHOD.md §5.6). `full_logits`: the official code's unchunked path
+    divided by `temperature` (docs/method.md §5.6). `full_logits`: the official code's unchunked path
     (see the module docstring); same values, much more memory; it encodes every row's images, as
     the official code does. `share_images`: encode a group's repeated images once (None: the module's
     SHARE_IMAGES, True).

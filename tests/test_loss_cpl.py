@@ -250,7 +250,7 @@ def test_all_equal_rewards_give_no_cpl():
 
 
 def test_skipping_gated_out_responses_does_not_change_the_loss():
-    # METHOD.md 5.7: responses with gate 0 contribute nothing, so their I+/I- passes can be skipped
+    # docs/method.md §5.7: responses with gate 0 contribute nothing, so their I+/I- passes can be skipped
     g = torch.Generator().manual_seed(7)
     a, p, q = (torch.randn(6, 5, generator=g) for _ in range(3))
     h, hm = torch.rand(6, 5, generator=g), torch.rand(6, 5, generator=g) * 2

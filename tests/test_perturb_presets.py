@@ -1,4 +1,4 @@
-"""Presets: the paper preset's ranges against METHOD.md §1, draw/replay, YAML, PAPO's grid."""
+"""Presets: the paper preset's ranges against docs/method.md §1, draw/replay, YAML, PAPO's grid."""
 
 import itertools
 import json
@@ -101,7 +101,7 @@ def test_occlusion_boxes_and_coverage():
         for x0, y0, pw, ph in _pixel_boxes(x["boxes"], 200, 100):
             m[y0 : y0 + ph, x0 : x0 + pw] = True
         cover.append(m.mean())
-    assert 0.34 < np.mean(cover) < 0.44  # METHOD.md: ≈ 39 % of the area
+    assert 0.34 < np.mean(cover) < 0.44  # docs/method.md: ≈ 39 % of the area
     # the patches are uniform RGB noise: all 256 levels, mean ≈ 127.5
     out = get_perturbation("occlusion_noise")(np.zeros((100, 200, 3), np.uint8), 0)
     noise = out[out.sum(-1) > 0]

@@ -1,4 +1,4 @@
-"""The update's efficiency paths equal the plain path (METHOD.md §5.7–8)."""
+"""The update's efficiency paths equal the plain path (docs/method.md §5.7–8)."""
 
 import copy
 
@@ -76,7 +76,7 @@ def test_closed_gate_gives_zero_cpl_and_no_view_pass(rollouts):
     model, ro, cfg = rollouts
     cfg.cpl_lambda = 1.0
     saved = ro.advantages.clone()
-    ro.advantages = torch.zeros(ro.num_rows)  # all rewards equal: no CPL at all (METHOD.md §5.3)
+    ro.advantages = torch.zeros(ro.num_rows)  # all rewards equal: no CPL at all (docs/method.md §5.3)
     try:
         loss, metrics, _, timer = _loss_and_grads(model, ro, cfg, skip_views=True)
     finally:

@@ -1,4 +1,4 @@
-"""cppo.detect: which response tokens depend on the image (METHOD.md section 2).
+"""cppo.detect: which response tokens depend on the image (docs/method.md §2).
 
 The pure tensor functions (entropies, selectors, the selection rule) live in ``cppo.loss.entropy``
 and ``cppo.loss.select``, shared with the trainer; they are re-exported here.

@@ -5,10 +5,10 @@
     [det] = detector.detect([Example(images=[img], prompt="What color is the square?")])
     det.selected, det.shift, det.to_dict()
 
-For every response token it computes, exactly as METHOD.md section 2, the entropy under the original
+For every response token it computes, exactly as docs/method.md §2, the entropy under the original
 image H(I), the entropy under an information-removing view H(I-), the shift dH = H(I-) - H(I), the
 selector's score and the selection mask (``cppo.loss.select``: one copy of the rule, shared with
-the trainer). The response is teacher-forced under every view (METHOD.md 5.4); one backbone pass
+the trainer). The response is teacher-forced under every view (docs/method.md §5.4); one backbone pass
 per view, and only response positions go through the output head, in chunks of positions
 (``cppo.scoring.response_hidden`` + ``chunked_entropy_and_logprob``), so the (N, T, V) logits of a
 long response never exist at once.
@@ -26,14 +26,14 @@ Where this departs from the paper's code, and why:
   so an example's views do not depend on which batch it lands in. With a preset, one of its
   removing entries is chosen uniformly per draw (as ``Preset.sample`` does); ``perturbation=``
   forces one entry.
-- Several images in one example: each image gets its own draw (METHOD.md 5.9). Text-only
+- Several images in one example: each image gets its own draw (docs/method.md §5.9). Text-only
   examples have nothing to remove and are refused.
 - A missing response is generated from the prompt and the ORIGINAL image: sampled at
   ``temperature`` (the rollout temperature, as the trainer does) with a seed derived from
   ``seed`` and the batch's first example index, or greedily with ``greedy=True``. A response given
   as text is tokenised without special tokens and without an end token appended: it is scored
   exactly as given.
-- All logits are divided by ``temperature`` before the entropy (METHOD.md 5.6).
+- All logits are divided by ``temperature`` before the entropy (docs/method.md §5.6).
 - The KL between the two views is computed only when the selector needs it (``kl_shift``) or when
   ``compute_kl=True`` (one more pass of the response positions through the output head per draw).
 """
@@ -216,7 +216,7 @@ def max_positions(model) -> int:
 
 
 class PerceptionDetector:
-    """Runs the model passes of METHOD.md section 2 over batches of examples.
+    """Runs the model passes of docs/method.md §2 over batches of examples.
 
     Args:
         model, processor: a Qwen2.5-VL model (eval mode, on its device) and its processor.

@@ -11,7 +11,7 @@ answer word is an answer token, e.g. ``{red`` in ``\\boxed{red}``):
 - kind ``echoed``: overlaps an answer-bearing word that the question already contains (``red`` in
   "I see 2 red shapes" after "How many red shapes are there?"). Reported apart from ``visual``:
   an echoed word can shift almost as much without being read from the pixels
-  (../shared/notes/tiny-vlm.md, confounder 2). In ``further_left`` answers both colours are
+  (docs/detect.md, the evidence section). In ``further_left`` answers both colours are
   echoed, though their order is the visual decision.
 - kind ``format``: overlaps ``<think>``, ``</think>`` or ``\\boxed`` and no answer word.
 - kind ``other``: everything else (prose, punctuation, the end token).

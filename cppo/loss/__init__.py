@@ -5,14 +5,14 @@ Tensors in, ``(loss, metrics)`` out; no model or config object. Letters used in 
 B prompts, G group size, N = B * G responses, T response tokens, V vocabulary.
 
 Modules: ``entropy`` (per-token entropy, chunked entropy/log-prob/KL through the output head),
-``select`` (selectors and the per-response top-k rule, METHOD.md section 2), ``mask`` (selection
+``select`` (selectors and the per-response top-k rule, docs/method.md §2), ``mask`` (selection
 times a response gate), ``divergence``, ``agg``, ``cpl``, ``grpo``, ``papo``. ``cppo.detect`` and the
 trainer call these; nothing here imports them.
 
 Registries (one way, see ``cppo.registry``): ``SELECTORS``, ``DIVERGENCES``, ``AGGREGATIONS``,
 ``POLICY_LOSSES``, ``GATES``.
 
-Typical use (METHOD.md section 3)::
+Typical use (docs/method.md §3)::
 
     adv = group_advantages(rewards, G)                                          # (N,)
     pg, m1 = grpo_loss(old_logp, logp, adv, resp_mask, ref_logp, beta=0.01)

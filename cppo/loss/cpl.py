@@ -1,4 +1,4 @@
-"""The Contrastive Perception Loss (CPL), METHOD.md section 3.
+"""The Contrastive Perception Loss (CPL), docs/method.md §3.
 
 Letters: N responses, T response tokens, V vocabulary.
 
@@ -86,7 +86,7 @@ def contrastive_perception_loss(
     agg: str = "token-mean",
     response_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_CPL on sampled-token log-probs (METHOD.md section 3).
+    """L_CPL on sampled-token log-probs (docs/method.md §3).
 
     Args:
         anchor_logp: (N, T) a_t = log pi(o_t | I, x, o_<t), with grad; the same tensor as the PPO

@@ -1,6 +1,6 @@
 """Per-token entropy, and chunked entropy/log-prob/KL through the output head.
 
-METHOD.md section 2 (the entropies the selection ranks) and 5.8 (never all (N, T, V) logits at
+docs/method.md §2 (the entropies the selection ranks) and 5.8 (never all (N, T, V) logits at
 once). Pure tensor functions: the detector, the trainer (``cppo.scoring``) and ``cppo.loss`` all
 call these, so there is exactly one copy of each.
 
@@ -42,7 +42,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
     Args:
         logits: (..., V), any float dtype; the maths runs in float32 (float64 if given float64).
-        temperature: the rollout temperature (METHOD.md 5.6: divide in every pass).
+        temperature: the rollout temperature (docs/method.md §5.6: divide in every pass).
 
     Returns:
         (...) entropy, float32 (or float64). Differentiable; detach it yourself for selection.
@@ -107,7 +107,7 @@ def chunked_entropy_and_logprob(
     """Per-token entropy and log-prob of the target token from ONE pass through the output head.
 
     Never materialises all (N, T, V) logits: positions are processed ``chunk_size`` at a time, each
-    chunk's logits upcast to float32 and divided by ``temperature`` (METHOD.md 5.6, 5.8).
+    chunk's logits upcast to float32 and divided by ``temperature`` (docs/method.md §5.6, 5.8).
 
     Args:
         hidden: (N, T, D) last hidden states, or (N, T, V) logits when ``head`` is None.

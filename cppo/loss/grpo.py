@@ -1,6 +1,6 @@
 """The GRPO base: group advantages, PPO-clip policy losses, and the KL to a frozen reference.
 
-METHOD.md section 4. Letters: B prompts, G group size, N = B * G responses (the G rollouts of a
+docs/method.md §4. Letters: B prompts, G group size, N = B * G responses (the G rollouts of a
 prompt are adjacent), T response tokens.
 
 Calling convention of every registered policy loss (verl ``core_algos`` style)::
@@ -181,7 +181,7 @@ def grpo_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_PPO-clip + beta * L_KL(ref): the GRPO part of METHOD.md section 3's total loss.
+    """L_PPO-clip + beta * L_KL(ref): the GRPO part of docs/method.md §3's total loss.
 
     Shapes as in ``ppo_clip_loss``; ``ref_logp`` (N, T) or None (then no KL term, whatever beta).
     Metrics: the policy loss's, ``grpo/kl`` when a reference is given, and ``grpo/loss``.

@@ -1,6 +1,6 @@
 """The CPL token mask: the perception-token selection (``cppo.loss.select``) times a response gate.
 
-METHOD.md section 2, last line: m_t <- m_t * [A_i > 0]. Letters: N responses, T response tokens.
+docs/method.md §2, last line: m_t <- m_t * [A_i > 0]. Letters: N responses, T response tokens.
 
 Calling convention of every registered gate::
 
@@ -14,7 +14,7 @@ Calling convention of every registered gate::
 
 Responses whose gate is 0 contribute exactly nothing to CPL, so a trainer may call
 ``gate_responses`` first and run the I+ / I- passes only for the responses that pass
-(METHOD.md 5.7); the loss is unchanged.
+(docs/method.md §5.7); the loss is unchanged.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def perception_mask(
     kl: torch.Tensor | None = None,
     max_reward: float = 1.0,
 ) -> torch.Tensor:
-    """m_t of METHOD.md section 2: the selected perception tokens of the responses that pass the gate.
+    """m_t of docs/method.md §2: the selected perception tokens of the responses that pass the gate.
 
     Args:
         entropy: (N, T) H_t(I) (detached here).

@@ -1,6 +1,6 @@
 """The selection of perception tokens: selectors, the per-response top-k rule, the token mask.
 
-METHOD.md section 2. Pure tensor functions: the detector, the trainer and ``cppo.loss.mask`` all
+docs/method.md §2. Pure tensor functions: the detector, the trainer and ``cppo.loss.mask`` all
 call these, so there is exactly one copy of the selection rule. The entropies and the per-token KL
 they rank come from ``cppo.loss.entropy``.
 
@@ -17,7 +17,7 @@ at the threshold included (so more than k tokens can be chosen when scores tie),
         -> (score (N, T) float, candidates (N, T) bool)
 
 A selector raises ``ValueError`` if an input it needs is None. The response mask is ANDed onto the
-candidates by ``select_perception_tokens`` itself, so no selector can forget it (METHOD.md 5.1).
+candidates by ``select_perception_tokens`` itself, so no selector can forget it (docs/method.md §5.1).
 
 - ``relative`` (paper default, as the official code): r = relu(dH) / (H(I-) + 1e-6), C = {dH > 0}
 - ``raw``: dH = H(I-) - H(I), C = {dH > 0}
@@ -113,7 +113,7 @@ def select_perception_tokens(
     score: str = "relative",
     kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The perception-token mask of METHOD.md section 2 (before the advantage gate).
+    """The perception-token mask of docs/method.md §2 (before the advantage gate).
 
     Args:
         entropy: (N, T) H_t(I), entropy under the original image (detached here).

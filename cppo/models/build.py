@@ -29,7 +29,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class TinyVLMConfig:
-    """Sizes of a tiny Qwen2.5-VL. Defaults: the 0.8 M-parameter model of notes/tiny-vlm.md."""
+    """Sizes of a tiny Qwen2.5-VL. Defaults: the 0.72 M-parameter model of docs/models.md."""
 
     hidden_size: int = field(default=128, metadata={"help": "text decoder width"})
     num_layers: int = field(default=2, metadata={"help": "text decoder layers"})

@@ -68,7 +68,7 @@ def render_card(model_dir: Path) -> str:
 
 The default model of `cppo-detect` and `cppo-train` when no model is given
 (`cppo.models.demo_model_path()`). It is a real `Qwen2_5_VLForConditionalGeneration` at CPU size,
-trained only to answer the shapes task (`cppo.toy`) in the METHOD.md §4 format:
+trained only to answer the shapes task (`cppo.toy`) in the docs/method.md §4 format:
 `<think>one sentence naming what it sees</think> \\boxed{{answer}}`. It looks at its image, but
 imperfectly, so RL has room to improve it. It knows nothing else.
 

@@ -2,7 +2,7 @@
 
     python -m cppo.models.evaluate --model cppo/assets/demo-model --split test --n 400 [--out eval.json]
 
-Greedy decoding, METHOD.md §4 prompt, graded by `cppo.grading.grade`. Items are the split's first
+Greedy decoding, docs/method.md §4 prompt, graded by `cppo.grading.grade`. Items are the split's first
 `n` (the ones `export_shapes_dataset(seed=...)` writes). Also reported: accuracy with every image
 replaced by a blank one of the background colour, a check that the model looks: a model whose
 answers do not change without the image has learned no perception.

@@ -5,7 +5,7 @@ the model and every command depend on: the `Qwen2Tokenizer` class with Qwen's pr
 (digits split one by one, byte-level fallback, so any text still encodes), the 14 special tokens
 placed after the BPE vocabulary as in Qwen, `<|im_end|>` as end of turn, `<|endoftext|>` as
 padding, and the official chat template. It departs in the vocabulary only: a few hundred merges
-learned with the `tokenizers` library from a fixed corpus of the task's text (the METHOD.md
+learned with the `tokenizers` library from a fixed corpus of the task's text (the docs/method.md
 instruction, questions, reasoning, answers), so a colour word or a number is one token, as it is in
 the real vocabulary, and prompts stay short enough for CPU training.
 """

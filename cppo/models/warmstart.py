@@ -3,10 +3,10 @@
     python -m cppo.models.warmstart --out cppo/assets/demo-model --steps 3000 --seed 0
 
 Every step draws a fresh batch of shapes items (no epochs, no overfitting to a fixed set) and
-teacher-forces the METHOD.md §4 answer `<think>one sentence naming what decides it</think>
+teacher-forces the docs/method.md §4 answer `<think>one sentence naming what decides it</think>
 \\boxed{answer}<|im_end|>` after the §4 prompt, with cross-entropy on the response tokens only.
 AdamW (betas 0.9/0.98, weight decay on matrices only), gradient clip 1.0, linear warmup then
-cosine to 10 % of the peak learning rate, as measured in notes/tiny-vlm.md (lr 6e-4 learns to
+cosine to 10 % of the peak learning rate, as measured in docs/models.md (lr 6e-4 learns to
 look; 2e-3 gives a blind model).
 
 The live check that the model looks: the loss of the best image-blind predictor (the entropy of

@@ -1,4 +1,4 @@
-"""Information-preserving (I+) and information-removing (I-) views of an image (METHOD.md §1).
+"""Information-preserving (I+) and information-removing (I-) views of an image (docs/method.md §1).
 
     from cppo.perturb import get_preset, get_perturbation, list_perturbations
     pos, neg, record = get_preset("paper").draw(image, seed=0)

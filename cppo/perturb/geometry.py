@@ -53,7 +53,7 @@ def _too_small(shape) -> bool:
 @register_perturbation
 @dataclass(frozen=True)
 class RandomPerspective(Perturbation):
-    """Paper (METHOD.md §1): torchvision-style random perspective, distortion scale 0.2, p = 0.5.
+    """Paper (docs/method.md §1): torchvision-style random perspective, distortion scale 0.2, p = 0.5.
 
     Each corner moves inward by U(0, d/2)·W horizontally and U(0, d/2)·H vertically, as in
     torchvision's `RandomPerspective` (which draws whole pixels; here the offsets are continuous
@@ -102,7 +102,7 @@ class RandomPerspective(Perturbation):
 @register_perturbation
 @dataclass(frozen=True)
 class Rotate(Perturbation):
-    """Paper (METHOD.md §1): rotation by U(-10°, 10°) about the centre, same canvas, black fill.
+    """Paper (docs/method.md §1): rotation by U(-10°, 10°) about the centre, same canvas, black fill.
 
     Positive angles turn the picture counter-clockwise (torchvision's and OpenCV's convention).
     """
@@ -173,7 +173,7 @@ class TranslateScale(Perturbation):
 @register_perturbation
 @dataclass(frozen=True)
 class ZoomCrop(Perturbation):
-    """Paper (METHOD.md §1): crop s·W × s·H at a random corner, s ~ U(0.6, 0.7), resize back (bilinear).
+    """Paper (docs/method.md §1): crop s·W × s·H at a random corner, s ~ U(0.6, 0.7), resize back (bilinear).
 
     Crop sides are rounded to whole pixels (at least 1). numpy: OpenCV bilinear through
     albumentations' `resize`; tensor: kornia `resize` (bilinear, half-pixel centres like OpenCV).

@@ -48,11 +48,11 @@ def _border_t(x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 3, n) bor
 class Occlusion(Perturbation):
     """Random boxes pasted over the image, overlaps allowed.
 
-    Paper (METHOD.md §1, `occlusion_noise`): 50 boxes of uniform random RGB noise, width
+    Paper (docs/method.md §1, `occlusion_noise`): 50 boxes of uniform random RGB noise, width
     U(0.05, 0.15)·W, height U(0.05, 0.15)·H, uniform position (≈ 39 % of the area covered).
     `mean` and `background` fills (not in the paper) paste the image's per-channel mean colour or
     the lower median of its 1-pixel border: occluders that look like the data, so a model's
-    reaction measures lost content rather than surprise at noise (../shared/notes/tiny-vlm.md).
+    reaction measures lost content rather than surprise at noise (docs/perturbations.md).
     Box corners are floored and sides rounded to whole pixels (at least 1 px).
     """
 

@@ -45,7 +45,7 @@ class Identity(Perturbation):
 @register_perturbation
 @dataclass(frozen=True)
 class ColorJitter(Perturbation):
-    """Paper (METHOD.md §1): brightness, contrast and saturation factors in a random order, hue untouched.
+    """Paper (docs/method.md §1): brightness, contrast and saturation factors in random order, hue untouched.
 
     torchvision semantics on both paths: brightness multiplies, contrast blends with the mean
     grey level, saturation blends with the greyscale image (albumentations `ColorJitter.apply`;

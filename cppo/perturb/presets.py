@@ -186,7 +186,7 @@ register_preset(
         "paper",
         ("color_jitter", "perspective", "rotate"),
         ("occlusion_noise", "zoom_crop"),
-        "CPPO's reference views, exactly as METHOD.md §1",
+        "CPPO's reference views, exactly as docs/method.md §1",
     )
 )
 register_preset(
@@ -202,7 +202,7 @@ register_preset(
         "in_distribution",
         ("gaussian_blur", "jpeg", "translate_scale", "gaussian_noise"),
         ("occlusion_mean", "occlusion_background", "grey_fill"),
-        "mild views and occluders that look like the data (../shared/notes/tiny-vlm.md): "
+        "mild views and occluders that look like the data (docs/perturbations.md): "
         "keeps the entropy-shift probe about lost content, not surprise at noise",
     )
 )

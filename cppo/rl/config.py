@@ -8,7 +8,7 @@ a flag (``group_size`` -> ``--group-size 8``; booleans as ``--x/--no-x``; lists 
 ``TrainConfig.save(path)`` writes the resolved config a run can be restarted from.
 
 Defaults are sized for the no-argument demo (the bundled tiny model on the shapes task, a few
-minutes on CPU); each help text gives the paper's value where it differs (METHOD.md §4: 512 prompts
+minutes on CPU); each help text gives the paper's value where it differs (docs/method.md §4: 512 prompts
 x G=5, 8 updates per step, lr 1e-6, 4096 new tokens). Batch sizes below the step are counted in
 rollouts (as TRL's ``per_device_train_batch_size``), not prompts (as verl's mini-batch), so one
 number means the same thing for the mini- and the micro-batch.

@@ -29,8 +29,8 @@ unreadable / corrupt image    skipped and counted (header and ``verify()`` check
 decompression bomb            skipped and counted (Pillow's ``MAX_IMAGE_PIXELS`` is kept, its
                               warning is an error)
 aspect ratio > 200            skipped and counted (Qwen2.5-VL's processor rejects it)
-text-only sample              KEPT with ``images == []``: the loop skips CPL for it (METHOD.md §5.9)
-multi-image sample            KEPT with every image: each image gets its own views (METHOD.md §5.9)
+text-only sample              KEPT with ``images == []``: the loop skips CPL for it (docs/method.md §5.9)
+multi-image sample            KEPT with every image: each image gets its own views (docs/method.md §5.9)
 no usable sample at all       error with the skip counts
 ============================  =====================================================================
 
@@ -39,7 +39,7 @@ held-out split beside the training data.
 
 The sampler draws B prompts per step from a per-epoch permutation fixed by (seed, epoch); a step
 that crosses an epoch boundary finishes the old epoch and starts the next, so every sample is seen
-once per epoch. Each draw carries a view seed derived from (seed, epoch, index) alone (METHOD.md §1:
+once per epoch. Each draw carries a view seed derived from (seed, epoch, index) alone (docs/method.md §1:
 one I+ and one I- per prompt, shared by its group), so a resumed run or another process draws the
 same views for the same sample.
 """

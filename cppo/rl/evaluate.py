@@ -4,7 +4,7 @@ Each question is answered K times; its accuracy is the mean of the K grades and 
 of that over questions (so every question weighs the same, whatever K). pass@K (at least one of
 the K correct) comes along for free. Grading is the training reward's (``cppo.grading.grade``:
 the last ``\\boxed{}`` with math-aware equivalence; format = think tags then a boxed answer), with
-the METHOD.md §4 prompt (``cppo.models.encode_prompts``).
+the docs/method.md §4 prompt (``cppo.models.encode_prompts``).
 
 Temperature ``None`` means greedy for K = 1 and temperature 1.0 (the rollout temperature) for
 K > 1; K > 1 at temperature 0 is refused, since it would average K copies of one greedy answer.

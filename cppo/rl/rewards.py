@@ -4,7 +4,7 @@ Calling convention of every reward: ``fn(response: str, answer: str, sample: dic
 ``sample`` is ``cppo.rl.data.Sample.to_dict()`` (question, answer, question_type, images, source and
 the dataset's extra columns).
 
-Built in (METHOD.md §4): ``accuracy`` grades the last ``\\boxed{...}`` against the truth with
+Built in (docs/method.md §4): ``accuracy`` grades the last ``\\boxed{...}`` against the truth with
 ``cppo.grading`` (numbers, fractions, LaTeX through math-verify, option letters) and ``format``
 checks ``<think>...</think>...\\boxed{...}``; the default total is 0.9 accuracy + 0.1 format.
 

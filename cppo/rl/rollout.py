@@ -1,6 +1,6 @@
 """Rollouts: views, G samples per prompt, rewards and group advantages for one step.
 
-METHOD.md §1 and §4. Each prompt gets ONE preserving view I+ and ONE removing view I- from the
+docs/method.md §1 and §4. Each prompt gets ONE preserving view I+ and ONE removing view I- from the
 preset, drawn from the sample's own seed (so a resumed or re-sharded run draws the same views), and
 shared by its G rollouts and by every update of the step. A multi-image prompt has each of its
 images perturbed (seed + image index); a text-only prompt has no views and no CPL (§5.9).

@@ -51,7 +51,7 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
         resume_from if full_resume else base, device, param_dtype(cfg, device)
     )
     ref = None
-    if cfg.beta > 0:  # a frozen copy of the starting policy (METHOD.md §3: k3 to a frozen reference)
+    if cfg.beta > 0:  # a frozen copy of the starting policy (docs/method.md §3: k3 to a frozen reference)
         ref = (
             load_model_and_processor(base, device, param_dtype(cfg, device))[0]
             if full_resume

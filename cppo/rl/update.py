@@ -1,4 +1,4 @@
-"""The policy update of one step: PPO-clip + beta·KL(ref) + lambda·CPL (METHOD.md §3), or PAPO.
+"""The policy update of one step: PPO-clip + beta·KL(ref) + lambda·CPL (docs/method.md §3), or PAPO.
 
 For each mini-batch of rows, for each micro-batch:
   1. anchor pass on I: log-probs (with grad) and entropies (detached) from one pass;
@@ -6,7 +6,7 @@ For each mini-batch of rows, for each micro-batch:
   3. CPPO: the gate (A > 0 by default) picks the rows that may carry CPL; only those rows get the
      I- pass (log-probs for the loss, entropies for the selection), and only rows with at least one
      selected token get the I+ pass. A row outside that set contributes exactly 0 to L_CPL, so its
-     passes are skipped without changing the loss (METHOD.md §5.7). `skip_views=False` runs every
+     passes are skipped without changing the loss (docs/method.md §5.7). `skip_views=False` runs every
      pass on every row, as the official code does, for tests and benchmarks; `full_logits=True`
      also scores every pass as the official code does (all positions through the head, all
      (n, T, V) logits in float32 at once: cppo.scoring), for benchmarks;
@@ -162,7 +162,7 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits=Fal
         ent_neg, logp_neg = _stats(
             model, ro, view_rows, cfg, view="negative", full_logits=full_logits
         )  # (v, T)
-    # METHOD.md §2: the top fraction of positively shifted tokens per response, then the gate (which
+    # docs/method.md §2: the top fraction of positively shifted tokens per response, then the gate (which
     # already holds "has an image"), computed once above.
     sel = select_perception_tokens(
         entropy[local], ent_neg, mask[local], top_percent=cfg.top_percent, score=cfg.selector

@@ -208,7 +208,7 @@ def make_item(
 
 
 def target_response(item: ShapesItem) -> str:
-    """The warm-start target: METHOD.md §4's format with one sentence naming what decides the answer."""
+    """The warm-start target: docs/method.md §4's format with one sentence naming what decides the answer."""
     return f"<think>{item.reasoning}</think> \\boxed{{{item.answer}}}"
 
 
