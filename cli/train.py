@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-config" in argv:
         print(cfg.to_yaml(), end="")
         return 0
-    from cppo.rl.checkpoint import RunDirError, RunInterrupted
+    from cppo.rl.checkpoint import RunDirError
     from cppo.rl.data import DataError
     from cppo.rl.loop import BadStepsError, train
+    from cppo.rl.signals import RunInterrupted
 
     try:
         run_dir = train(cfg)

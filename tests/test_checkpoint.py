@@ -1,49 +1,23 @@
-"""cppo.rl.checkpoint: RNG round trip, atomic save/load of a tiny model, pruning, failed saves."""
+"""cppo.rl.checkpoint: atomic save/load of a tiny model, pruning, failed saves."""
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from cppo.models import load_model_and_processor
 from cppo.rl.checkpoint import (
     RunDirError,
-    capture_rng,
     check_writable,
     latest_checkpoint,
     load_trainer_state,
-    restore_rng,
     save_checkpoint,
 )
 from tests.helpers import shapes_batch, tiny_model_and_processor
-
-
-def _draws():
-    return (
-        [random.random() for _ in range(3)] + [random.gauss(0, 1)],
-        np.random.rand(3).tolist() + [np.random.normal()],  # noqa: NPY002 (the global generator is the point)
-        torch.rand(3).tolist() + torch.randn(1).tolist(),
-    )
-
-
-def test_rng_restore_reproduces_the_next_draws_through_weights_only(tmp_path):
-    random.seed(1)
-    np.random.seed(2)  # noqa: NPY002
-    torch.manual_seed(3)
-    random.gauss(0, 1)  # leaves a cached Gaussian in both Python's and numpy's state
-    np.random.normal()  # noqa: NPY002
-    state = capture_rng()
-    torch.save(state, tmp_path / "rng.pt")
-    expected = _draws()
-    _draws()  # move every generator on
-    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert _draws() == expected
 
 
 def _tiny_training_state():
@@ -58,7 +32,7 @@ def _tiny_training_state():
 
 
 def _save(run_dir, step, model, processor, opt=None, sched=None, keep_last=2, **extra):
-    state = {"step": step, "sampler": {"epoch": 0, "offset": step}, "rng": capture_rng(), **extra}
+    state = {"step": step, "sampler": {"epoch": 0, "offset": step}, **extra}
     return save_checkpoint(run_dir, step, model, processor, opt, sched, state, keep_last=keep_last)
 
 

@@ -12,7 +12,7 @@ CPPO only adds the views (cppo/rl/rollout.py) and the loss term; GRPO and PAPO a
 Departures from the official code, on purpose:
 - old log-probs are not recomputed when a step makes one optimizer update (on-policy: they equal
   the anchor's detached log-probs exactly), which saves a full forward pass per step;
-- the I+/I- passes run only on rows that can carry CPL (docs/method.md §5.7), and the output head only on
+- the I+/I- passes run only on rows that can carry CPL (METHOD.md §5.7), and the output head only on
   response positions, in chunks (§5.8);
 - processes share gradients by an explicit all-reduce of their sum after each mini-batch rather
   than a DDP wrapper, because a CPPO micro-batch makes up to three forward passes of the same
@@ -20,8 +20,7 @@ Departures from the official code, on purpose:
 
 Faults (docs/reliability.md has the table of what was tried):
 - every process reseeds Python, numpy and torch from (seed, step, rank) at the start of each step,
-  so a resumed run draws what the uninterrupted one drew on every rank without per-rank RNG files
-  (the checkpoint's RNG capture is rank 0's, kept for inspection);
+  so a resumed run draws what the uninterrupted one drew on every rank without saving any RNG state;
 - SIGTERM / SIGINT: during the rollout of a single-process run the step is abandoned (nothing has
   touched the weights yet); otherwise the step finishes. Either way the last completed step is
   checkpointed and the run raises RunInterrupted (cppo-train exits 128 + signal: 143 / 130). A
@@ -43,17 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from cppo.rl.atomic import atomic_write
 from cppo.rl.checkpoint import (
-    AbortStep,
-    StopSignals,
-    capture_rng,
     check_writable,
     checkpoint_dir,
     checkpoint_step,
-    data_fingerprint,
     latest_checkpoint,
-    restore_rng,
-    resume_point,
     save_checkpoint,
     write_best,
 )
@@ -69,6 +63,7 @@ from cppo.rl.fsdp import (
     load_full_optimizer_state,
     shard_policy,
 )
+from cppo.rl.resume import data_fingerprint, gpu_count, resume_point
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.runlog import RunLogger, plot_curves
@@ -80,6 +75,7 @@ from cppo.rl.setup import (
     seed_everything,
     views_preset,
 )
+from cppo.rl.signals import AbortStep, StopSignals
 from cppo.rl.steplog import (
     Progress,
     bad_steps_message,
@@ -155,7 +151,7 @@ def run_training(cfg: TrainConfig):
     if state is not None:
         start = _resume(ckpt, state, model, optimizer, scheduler, sampler, guard, logger, cfg)
     if rank == 0:  # the resolved config of the run as it goes on (a resume may change safe fields)
-        _write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write(run_dir / "config.yaml", cfg.to_yaml())
 
     def save(step: int, sampler_state: dict) -> Path | None:
         full = {}
@@ -169,7 +165,7 @@ def run_training(cfg: TrainConfig):
         trainer = {
             "step": step,
             "sampler": sampler_state,
-            "rng": capture_rng(),
+            "gpus": gpu_count(),  # a resume must see as many (cppo.rl.resume.check_gpu_count)
             "config": cfg.to_dict(),
             "data_fingerprint": fingerprint,
             "guard": dict(guard),
@@ -319,7 +315,6 @@ def _resume(ckpt: Path, state: dict, model, optimizer, scheduler, sampler, guard
         print("[cppo] the data order cannot continue (forced resume): starting a new epoch", file=sys.stderr)
         sampler.epoch, sampler.offset = int(state["sampler"]["epoch"]) + 1, 0
     guard.update(state.get("guard", {}))
-    restore_rng(state["rng"])  # rank 0's; each step reseeds from (seed, step, rank) anyway
     step = int(state["step"])
     logger.truncate_after(step)
     saved_max = state.get("config", {}).get("max_steps", cfg.max_steps)
@@ -335,9 +330,3 @@ def _resume(ckpt: Path, state: dict, model, optimizer, scheduler, sampler, guard
 
 def _keyed_by_name(optimizer_state: dict) -> bool:
     return any(isinstance(k, str) for k in optimizer_state.get("state", {}))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

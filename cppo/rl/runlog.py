@@ -25,6 +25,8 @@ import math
 import os
 from pathlib import Path
 
+from cppo.rl.atomic import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
 REWARD_ERRORS_FILE = "reward_errors.jsonl"
@@ -41,15 +43,6 @@ def _plain(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that a rename or a new file in it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
@@ -88,13 +81,7 @@ def _rewrite_keeping(path: Path, max_step: int) -> None:
         kept = [
             line for line in f if line.endswith("\n") and (s := _step_of(line)) is not None and s <= max_step
         ]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, "".join(kept))
 
 
 class RunLogger:
@@ -275,10 +262,5 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path:
             )
     fig.suptitle(metrics_path.parent.name or str(metrics_path))
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    with open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_png)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return out_png

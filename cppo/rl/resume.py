@@ -1,0 +1,139 @@
+"""Where a run resumes and whether it may: `resume_point`, `config_changes`, `data_fingerprint`.
+
+`resume_point(cfg, run_dir, data_fingerprint(dataset), rank)` picks the checkpoint (`--resume
+auto`: the latest complete one) and refuses, with one line listing why,
+
+- a checkpoint that is incomplete or unreadable with `weights_only`;
+- a config that changed a field not marked `resume_safe` in `TrainConfig` (run length, logging,
+  saving, evaluation, compute layout may change: `cppo.rl.config.resume_safe_fields`);
+- data whose samples changed;
+- abandoning newer checkpoints of the same run,
+
+unless `force_resume` (which then deletes those newer checkpoints, so that a later `--resume auto`
+cannot pick the abandoned branch). A checkpoint written by a process that saw another number of
+GPUs than this one is refused even when forced (`gpu_count`, stored in the trainer state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from cppo.rl.checkpoint import (
+    checkpoint_problem,
+    incomplete_checkpoints,
+    latest_checkpoint,
+    load_trainer_state,
+    newer_checkpoints,
+)
+from cppo.rl.config import ConfigError, resume_safe_fields
+
+
+def data_fingerprint(dataset) -> str:
+    """A hash of the samples' questions, answers, types and image references, in order."""
+    h = hashlib.sha256()
+    for r in dataset.records:
+        images = [i if isinstance(i, str) else type(i).__name__ for i in r.images]
+        h.update(json.dumps([r.question, r.answer, r.question_type, images], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def gpu_count() -> int:
+    """The GPUs this process sees once it uses CUDA (0 before, or without CUDA): the trainer state
+    records it, and a resume must see as many."""
+    return torch.cuda.device_count() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+
+
+def _saved_gpu_count(state: dict) -> int:
+    if "gpus" in state:
+        return int(state["gpus"])
+    return len(state.get("rng", {}).get("cuda", ()))  # a checkpoint that stored its CUDA RNG states
+
+
+def check_gpu_count(ckpt: Path, state: dict) -> None:
+    """Refuse (ConfigError) a checkpoint saved by a process that saw another number of GPUs than
+    this one sees (only when both used CUDA)."""
+    saved = _saved_gpu_count(state)
+    if saved and torch.cuda.is_available() and saved != torch.cuda.device_count():
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was written by a process that saw {saved} GPUs, this one "
+            f"sees {torch.cuda.device_count()}: resume with the same CUDA_VISIBLE_DEVICES"
+        )
+
+
+def config_changes(saved: dict, current: dict, safe: frozenset[str] | None = None) -> list[str]:
+    """`["group_size 2 -> 3", ...]`: fields in both configs, outside `safe` (default: the fields
+    marked resume_safe), whose values differ. A field only one side has (a config from another
+    version) is not compared."""
+    safe = resume_safe_fields() if safe is None else safe
+    changes = []
+    for key in saved:
+        if key in current and key not in safe and _norm(saved[key]) != _norm(current[key]):
+            changes.append(f"{key} {saved[key]!r} -> {current[key]!r}")
+    return changes
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resume_point(cfg, run_dir: Path, fingerprint: str, rank: int = 0):
+    """(checkpoint, its trainer state) to resume from, or (None, None); refuses (ConfigError) an
+    incomplete checkpoint, a changed config or data, and abandoning newer checkpoints, unless forced."""
+    if not cfg.resume:
+        return None, None
+    if cfg.resume == "auto":
+        if rank == 0:
+            for path, problem in incomplete_checkpoints(run_dir):
+                print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            if rank == 0:
+                print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
+            return None, None
+    else:
+        ckpt = Path(cfg.resume)
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise ConfigError(
+                f"cannot resume from {ckpt}: {problem}; give a complete checkpoint or --resume auto"
+            )
+    try:
+        state = load_trainer_state(ckpt)  # weights_only: never runs code from the checkpoint
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot read {ckpt / 'trainer_state.pt'} with torch.load(weights_only=True) ({first}); "
+            "nothing in it was executed. It was not written by cppo-train or was altered: resume from "
+            "another checkpoint"
+        ) from None
+    check_gpu_count(ckpt, state)
+    step = int(state["step"])
+    changes = config_changes(state.get("config", {}), cfg.to_dict())
+    if state.get("data_fingerprint", fingerprint) != fingerprint:
+        changes.append("data contents (the samples differ from the checkpoint's)")
+    newer = (
+        newer_checkpoints(run_dir, step)
+        if ckpt.resolve().parent == (run_dir / "checkpoints").resolve()
+        else []
+    )
+    if newer:
+        changes.append(
+            f"abandons newer checkpoints {', '.join(p.name for p in newer)} (--force-resume deletes them)"
+        )
+    if changes and not cfg.force_resume:
+        raise ConfigError(
+            f"refusing to resume from {ckpt}: {'; '.join(changes)}. Restore these settings, use a new "
+            "--output-dir, or pass --force-resume"
+        )
+    if changes and rank == 0:
+        print(f"[cppo] --force-resume from {ckpt} despite: {'; '.join(changes)}", file=sys.stderr)
+    if rank == 0:
+        for path in newer:  # so that a later --resume auto cannot pick the abandoned branch
+            shutil.rmtree(path)
+    return ckpt, state
