@@ -12,7 +12,7 @@ CPPO only adds the views (cppo/rl/rollout.py) and the loss term; GRPO and PAPO a
 Departures from the official code, on purpose:
 - old log-probs are not recomputed when a step makes one optimizer update (on-policy: they equal
   the anchor's detached log-probs exactly), which saves a full forward pass per step;
-- the I+/I- passes run only on rows that can carry CPL (METHOD.md §5.7), and the output head only on
+- the I+/I- passes run only on rows that can carry CPL (docs/method.md §5.7), and the output head only on
   response positions, in chunks (§5.8);
 - processes share gradients by an explicit all-reduce of their sum after each mini-batch rather
   than a DDP wrapper, because a CPPO micro-batch makes up to three forward passes of the same
