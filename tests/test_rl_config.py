@@ -4,7 +4,7 @@ import re
 import pytest
 
 from cli.train import main
-from cppo.rl.config import ALGOS, ConfigError, TrainConfig, build_parser, parse_args
+from cppo.rl.config import ALGOS, ConfigError, TrainConfig, build_parser, check_launch, parse_args
 
 
 def test_defaults_are_valid_and_match_the_paper_where_the_demo_allows():
@@ -181,3 +181,45 @@ def test_cli_main_exit_codes(capsys):
     assert main(["--print-config", "--algo", "grpo"]) == 0
     out = capsys.readouterr().out
     assert "algo: grpo\n" in out and "group_size: 5\n" in out
+
+
+def test_unknown_flag_names_the_closest_one_and_exits_2(capsys):
+    with pytest.raises(ConfigError, match="flags: unknown flag '--grop-size'; did you mean --group-size"):
+        parse_args(["--grop-size", "4"])
+    assert main(["--max-stesp", "3"]) == 2
+    assert "did you mean --max-steps?" in capsys.readouterr().err
+
+
+def test_every_boolean_has_a_no_form_and_underscore_flags_are_accepted():
+    cfg = parse_args(["--seed-per-prompt", "--no-tensorboard", "--keep_best", "false", "--group_size", "4"])
+    assert (cfg.seed_per_prompt, cfg.tensorboard, cfg.keep_best, cfg.group_size) == (True, False, False, 4)
+    for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, bool):
+            assert getattr(parse_args(["--no-" + f.name.replace("_", "-")]), f.name) is False
+
+
+def test_validate_changes_nothing():
+    cfg = TrainConfig()
+    cfg.rollouts_per_step = 12
+    before = cfg.to_dict()
+    with pytest.raises(ConfigError, match="batch of 12 rollouts is not divisible by group size 5"):
+        cfg.validate()
+    assert cfg.to_dict() == before
+
+
+def test_reward_names_are_checked():
+    with pytest.raises(ConfigError, match="rewards: unknown reward 'acuracy'; valid: accuracy, format"):
+        TrainConfig(rewards=["acuracy", "format"])
+    with pytest.raises(ConfigError, match=r"reward names must be distinct, got \['accuracy', 'accuracy'\]"):
+        TrainConfig(rewards=["accuracy", "mod.py:accuracy"])
+
+
+def test_check_launch_lists_what_the_loop_cannot_run():
+    check_launch(TrainConfig(), world=2)
+    with pytest.raises(ConfigError, match="8 prompts per step cannot be shared by 3 processes"):
+        check_launch(TrainConfig(), world=3)
+    with pytest.raises(ConfigError, match="LoRA is not supported with FSDP"):
+        check_launch(TrainConfig(lora_r=8), sharded=True)
+    with pytest.raises(ConfigError) as e:
+        check_launch(TrainConfig(cpl_divergence="full", selector="kl_shift"))
+    assert "set --cpl-divergence k3" in str(e.value) and "set --selector relative" in str(e.value)

@@ -2,10 +2,13 @@
 
 Letters: B prompts per step, G rollouts per prompt (the group), N = B·G rollouts per step.
 
-Precedence, lowest first: the dataclass defaults, ``--config FILE.yaml``, then flags. Every field is
-a flag (``group_size`` -> ``--group-size 8``; booleans as ``--x/--no-x``; lists take several values;
-``none`` sets an optional field to None). ``parse_args(argv)`` returns a validated ``TrainConfig``;
-``TrainConfig.save(path)`` writes the resolved config a run can be restarted from.
+Precedence, lowest first: the dataclass defaults, ``--config FILE.yaml``, then flags. transformers'
+``HfArgumentParser`` makes a flag of every field (``group_size`` -> ``--group-size 8`` or
+``--group_size 8``; booleans as ``--x``, ``--x false`` or ``--no-x``; lists take several values;
+``none`` sets an optional field to None); as in TRL's ``TrlParser``, the file's values become the
+parser's defaults, so flags override them. ``parse_args(argv)`` returns a validated ``TrainConfig``;
+``TrainConfig.save(path)`` writes the resolved config a run can be restarted from. The checks that
+need the launch (process count, FSDP) are ``check_launch``, called by the training loop.
 
 Defaults are sized for the no-argument demo (the bundled tiny model on the shapes task, a few
 minutes on CPU); each help text gives the paper's value where it differs (docs/method.md §4: 512 prompts
@@ -20,12 +23,15 @@ import argparse
 import dataclasses
 import difflib
 import math
-import types
+import sys
 import typing
+from argparse import ArgumentError, ArgumentTypeError
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from transformers.hf_argparser import HfArgumentParser, string_to_bool
 
 ALGOS = ("grpo", "cppo", "papo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -220,6 +226,7 @@ class TrainConfig:
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed", resume_safe=True)
 
     def __post_init__(self):
+        normalise(self)
         self.validate()
 
     @property
@@ -228,16 +235,9 @@ class TrainConfig:
         return self.prompts_per_step * self.group_size
 
     def validate(self) -> None:
-        """Raise ConfigError listing every problem, each with what to change."""
-        if self.rollouts_per_step is not None:
-            n, g = self.rollouts_per_step, self.group_size
-            if g >= 1 and (n < g or n % g):
-                raise ConfigError(
-                    f"batch of {n} rollouts is not divisible by group size {g}: set "
-                    f"--rollouts-per-step to a multiple of {g} (e.g. {max(1, n // g) * g})"
-                )
-            self.prompts_per_step, self.rollouts_per_step = n // max(g, 1), None
-        errors = []
+        """Raise ConfigError listing every problem, each with what to change. It changes nothing and
+        writes nothing (a preset given as a .yaml path is read to check it)."""
+        errors = [problem] if (problem := _rollouts_problem(self)) else []
         for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -320,7 +320,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
-        return cls(**_coerce_all(values, source))
+        """A config from a mapping of field -> value, checked as flags are (ConfigError names `source`)."""
+        parser = build_parser()
+        parser.set_defaults(**parser.file_values(values, source))
+        return parser.parse_args_into_dataclasses([], look_for_args_file=False)[0]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -355,7 +358,68 @@ def _registry_errors(cfg: TrainConfig) -> list[str]:
             get(getattr(cfg, name))
         except ValueError as e:
             errors.append(f"{name}: {e}" + (", full" if name == "cpl_divergence" else ""))
+    from cppo.rl.rewards import get_reward, reward_name
+
+    names = [reward_name(spec) for spec in cfg.rewards]
+    for spec, name in zip(cfg.rewards, names):
+        if spec == name:  # a registered name; a user function (module:function) is imported by the run
+            try:
+                get_reward(spec)
+            except ValueError as e:
+                errors.append(f"rewards: {e}")
+    if len(set(names)) != len(names):
+        errors.append(f"reward names must be distinct, got {names}")
     return errors
+
+
+def normalise(cfg: TrainConfig) -> None:
+    """The one step that changes a config's values, run as it is built: betas as a tuple, and N
+    (rollouts_per_step) turned into B (prompts_per_step), the one number the rest of the code reads."""
+    if isinstance(cfg.betas, list):
+        cfg.betas = tuple(cfg.betas)
+    if cfg.rollouts_per_step is not None:
+        if problem := _rollouts_problem(cfg):
+            raise ConfigError(problem)
+        cfg.prompts_per_step = cfg.rollouts_per_step // max(cfg.group_size, 1)
+        cfg.rollouts_per_step = None
+
+
+def _rollouts_problem(cfg: TrainConfig) -> str | None:
+    n, g = cfg.rollouts_per_step, cfg.group_size
+    if n is not None and g >= 1 and (n < g or n % g):
+        return (
+            f"batch of {n} rollouts is not divisible by group size {g}: set "
+            f"--rollouts-per-step to a multiple of {g} (e.g. {max(1, n // g) * g})"
+        )
+    return None
+
+
+def check_launch(cfg: TrainConfig, world: int = 1, sharded: bool = False) -> None:
+    """What cppo-train's loop needs beyond a valid config, checked before any model loads: the
+    process count and FSDP (``sharded``) of this launch, and the options of cppo.loss / cppo.detect that
+    the loop does not wire in (they need the views' hidden states, which the loop does not keep)."""
+    errors = []
+    if cfg.prompts_per_step % world:
+        errors.append(
+            f"{cfg.prompts_per_step} prompts per step cannot be shared by {world} processes: set "
+            f"--prompts-per-step to a multiple of {world}"
+        )
+    if sharded and cfg.lora_r:
+        errors.append("LoRA is not supported with FSDP: set --lora-r 0, or launch without the FSDP config")
+    if cfg.cpl_divergence == "full":
+        errors.append(
+            "cpl_divergence full is offered by cppo.loss.contrastive_perception_loss_full for other "
+            "trainers; cppo-train supports k1|k2|k3: set --cpl-divergence k3"
+        )
+    if cfg.selector == "kl_shift":
+        errors.append(
+            "selector kl_shift is offered by cppo-detect; cppo-train ranks by entropy shift: set "
+            "--selector relative (or raw, entropy)"
+        )
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError("cannot train this config:\n  - " + "\n  - ".join(errors))
 
 
 def _divisors(n: int) -> str:
@@ -364,56 +428,118 @@ def _divisors(n: int) -> str:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+_OPTIONAL = {name for name, hint in _HINTS.items() if type(None) in typing.get_args(hint)}
+# add_argument's options; a field's metadata also holds cppo's own keys (resume_safe), which argparse refuses
+_ARGPARSE_OPTIONS = set("action nargs const default type choices required help metavar dest".split())
 
 
-def _kind(name: str) -> tuple[type, bool, bool]:
-    """(scalar type, optional?, is a sequence?) of a field, from its annotation."""
-    hint, optional = _HINTS[name], False
-    if isinstance(hint, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint, optional = args[0], True
-    origin = typing.get_origin(hint)
-    if origin in (list, tuple):
-        return typing.get_args(hint)[0], optional, True
-    return hint, optional, False
+class ConfigParser(HfArgumentParser):
+    """transformers' HfArgumentParser over TrainConfig: it makes the flags from the fields (``--group-size``
+    and ``--group_size``, ``--x [BOOL]`` for booleans, several values for lists, the help from each
+    field's metadata). On top, through add_argument: ``none`` for optional fields, the same value
+    check for a flag and a YAML value, ``--no-x`` for every boolean, and ConfigError instead of an exit."""
+
+    def __init__(self, prog: str = "cppo-train"):
+        self.converters: dict[str, tuple] = {}  # field -> (its value check, its nargs)
+        self.flags: list[str] = []  # every long flag, for "did you mean"
+        declared = {name: f.type for name, f in FIELDS.items()}
+        super().__init__(
+            TrainConfig,
+            prog=prog,
+            allow_abbrev=False,  # "--lr" must never be read as a prefix of another flag
+            exit_on_error=False,
+            description="RL finetuning of a vision-language model with GRPO, CPPO (Contrastive Perception "
+            "Policy Optimization, arXiv 2601.00501) or PAPO. Precedence: defaults < --config < flags.",
+        )
+        for name, f in FIELDS.items():  # HfArgumentParser resolves field.type in place; keep it as declared
+            f.type = declared[name]
+        self.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys, flat as the flags")
+        self.add_argument(
+            "--print-config",
+            action="store_true",
+            help="validate, print the resolved config as YAML and exit without training",
+        )
+
+    def add_argument(self, *flags, **kw):
+        kw = {k: v for k, v in kw.items() if k in _ARGPARSE_OPTIONS}
+        name = kw.get("dest", flags[0].lstrip("-"))
+        self.flags += [f.replace("_", "-") for f in flags if f.startswith("--")]
+        if name in self.converters and kw.get("action") == "store_false":  # the --no-x of a boolean
+            kw.update(default=argparse.SUPPRESS, help=f"the opposite of --{name.replace('_', '-')}")
+        if name not in FIELDS or name in self.converters:
+            return super().add_argument(*flags, **kw)
+        scalar, nargs = kw["type"], kw.get("nargs")
+        if typing.get_origin(scalar) is tuple:  # HfArgumentParser passes tuple[float, float] on as a type
+            scalar, nargs = typing.get_args(scalar)[0], len(typing.get_args(scalar))
+        scalar = bool if scalar is string_to_bool else scalar
+        if scalar in (bool, int, float, str):
+            optional = "|none" if name in _OPTIONAL else ""
+            kw.update(type=_converter(name, scalar), nargs=nargs, metavar=scalar.__name__.upper() + optional)
+        self.converters[name] = (kw["type"], nargs)
+        action = super().add_argument(*flags, **kw)
+        if scalar is bool and FIELDS[name].default is False:  # HfArgumentParser adds --no-x when x is True
+            no = f"--no-{name.replace('_', '-')}"
+            self.add_argument(f"--no_{name}", no, action="store_false", dest=name)
+        return action
+
+    def error(self, message: str):
+        raise ConfigError(f"flags: {message}")
+
+    def read_flags(self, argv: list[str]) -> argparse.Namespace:
+        """The flags alone; ConfigError for a bad value or an unknown flag (with the closest known one)."""
+        try:
+            namespace, rest = self.parse_known_args(argv)
+        except ArgumentError as e:
+            name = (e.argument_name or "").split("/")[0].lstrip("-")
+            raise ConfigError(" ".join(filter(None, ("flags:", name, e.message)))) from None
+        if rest:
+            raise _unknown_flag(rest, self.flags)
+        return namespace
+
+    def file_values(self, values: dict, source: str) -> dict:
+        """A YAML file's (or a mapping's) values, checked as the flags are, ready for set_defaults;
+        ConfigError naming `source` and the key."""
+        out = {}
+        for key, value in values.items():
+            if key not in self.converters:
+                raise _unknown_key(key, source)
+            convert, nargs = self.converters[key]
+            try:
+                if nargs in (None, "?"):
+                    out[key] = convert(value)
+                    continue
+                items = list(value) if isinstance(value, (list, tuple)) else [value]
+                if isinstance(nargs, int) and len(items) != nargs:
+                    raise ArgumentTypeError(f"expects {nargs} values, got {value!r}")
+                out[key] = [convert(v) for v in items]
+            except ArgumentTypeError as e:
+                raise ConfigError(f"{source}: {key} {e}") from None
+        return out
 
 
-def _coerce(name: str, value, source: str):
-    """Check one value against its field's type; ints are floats, '1e-6' strings are numbers (YAML 1.1
-    reads 1e-6 without a dot as a string)."""
-    scalar, optional, seq = _kind(name)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
+def _converter(name: str, scalar: type):
+    """The argparse type of a field, applied to YAML values too: ints are floats, '1e-6' strings are
+    numbers (YAML 1.1 reads 1e-6 without a dot as a string), none/null is None where the field allows it."""
+
+    def convert(value):
+        if name in _OPTIONAL and (value is None or str(value).lower() in ("none", "null")):
             return None
-        raise ConfigError(f"{source}: {name} cannot be none")
-    if seq:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        return [_coerce_scalar(name, scalar, v, source) for v in values]
-    return _coerce_scalar(name, scalar, value, source)
+        if value is None:
+            raise ArgumentTypeError("cannot be none")
+        with suppress(TypeError, ValueError, ArgumentTypeError):
+            if scalar is bool and isinstance(value, (bool, str)):
+                return string_to_bool(value)
+            if scalar is int and not isinstance(value, (bool, float)):
+                return int(value)
+            if scalar is int and isinstance(value, float) and value.is_integer():
+                return int(value)
+            if scalar is float and not isinstance(value, bool):
+                return float(value)
+            if scalar is str and isinstance(value, (str, int, float)):
+                return str(value)
+        raise ArgumentTypeError(f"expects {scalar.__name__}, got {value!r}")
 
-
-def _coerce_scalar(name: str, scalar: type, value, source: str):
-    bad = ConfigError(f"{source}: {name} expects {scalar.__name__}, got {value!r}")
-    if scalar is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise bad
-    if isinstance(value, bool):
-        raise bad
-    try:
-        if scalar is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise bad
-            return int(value)
-        if scalar is float:
-            return float(value)
-    except (TypeError, ValueError):
-        raise bad from None
-    if scalar is str and not isinstance(value, (str, int, float)):
-        raise bad
-    return str(value)
+    return convert
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:
@@ -422,18 +548,13 @@ def _unknown_key(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
-def _coerce_all(values: dict, source: str) -> dict:
-    out = {}
-    for key, value in values.items():
-        if key not in FIELDS:
-            raise _unknown_key(key, source)
-        out[key] = _coerce(key, value, source)
-        if typing.get_origin(_HINTS[key]) is tuple:
-            size = len(typing.get_args(_HINTS[key]))
-            if len(out[key]) != size:
-                raise ConfigError(f"{source}: {key} expects {size} values, got {value!r}")
-            out[key] = tuple(out[key])
-    return out
+def _unknown_flag(rest: list[str], flags: list[str]) -> ConfigError:
+    arg = next((a for a in rest if a.startswith("-")), rest[0])
+    if not arg.startswith("-"):
+        return ConfigError(f"flags: unexpected value {arg!r} (a flag takes the form --name VALUE)")
+    close = difflib.get_close_matches(arg.split("=")[0].replace("_", "-"), flags, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else "; run cppo-train --help for the list"
+    return ConfigError(f"flags: unknown flag {arg!r}{hint}")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -450,40 +571,17 @@ def load_yaml(path: str | Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def build_parser(prog: str = "cppo-train") -> argparse.ArgumentParser:
-    """One flag per field; defaults are SUPPRESSed so only the flags given override the YAML."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        allow_abbrev=False,  # "--lr" must never be read as a prefix of another flag
-        description="RL finetuning of a vision-language model with GRPO, CPPO (Contrastive Perception "
-        "Policy Optimization, arXiv 2601.00501) or PAPO. Precedence: defaults < --config < flags.",
-    )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flat, as the flags)")
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="validate, print the resolved config as YAML and exit without training",
-    )
-    for name, f in FIELDS.items():
-        scalar, optional, seq = _kind(name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
-        flag = "--" + name.replace("_", "-")
-        if scalar is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif seq:
-            n = len(default) if typing.get_origin(_HINTS[name]) is tuple else "+"
-            parser.add_argument(flag, nargs=n, metavar=name.upper(), **kw)
-        else:
-            parser.add_argument(flag, metavar=scalar.__name__.upper() + ("|none" if optional else ""), **kw)
-    return parser
+def build_parser(prog: str = "cppo-train") -> ConfigParser:
+    """One flag per field (``--help`` lists them with their help and default), plus --config and
+    --print-config."""
+    return ConfigParser(prog)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then ``--config FILE.yaml``, then flags -> a validated TrainConfig (ConfigError if not)."""
-    args = vars(build_parser().parse_args(argv))
-    args.pop("print_config")
-    path = args.pop("config")
-    values = _coerce_all(load_yaml(path), str(path)) if path else {}
-    values.update(_coerce_all(args, "flags"))
-    return TrainConfig(**values)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    path = parser.read_flags(argv).config  # a bad or unknown flag is reported before the file is read
+    if path:
+        parser.set_defaults(**parser.file_values(load_yaml(path), str(path)))
+    return parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]

@@ -51,7 +51,7 @@ from cppo.rl.checkpoint import (
     save_checkpoint,
     write_best,
 )
-from cppo.rl.config import ConfigError, TrainConfig
+from cppo.rl.config import ConfigError, TrainConfig, check_launch
 from cppo.rl.data import PromptSampler, find_split, open_dataset, shapes_data
 from cppo.rl.evaluate import evaluate
 from cppo.rl.fsdp import (
@@ -104,17 +104,8 @@ def run_training(cfg: TrainConfig):
     the run directory or the resume point cannot be used; RunInterrupted on SIGTERM/SIGINT and
     BadStepsError after max_bad_steps bad steps in a row, each after the run's files are consistent."""
     rank, world, device = process_info(cfg)
-    if cfg.prompts_per_step % world:
-        raise ConfigError(
-            f"{cfg.prompts_per_step} prompts per step cannot be shared by {world} processes: set "
-            f"--prompts-per-step to a multiple of {world}"
-        )
-    _check_supported(cfg)
     fsdp = fsdp_settings()  # from an accelerate config (accelerate launch); None without FSDP
-    if fsdp is not None and cfg.lora_r:
-        raise ConfigError(
-            "LoRA is not supported with FSDP: set --lora-r 0, or launch without the FSDP config"
-        )
+    check_launch(cfg, world, sharded=fsdp is not None)
     run_dir = Path(cfg.output_dir)
     if rank == 0:
         check_writable(run_dir)  # creates it; a probe write now, not at the first checkpoint hours in
@@ -248,21 +239,6 @@ def run_training(cfg: TrainConfig):
     if rank == 0 and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return run_dir, model
-
-
-def _check_supported(cfg: TrainConfig) -> None:
-    """Options of cppo.loss / cppo.detect that the loop does not wire in (they need the views' hidden
-    states, which the loop does not keep)."""
-    if cfg.cpl_divergence == "full":
-        raise ConfigError(
-            "cpl_divergence full is offered by cppo.loss.contrastive_perception_loss_full for other "
-            "trainers; cppo-train supports k1|k2|k3: set --cpl-divergence k3"
-        )
-    if cfg.selector == "kl_shift":
-        raise ConfigError(
-            "selector kl_shift is offered by cppo-detect; cppo-train ranks by entropy shift: set "
-            "--selector relative (or raw, entropy)"
-        )
 
 
 def _eval_set(cfg: TrainConfig, data_path):
