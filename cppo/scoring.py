@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from cppo.loss.entropy import chunked_entropy_and_logprob
+from cppo.precision import autocast_dtype
 
 # Default of `share_images` when a caller passes None (the trainer does); bench/bench_step.py turns it
 # off to measure the per-row encoding it replaced.
@@ -69,13 +70,32 @@ def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: 
     return {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[w] for w in which))}
 
 
+def blank_image_features(backbone) -> torch.Tensor:
+    """The vision tower's output for one blank image of the smallest grid (1 merged token).
+
+    Under FSDP every process must run the tower's sharded blocks in every pass (cppo.rl.update): a
+    pass whose rows have no image runs it here and adds the features times 0."""
+    cfg = backbone.visual.config
+    m = cfg.spatial_merge_size
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    param = next(backbone.visual.parameters())
+    pixels = torch.zeros(m * m, patch_dim, dtype=param.dtype, device=param.device)  # (m*m, C*t*p*p)
+    grid = torch.tensor([[1, m, m]], device=param.device)  # (1, 3) t, h, w in patches
+    return backbone.get_image_features(pixels, grid, return_dict=True).pooler_output[0]  # (1, D)
+
+
 def response_hidden(
-    model, inputs: dict, pixel_values: torch.Tensor | None = None, share_images: bool = True
+    model,
+    inputs: dict,
+    pixel_values: torch.Tensor | None = None,
+    share_images: bool = True,
+    run_vision: bool = False,
 ) -> torch.Tensor:
     """(N, T, D) hidden states that predict the T response tokens of `append_responses` inputs.
 
     `pixel_values` replaces the batch's images with a view of the same size (same grids, same ids).
     `share_images`: encode repeated images once (`shared_image_features`).
+    `run_vision`: run the vision tower even when the rows have no image (`blank_image_features`).
     """
     backbone, _ = backbone_and_head(model)
     L = inputs["prompt_length"]
@@ -86,7 +106,12 @@ def response_hidden(
         pixels = fwd.pop("pixel_values")
         fwd["mm_encoder_outputs"] = shared_image_features(backbone, pixels, fwd["image_grid_thw"])
     T = fwd["input_ids"].shape[1] - L
+    blank = None  # the tower runs where a pass with images runs it: before the language model
+    if run_vision and fwd.get("pixel_values") is None and fwd.get("mm_encoder_outputs") is None:
+        blank = blank_image_features(backbone)  # (1, D)
     hidden = backbone(**fwd, use_cache=False).last_hidden_state  # (N, L+T, D)
+    if blank is not None:
+        hidden = hidden + 0.0 * blank.sum()
     return hidden[:, L - 1 : L - 1 + T]  # (N, T, D): column L-1+t predicts response token t
 
 
@@ -94,8 +119,8 @@ def response_stats(model, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view: `plain_response_stats`,
     run through the FSDP root's gathered parameters when the model is sharded (cppo.rl.fsdp)."""
     fsdp_entry = getattr(model, "cppo_response_stats", None)
-    if fsdp_entry is not None:
-        return fsdp_entry(*args, **kwargs)
+    if fsdp_entry is not None:  # every pass runs the sharded vision blocks (cppo.rl.update)
+        return fsdp_entry(*args, run_vision=True, **kwargs)
     return plain_response_stats(model, *args, **kwargs)
 
 
@@ -110,6 +135,7 @@ def plain_response_stats(
     entropy_grad: bool = False,
     full_logits: bool = False,
     share_images: bool | None = None,
+    run_vision: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view, float32.
 
@@ -126,7 +152,7 @@ def plain_response_stats(
         )
     _, head = backbone_and_head(model)
     share = SHARE_IMAGES if share_images is None else share_images
-    hidden = response_hidden(model, inputs, pixel_values, share)  # (N, T, D)
+    hidden = response_hidden(model, inputs, pixel_values, share, run_vision)  # (N, T, D)
     mask = response_mask.to(hidden.device).bool()
     targets = response_ids.to(hidden.device)
     plain_linear = isinstance(head, torch.nn.Linear) and head.bias is None
@@ -175,12 +201,18 @@ class _HeadStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk_size):
+        # The head's matmul runs in the precision autocast gives it (bf16 under bf16 compute), in
+        # forward AND backward: the backward runs outside the caller's autocast region on CUDA, so
+        # the dtype is fixed here and both passes cast explicitly (float32 master weight in, float32
+        # weight gradient out).
+        cd = autocast_dtype(h.device.type) or torch.promote_types(h.dtype, weight.dtype)
         P = h.shape[0]
         ent = torch.empty(P, dtype=torch.float32, device=h.device)
         lp = torch.empty_like(ent)
         lse = torch.empty_like(ent)
+        w = weight.to(cd)  # (V, D), a no-op when it already is
         for s in range(0, P, chunk_size):
-            z = torch.nn.functional.linear(h[s : s + chunk_size], weight).float() / temperature  # (c, V)
+            z = _head_logits(h[s : s + chunk_size], w, cd) / temperature  # (c, V) float32
             lse_c = torch.logsumexp(z, dim=-1)  # (c,)
             logp = z - lse_c.unsqueeze(-1)  # (c, V)
             lp[s : s + chunk_size] = logp.gather(-1, targets[s : s + chunk_size].unsqueeze(-1)).squeeze(-1)
@@ -188,28 +220,36 @@ class _HeadStats(torch.autograd.Function):
             ent[s : s + chunk_size] = -(logp.exp() * safe).sum(-1)
             lse[s : s + chunk_size] = lse_c
         ctx.save_for_backward(h, weight, targets, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, cd
         ctx.mark_non_differentiable(ent)
         return ent, lp
 
     @staticmethod
     def backward(ctx, _grad_ent, grad_lp):
         h, weight, targets, lse = ctx.saved_tensors
-        T, c = ctx.temperature, ctx.chunk_size
+        T, c, cd = ctx.temperature, ctx.chunk_size, ctx.compute_dtype
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, h.shape[0], c):
-            hc, g = h[s : s + c], grad_lp[s : s + c].float()  # (c, D), (c,)
-            z = torch.nn.functional.linear(hc, weight).float() / T  # (c, V)
-            gz = torch.exp(z - lse[s : s + c].unsqueeze(-1)).mul_(-g.unsqueeze(-1))  # -g * softmax
-            gz.scatter_add_(1, targets[s : s + c].unsqueeze(-1), g.unsqueeze(-1))  # + g * onehot
-            gz = gz.div_(T).to(h.dtype)  # d loss / d (h W^T)
-            if grad_h is not None:
-                grad_h[s : s + c] = gz @ weight
-            if ctx.needs_input_grad[1]:
-                grad_w += (gz.t() @ hc).float()
+        w = weight.to(cd)  # (V, D)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], c):
+                hc, g = h[s : s + c].to(cd), grad_lp[s : s + c].float()  # (c, D), (c,)
+                z = _head_logits(hc, w, cd) / T  # (c, V) float32
+                gz = torch.exp(z - lse[s : s + c].unsqueeze(-1)).mul_(-g.unsqueeze(-1))  # -g * softmax
+                gz.scatter_add_(1, targets[s : s + c].unsqueeze(-1), g.unsqueeze(-1))  # + g * onehot
+                gz = gz.div_(T).to(cd)  # d loss / d (h W^T)
+                if grad_h is not None:
+                    grad_h[s : s + c] = (gz @ w).to(h.dtype)
+                if ctx.needs_input_grad[1]:
+                    grad_w += (gz.t() @ hc).float()
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None
+
+
+def _head_logits(h: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """(c, V) float32 logits of h (c, D) through a (V, D) head, the matmul in `compute_dtype`."""
+    with torch.autocast(h.device.type, enabled=False):
+        return torch.nn.functional.linear(h.to(compute_dtype), weight.to(compute_dtype)).float()
 
 
 def fused_head_stats(

@@ -108,32 +108,60 @@ def _run(cmd, env):
     assert done.returncode == 0, done.stderr[-6000:]
 
 
+def _half_text_only(data: Path, out: Path) -> Path:
+    """A copy of `data` in which every other sample has no image (text-only rows, docs/method.md §5.9)."""
+    lines = data.read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    for i, row in enumerate(rows):
+        if i % 2:
+            del row["image"]
+        else:  # the copy lives elsewhere: image paths relative to the original file
+            row["image"] = str(data.parent / row["image"])
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+# ddp / fsdp2: the gate off, every view pass on every row. The other cases use the defaults (gate
+# A > 0, relative selector) with a reward that varies with the response and half the prompts
+# text-only, so that ranks need different view passes (and one may have no image at all) in a
+# micro-batch: under FSDP they must still issue the same sharded forwards (cppo.rl.update).
+MULTI_PROCESS_CASES = {
+    "ddp": dict(fsdp=False, extra=["--algo", "cppo", "--cpl-gate", "none"]),
+    "fsdp2": dict(fsdp=True, extra=["--algo", "cppo", "--cpl-gate", "none"]),
+    "fsdp2-cppo-defaults": dict(fsdp=True, mixed=True, extra=["--algo", "cppo"]),
+    "fsdp2-papo": dict(fsdp=True, mixed=True, extra=["--algo", "papo"]),
+    "fsdp2-bf16": dict(
+        fsdp=True,
+        mixed=True,
+        bf16=True,
+        extra=["--algo", "cppo", "--dtype", "bfloat16", "--lr", "1e-6", "--warmup-steps", "0"],
+    ),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, tmp_path, fsdp):
+@pytest.mark.parametrize("case", list(MULTI_PROCESS_CASES))
+def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, tmp_path, case):
     """torchrun with 2 CPU processes (gloo): both ranks end with the same weights, equal to one process.
 
-    fsdp2: the environment `accelerate launch` exports for an FSDP config (fsdp_version 2) shards the
+    fsdp2*: the environment `accelerate launch` exports for an FSDP config (fsdp_version 2) shards the
     policy over the two processes; the update must still equal the one-process update, and the
-    checkpoint it writes must be the full model."""
-    flags = _flags(
-        tiny_dir,
-        data,
-        tmp_path / "run",
-        "--algo",
-        "cppo",
-        "--cpl-gate",
-        "none",
-        "--seed-per-prompt",
-        "--beta",
-        "0",
-        "--temperature",
-        "1.0",
-    )
+    checkpoint it writes must be the full model. fsdp2-bf16: bf16 compute (MixedPrecisionPolicy and
+    autocast) over float32 master weights: at lr 1e-6 the update reaches nearly every weight (bf16
+    parameters would keep ~1 %); bf16 sampling is not bitwise that of one process, so no comparison."""
+    spec = MULTI_PROCESS_CASES[case]
+    fsdp, bf16 = spec["fsdp"], spec.get("bf16", False)
+    extra = [*spec["extra"], "--seed-per-prompt", "--beta", "0", "--temperature", "1.0"]
+    if spec.get("mixed"):
+        data = _half_text_only(data, tmp_path / "mixed.jsonl")
+        extra += ["--rewards", str(REPO / "tests/workers/length_reward.py") + ":by_length"]
+        extra += ["--reward-weights", "1.0", "--max-steps", "3"]
+    flags = _flags(tiny_dir, data, tmp_path / "run", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if fsdp:
         env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
     worker = str(REPO / "tests" / "workers" / "ddp_train.py")
+    port = str(29517 + list(MULTI_PROCESS_CASES).index(case))
     two = [
         sys.executable,
         "-m",
@@ -141,7 +169,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29518" if fsdp else "29517",
+        port,
         worker,
         str(tmp_path / "two"),
         *flags[:5],
@@ -149,23 +177,33 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         *flags[6:],
     ]
     _run(two, env)
-    one = [sys.executable, worker, str(tmp_path / "one"), *flags[:5], str(tmp_path / "run1"), *flags[6:]]
-    _run(one, env)
     r0 = torch.load(tmp_path / "two.rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "two.rank1.pt", weights_only=True)
-    single = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
     start, _ = load_model_and_processor(tiny_dir)
+    if bf16:
+        moved = sum(int((r0[n] != before).sum()) for n, before in start.state_dict().items())
+        total = sum(before.numel() for before in start.state_dict().values())
+        assert moved / total > 0.99, f"{moved / total:.2%} of the weights moved"
+    else:
+        one = [sys.executable, worker, str(tmp_path / "one"), *flags[:5], str(tmp_path / "run1"), *flags[6:]]
+        _run(one, env)
+        single = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
     moved = 0
     for name, before in start.state_dict().items():
         assert torch.equal(r0[name], r1[name]), f"ranks disagree on {name}"
-        torch.testing.assert_close(r0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
-        moved += not torch.equal(single[name], before)
-    assert moved > 0
+        assert r0[name].dtype == torch.float32, f"{name} is {r0[name].dtype}, not float32 master weights"
+        if not bf16:
+            torch.testing.assert_close(r0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
+            moved += not torch.equal(single[name], before)
+    assert bf16 or moved > 0
+    if spec.get("mixed"):  # the view passes really ran in this run
+        logged = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+        assert max(m["time/perception"] for m in logged) > 0
     (ckpt,) = sorted((tmp_path / "run2" / "checkpoints").glob("step-*"))
     saved, _ = load_model_and_processor(ckpt)  # the full model, loadable without FSDP
     for name, value in saved.state_dict().items():
         torch.testing.assert_close(value, r0[name], msg=name)
-    if fsdp:  # its full optimizer state (keyed by name) resumes in one process without FSDP
+    if case == "fsdp2":  # its full optimizer state (keyed by name) resumes in one process without FSDP
         resume = [*flags[:5], str(tmp_path / "run2"), *flags[6:], "--resume", "auto"]
         resume[resume.index("--max-steps") + 1] = "3"
         assert train_main(resume) == 0

@@ -8,7 +8,11 @@ variables does the same). The policy is sharded with torch's `fully_shard` (FSDP
 decoder layer and per vision block, and the root unit for the rest (embeddings, the tied output
 head, norms, the patch embedding and merger). Fields honoured: `fsdp_version` (2 is required),
 `fsdp_reshard_after_forward`, `fsdp_offload_params` (CUDA only), `fsdp_activation_checkpointing`.
-The parameter dtype is the trainer's `--dtype` (bf16 on CUDA), not a mixed-precision policy.
+Precision is the trainer's, not the accelerate config's: the sharded parameters (the master weights),
+their gradients and the optimizer state are float32; under bf16 compute (`--dtype`, bf16 on CUDA)
+each unit all-gathers its parameters in bf16 and reduce-scatters gradients in float32
+(`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, as verl and EasyR1 shard), and the
+forwards also run under autocast (cppo.precision).
 
 What changes in the loop, and why:
 - The trainer never calls the root's `forward`: it runs the backbone and the output head itself
@@ -18,6 +22,8 @@ What changes in the loop, and why:
 - FSDP averages gradients over processes; the loop's hand-written all-reduce sums them (each
   micro-batch loss is scaled by its share of the GLOBAL mini-batch). Under FSDP the reduction is
   set to a sum too (`set_gradient_divide_factor(1.0)`), so the same scaling gives the same update.
+- Every rank issues the same sharded forwards in every micro-batch, whatever its rows (how:
+  cppo.rl.update's module docstring).
 - Generation gathers every unit once and keeps it gathered until `generate` returns, instead of one
   all-gather per layer per new token.
 - Checkpoints hold full (unsharded) weights and optimizer state, gathered on every process and
@@ -81,15 +87,26 @@ def _units(model) -> list[torch.nn.Module]:
     return [*backbone.language_model.layers, *backbone.visual.blocks]
 
 
-def shard_policy(model, settings: FSDPSettings, device: torch.device):
+def shard_policy(
+    model, settings: FSDPSettings, device: torch.device, compute_dtype: torch.dtype = torch.float32
+):
     """Shard `model` in place with FSDP2 over all processes; returns it (now an FSDPModule).
 
-    Call before building the optimizer (its parameters become DTensor shards)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
+    Parameters keep their dtype in the shards (float32 master weights); `compute_dtype` other than
+    float32 all-gathers them in that dtype and reduces gradients in float32. Call before building
+    the optimizer (its parameters become DTensor shards)."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     if settings.offload_params and device.type != "cuda":
         raise ConfigError("fsdp_offload_params needs CUDA: set fsdp_offload_params: false in the config")
     kw = {"reshard_after_forward": settings.reshard_after_forward}
+    if compute_dtype != torch.float32:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if settings.offload_params:
         kw["offload_policy"] = CPUOffloadPolicy()
     for unit in _units(model):

@@ -18,6 +18,21 @@ Departures from the official code, each on purpose:
   each of two give the same update when micro-batch boundaries agree.
 - The selection uses the anchor pass's entropies H(I) and the I- pass's H(I-) under the CURRENT
   parameters, as the paper says; nothing is recomputed.
+
+Precision: every forward runs inside `cppo.precision.autocast` (bf16 compute under `--dtype
+bfloat16`, the default on CUDA) while the trainable parameters, their gradients and AdamW's state
+stay float32; the backward runs outside the autocast region.
+
+FSDP: how ranks stay in step. A sharded module all-gathers its parameters in every forward (and
+again in the backward), so every rank must call the same modules the same number of times in every
+micro-batch, whatever its rows. The anchor pass runs on every rank's micro-batch anyway. The view
+passes are data-dependent (the gate, the selection, which rows have images), so before each one the
+ranks agree on it with one small all-reduce (the largest row count over processes): when no rank
+needs the pass, nobody runs it; when another rank needs it and this one has no row for it, this one
+scores one stand-in row of its micro-batch and adds its result times 0 to the loss, so the forward
+and the backward issue the same collectives and the update does not change. A pass without images
+on a rank whose peers have images runs the vision tower on a blank image (cppo.scoring,
+`run_vision`), for the same reason. Without FSDP no pass waits for another process.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from cppo.loss import (
     implicit_perception_loss,
     select_perception_tokens,
 )
+from cppo.precision import autocast, resolve_dtype
 from cppo.rl.fsdp import is_sharded
 from cppo.rl.rollout import Rollouts, select_rows
 from cppo.scoring import response_stats
@@ -75,16 +91,38 @@ def _stats(
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     ids = ro.response_ids[rows].to(device)
     mask = ro.response_mask[rows].to(device)
-    return response_stats(
-        model,
-        inputs,
-        ids,
-        mask,
-        cfg.temperature,
-        cfg.logits_chunk_size,
-        entropy_grad=entropy_grad,
-        full_logits=full_logits,
-    )
+    with autocast(device, resolve_dtype(cfg.dtype, device)):
+        return response_stats(
+            model,
+            inputs,
+            ids,
+            mask,
+            cfg.temperature,
+            cfg.logits_chunk_size,
+            entropy_grad=entropy_grad,
+            full_logits=full_logits,
+        )
+
+
+def _collective_device(model) -> torch.device:
+    """Where a small all-reduce tensor must live: the GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _rows_in_step(model, n: int) -> int:
+    """How many rows this process scores in a pass for which it has `n` rows of its own.
+
+    Unsharded: `n` (0 = skip the pass). Sharded (module docstring): 0 when no process has a row for
+    the pass, `n` when this one has, and -1 when only others have: score one stand-in row, weight 0."""
+    if not is_sharded(model):
+        return n
+    most = torch.tensor([n], device=_collective_device(model))
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    if int(most) == 0:
+        return 0
+    return n if n > 0 else -1
 
 
 def _image_token_id(model) -> int:
@@ -140,7 +178,7 @@ def micro_batch_loss(
         cpl, cpl_metrics = _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits)
         loss = loss + cfg.cpl_lambda * cpl
         metrics.update(cpl_metrics)
-    elif cfg.algo == "papo" and ro.views:
+    elif cfg.algo == "papo":
         papo, papo_metrics = _papo(model, ro, rows, cfg, logp, entropy, timer)
         loss = loss + papo
         metrics.update(papo_metrics)
@@ -154,9 +192,15 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits=Fal
     adv, rewards = ro.advantages[rows].to(device), ro.rewards[rows].to(device)
     gate = gate_responses(adv, rewards, cfg.cpl_gate, max_reward=sum(cfg.reward_weights))
     gate &= ro.has_image[rows].to(device)
-    if not ro.views or not bool(gate.any()):
-        return _no_cpl(logp)
+    needs_views = bool(ro.views) and bool(gate.any())
     local = gate.nonzero().squeeze(1).tolist() if skip_views else list(range(len(rows)))
+    in_step = _rows_in_step(model, len(local) if needs_views else 0)
+    if in_step == 0:  # no process runs I- (nor I+)
+        return _no_cpl(logp)
+    if in_step == -1:  # only other processes do: stand in for I-, then join their I+ agreement
+        neg = _stand_in_passes(model, ro, rows, cfg, -1, ("negative",))
+        pos = _stand_in_passes(model, ro, rows, cfg, _rows_in_step(model, 0), ("positive",))
+        return _no_cpl(logp, *neg, *pos)
     view_rows = [rows[i] for i in local]
     with timer("perception"):
         ent_neg, logp_neg = _stats(
@@ -169,8 +213,9 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits=Fal
     )  # (v, T) bool
     sel &= gate[local].unsqueeze(1)
     keep = sel.any(dim=1).nonzero().squeeze(1).tolist() if skip_views else list(range(len(local)))
-    if not keep:
-        return _no_cpl(logp, logp_neg)
+    in_step = _rows_in_step(model, len(keep))
+    if in_step <= 0:
+        return _no_cpl(logp, logp_neg, *_stand_in_passes(model, ro, rows, cfg, in_step, ("positive",)))
     with timer("perception"):
         _, logp_pos = _stats(
             model, ro, [view_rows[i] for i in keep], cfg, view="positive", full_logits=full_logits
@@ -191,6 +236,15 @@ def _cpl(model, ro, rows, cfg, entropy, logp, timer, skip_views, full_logits=Fal
     return cpl, metrics
 
 
+def _stand_in_passes(model, ro, rows, cfg, in_step: int, views: tuple[str, ...], **kw) -> list[torch.Tensor]:
+    """Log-probs of one stand-in row under each of `views` when `in_step` is -1 (only other processes
+    run these passes: module docstring), for the caller to add times 0; nothing otherwise."""
+    if in_step != -1:
+        return []
+    with_view = [v if v in ro.views else None for v in views]  # a text-only batch has no views
+    return [_stats(model, ro, rows[:1], cfg, view=v, **kw)[1] for v in with_view]
+
+
 def _no_cpl(*graph: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """An exact 0 that stays in the autograd graph of `graph`, and the metrics of an empty CPL."""
     zero = sum(t.sum() * 0.0 for t in graph)
@@ -203,9 +257,11 @@ def _papo(model, ro, rows, cfg, logp, entropy, timer):
     being won by making either view's distribution flat."""
     device = logp.device
     image_rows = [i for i, r in enumerate(rows) if bool(ro.has_image[r])]
-    if not image_rows:
-        return logp.sum() * 0.0, {}
     use_entropy = cfg.papo_entropy_coef > 0
+    in_step = _rows_in_step(model, len(image_rows) if ro.views else 0)
+    if in_step <= 0:
+        stand_in = _stand_in_passes(model, ro, rows, cfg, in_step, ("negative",), entropy_grad=use_entropy)
+        return sum((t.sum() * 0.0 for t in stand_in), logp.sum() * 0.0), {}
     with timer("perception"):
         ent_m, logp_m = _stats(
             model, ro, [rows[i] for i in image_rows], cfg, view="negative", entropy_grad=use_entropy
