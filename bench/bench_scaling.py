@@ -69,6 +69,7 @@ def synthetic_rollouts(processor, samples, group: int, length: int, image_token_
         response_ids=ids,
         response_mask=mask,
         has_image=torch.ones(len(rows), dtype=torch.bool),
+        truncated=torch.ones(len(rows), dtype=torch.bool),
         views=views,
         rewards=torch.zeros(len(rows)),
         advantages=torch.zeros(len(rows)),
@@ -86,7 +87,7 @@ def measure(args, setting: dict) -> dict:
     a = argparse.Namespace(**{**vars(args), **setting})
     a.mini = None  # one optimizer update: no old log-probs, the reference pass only
     policy, processor = bench_step.build_model(a)
-    ref = bench_step.copy.deepcopy(policy).eval().requires_grad_(False)
+    ref = bench_step.frozen_reference(policy, a)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     samples = bench_step.make_samples(1, a.image_size, a.seed)
     ro = synthetic_rollouts(
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
         for f in sorted(Path(args.out).glob("scaling_*.json")):
             plot(json.loads(f.read_text()), f.with_suffix(".png"))
         return 0
-    args.size, args.device, args.prompts = "tiny", "cpu", 1
+    args.size, args.device, args.dtype, args.prompts = "tiny", "cpu", "float32", 1
     torch.set_num_threads(args.threads)
     names = list(SWEEPS) if args.sweep == "all" else [args.sweep]
     for name in names:

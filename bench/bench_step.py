@@ -1,7 +1,7 @@
 """One training step of GRPO, of CPPO as the official code runs it, and of CPPO as this project runs it.
 
     python bench/bench_step.py                       # tiny random model on CPU, 5 repeats
-    python bench/bench_step.py --size 3b --device cuda --max-new-tokens 1024   # real 3B config, bf16
+    python bench/bench_step.py --size 3b --device cuda --max-new-tokens 1024   # real 3B config, bf16 compute
 
 In one process, on the same model, data and seed, each repeat:
   1. collects the step's rollouts twice from the same weights and generator seed, once as GRPO
@@ -35,6 +35,7 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from datetime import date
 
 import numpy as np
@@ -53,6 +55,7 @@ import torch
 from cppo import scoring
 from cppo.loss import group_advantages
 from cppo.perturb import get_preset
+from cppo.precision import resolve_dtype
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import Sample
 from cppo.rl.rewards import RewardScorer
@@ -102,15 +105,22 @@ def build_model(args):
         if args.vocab:
             sizes["vocab_size"] = args.vocab
     model, processor = build_tiny_model(TinyVLMConfig(**sizes), seed=args.seed)
-    dtype = torch.bfloat16 if args.size == "3b" else torch.float32
-    model = model.to(device=args.device, dtype=dtype)
+    model = model.to(device=args.device)  # float32 master weights; forwards in --dtype (autocast)
     tok = processor.tokenizer
     banned = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     banned += [i for i in tok.all_special_ids if i not in banned]  # vision and other special tokens
     vocab = model.config.text_config.vocab_size
     banned += list(range(len(tok), vocab))  # rows beyond the tokenizer (a larger --vocab) cannot decode
-    model.generation_config.suppress_tokens = sorted(set(banned))  # fixed-length responses, no EOS
+    # Fixed-length responses, no EOS. The trainer's sampler applies only the settings its call passes
+    # (never the model's generation_config), so the suppression is bound into this model's generate.
+    # A bound method (not a closure over this instance), so that copy.deepcopy rebinds it to the copy.
+    model.generate = types.MethodType(functools.partial(_generate_without, sorted(set(banned))), model)
     return model, processor
+
+
+def _generate_without(banned: list[int], model, *args, **kwargs):
+    """`model.generate` that never samples a token of `banned`."""
+    return type(model).generate(model, *args, suppress_tokens=banned, **kwargs)
 
 
 def make_samples(n: int, image_size: int, seed: int) -> list[Sample]:
@@ -125,6 +135,12 @@ def make_samples(n: int, image_size: int, seed: int) -> list[Sample]:
     return out
 
 
+def frozen_reference(policy, args):
+    """A frozen copy of `policy` in the compute dtype, as cppo-train holds its reference."""
+    compute = resolve_dtype(args.dtype, torch.device(args.device))
+    return copy.deepcopy(policy).to(compute).eval().requires_grad_(False)
+
+
 def train_config(args, algo: str) -> TrainConfig:
     return TrainConfig(
         algo=algo,
@@ -136,6 +152,7 @@ def train_config(args, algo: str) -> TrainConfig:
         beta=0.01,
         logits_chunk_size=args.chunk,
         lr=1e-6,
+        dtype=args.dtype,
     )
 
 
@@ -244,7 +261,7 @@ def trim_memory() -> None:
 def setup(args):
     torch.set_num_threads(args.threads)
     policy, processor = build_model(args)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    ref = frozen_reference(policy, args)
     start_state = {k: v.clone() for k, v in policy.state_dict().items()}
     samples = make_samples(args.prompts, args.image_size, args.seed)
     return policy, processor, ref, start_state, samples
@@ -476,6 +493,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=("tiny", "3b"), default="tiny")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="compute precision (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--hidden", type=int, default=128, help="tiny: text width")
     p.add_argument("--layers", type=int, default=2, help="tiny: text layers")
     p.add_argument("--vocab", type=int, default=None, help="tiny: vocabulary rows (default: tokenizer's)")

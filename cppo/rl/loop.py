@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from cppo.precision import autocast
 from cppo.rl.atomic import atomic_write
 from cppo.rl.checkpoint import (
     check_writable,
@@ -70,6 +71,7 @@ from cppo.rl.runlog import RunLogger, plot_curves
 from cppo.rl.setup import (
     build_optimizer,
     build_policy,
+    compute_dtype,
     enable_gradient_checkpointing,
     process_info,
     seed_everything,
@@ -81,6 +83,7 @@ from cppo.rl.steplog import (
     bad_steps_message,
     count_bad_step,
     report_step,
+    reset_peak_memory,
     reward_error_rows,
     rollout_rows,
     step_metrics,
@@ -118,6 +121,13 @@ def run_training(cfg: TrainConfig):
         print(f"[cppo] data {dataset.summary()}", flush=True)
         if eval_set is not None:
             print(f"[cppo] eval data {eval_set.summary()}", flush=True)
+        if cfg.repetition_penalty != 1.0:
+            print(
+                f"[cppo] repetition_penalty {cfg.repetition_penalty}: rollouts are sampled from another "
+                "distribution than the policy trained (off-policy; the PPO ratio does not correct it)",
+                file=sys.stderr,
+                flush=True,
+            )
     fingerprint = data_fingerprint(dataset)
     ckpt, state = resume_point(cfg, run_dir, fingerprint, rank)
 
@@ -128,7 +138,7 @@ def run_training(cfg: TrainConfig):
     if sharded:
         if fsdp.activation_checkpointing and not cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        model = shard_policy(model, fsdp, device)
+        model = shard_policy(model, fsdp, device, compute_dtype(cfg, device))
     n_local = cfg.rollouts // world
     mini_local = (cfg.mini_batch_size or cfg.rollouts) // world
     updates_per_step = cfg.ppo_epochs * math.ceil(n_local / mini_local)
@@ -174,6 +184,7 @@ def run_training(cfg: TrainConfig):
                 seed_everything(_rollout_seed(cfg.seed, step, rank))
                 sampler_at_start = sampler.state_dict()
                 timer = Timer()
+                reset_peak_memory(device)  # memory/peak_mb is this step's
                 t0 = time.perf_counter()
                 try:
                     with stops.abortable(world == 1):  # nothing below changes weights or optimizer
@@ -209,7 +220,7 @@ def run_training(cfg: TrainConfig):
                 metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, world_size=world)
                 metrics.update(step_metrics(ro, timer, time.perf_counter() - t0, device, world))
                 if eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-                    with timer("eval"), gathered(model):
+                    with timer("eval"), gathered(model), autocast(device, compute_dtype(cfg, device)):
                         metrics.update(_evaluate(model, processor, eval_set, cfg))
                     metrics["time/eval"] = timer["eval"]
                 bad = count_bad_step(guard, metrics)

@@ -15,6 +15,7 @@ import torch
 
 from cppo.models import demo_model_path, load_model_and_processor
 from cppo.perturb import get_preset, load_preset
+from cppo.precision import resolve_dtype
 from cppo.rl.config import ConfigError, TrainConfig
 
 
@@ -29,10 +30,19 @@ def process_info(cfg: TrainConfig):
     return state.process_index, state.num_processes, device
 
 
-def param_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.dtype)
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The precision the forwards run in (`--dtype`; auto = bf16 on CUDA, fp32 on the CPU)."""
+    return resolve_dtype(cfg.dtype, device)
+
+
+def master_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype of the trainable parameters, their gradients and the optimizer state: float32 (the
+    master weights, cppo.precision), or the compute dtype under the explicit --pure-bf16."""
+    if not cfg.pure_bf16:
+        return torch.float32
+    if compute_dtype(cfg, device) != torch.bfloat16:
+        raise ConfigError("pure_bf16 needs bfloat16 compute: set --dtype bfloat16 (or drop --pure-bf16)")
+    return torch.bfloat16
 
 
 def views_preset(name: str):
@@ -42,20 +52,23 @@ def views_preset(name: str):
 def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | None = None):
     """(policy, processor, frozen reference or None) as the config asks.
 
+    The policy is loaded in float32 whatever the checkpoint was saved in (master weights; the
+    forwards run in the compute dtype under autocast), the frozen reference in the compute dtype.
     With `resume_from`, a full finetune loads the checkpoint's weights through `from_pretrained`
     (transformers maps the saved key names back; a raw `load_state_dict` of the files does not fit),
     and a LoRA run builds the same adapter on the base model, then loads `resume_from/adapter`."""
     base = cfg.model or demo_model_path()
     full_resume = resume_from is not None and not cfg.lora_r
+    compute = compute_dtype(cfg, device)
     model, processor = load_model_and_processor(
-        resume_from if full_resume else base, device, param_dtype(cfg, device)
+        resume_from if full_resume else base, device, master_dtype(cfg, device)
     )
     ref = None
     if cfg.beta > 0:  # a frozen copy of the starting policy (docs/method.md §3: k3 to a frozen reference)
         ref = (
-            load_model_and_processor(base, device, param_dtype(cfg, device))[0]
+            load_model_and_processor(base, device, compute)[0]
             if full_resume
-            else copy.deepcopy(model)
+            else copy.deepcopy(model).to(compute)
         )
         ref.eval().requires_grad_(False)
     if cfg.freeze_vision:
