@@ -13,6 +13,8 @@ Conventions every caller relies on:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from PIL import Image
 
@@ -61,6 +63,25 @@ def _token_ids(tokenizer, tokens) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
+@contextlib.contextmanager
+def _only_given_settings(model):
+    """Inside the block `model.generate` applies only the settings its call passes.
+
+    transformers fills every setting a call leaves unset from the checkpoint's own
+    generation_config.json (Qwen2.5-VL-Instruct ships repetition_penalty 1.05, top_k, top_p), so a
+    sampler that should be exactly softmax(logits / temperature) would silently be another one. The
+    model's generation config is swapped for a blank one (peft's base model included) and restored."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.no_grad()
 def generate_responses(
     model,
@@ -71,7 +92,10 @@ def generate_responses(
     top_p: float = 1.0,
     do_sample: bool = True,
     generator_seed: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    return_logprobs: bool = False,
+):
     """(response_ids (N, T) long, response_mask (N, T) bool) from `model.generate` on a left-padded batch.
 
     A response stops at its first end token (kept, mask True); later columns are `<|endoftext|>`
@@ -79,6 +103,12 @@ def generate_responses(
     out and replaced by padding in `response_ids`: left in, it would make the next forward pass
     look for image features that do not exist. `generator_seed` seeds torch's global generator
     before sampling (transformers' sampler draws from it).
+
+    Sampling uses exactly the arguments given (temperature, top_p, top_k 0 = off, repetition_penalty
+    1 = off) and nothing from the checkpoint's generation_config.json (`_only_given_settings`).
+    `return_logprobs`: also the (N, T) float32 log-probability of each sampled token under the
+    distribution it was drawn from (0 outside the mask), for checking that sampling and training
+    see the same policy.
     """
     tok = processor.tokenizer
     end_ids = _token_ids(tok, END_TOKENS)
@@ -86,19 +116,32 @@ def generate_responses(
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     kwargs = dict(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=end_ids, pad_token_id=pad_id
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=end_ids,
+        pad_token_id=pad_id,
+        repetition_penalty=repetition_penalty,
     )
     if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    if return_logprobs:
+        kwargs.update(output_scores=True, return_dict_in_generate=True)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
-    out = model.generate(**inputs, **kwargs)  # (N, L + T)
-    ids = out[:, inputs["input_ids"].shape[1] :].clone()  # (N, T)
+    with _only_given_settings(model):
+        out = model.generate(**inputs, **kwargs)  # (N, L + T), or a dict holding it
+    seqs = out.sequences if return_logprobs else out
+    ids = seqs[:, inputs["input_ids"].shape[1] :].clone()  # (N, T)
     is_end = torch.isin(ids, torch.tensor(end_ids, device=ids.device))
     after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
     is_vision = torch.isin(ids, torch.tensor(_token_ids(tok, VISION_TOKENS), device=ids.device))
     mask = ~after_end & ~is_vision
+    if return_logprobs:
+        scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, T, V): what was sampled from
+        logp = scores.gather(-1, ids.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)  # (N, T)
     ids[after_end | is_vision] = pad_id
+    if return_logprobs:
+        return ids.long(), mask, logp
     return ids.long(), mask
 
 

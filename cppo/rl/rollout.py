@@ -18,6 +18,8 @@ import torch
 from cppo.batching import take_rows
 from cppo.loss import group_advantages
 from cppo.models import append_responses, encode_images, encode_prompts, generate_responses
+from cppo.models.inputs import END_TOKENS
+from cppo.precision import autocast, resolve_dtype
 from cppo.rl.data import Sample
 from cppo.rl.fsdp import gathered
 from cppo.rl.rewards import RewardResult, RewardScorer
@@ -31,6 +33,7 @@ class Rollouts:
     response_ids: torch.Tensor  # (N, T) long
     response_mask: torch.Tensor  # (N, T) bool
     has_image: torch.Tensor  # (N,) bool: rows whose prompt has at least one image
+    truncated: torch.Tensor  # (N,) bool: rows cut at max_new_tokens before any end token
     views: dict[str, torch.Tensor]  # "positive"/"negative" -> pixel_values of the N rows, like inputs'
     rewards: torch.Tensor  # (N,)
     advantages: torch.Tensor  # (N,)
@@ -72,10 +75,12 @@ def _generate(model, processor, batch_n: dict, cfg, generator_seed: int, per_pro
     """(ids (N, T), mask (N, T)): one generate call for the batch, or one per prompt's group when
     `per_prompt_seeds` is given, so that a group's samples do not depend on the rest of the batch
     (nor on how prompts are shared among processes)."""
-    kw = dict(
+    kw = dict(  # exactly the configured sampler, nothing from the checkpoint's generation_config
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        repetition_penalty=cfg.repetition_penalty,
         do_sample=cfg.temperature > 0,
     )
     if per_prompt_seeds is None:
@@ -127,7 +132,9 @@ def collect_rollouts(
             views["positive"] = _row_pixels(batch_b, encode_images(processor, pos)[0], rows, image_token_id)
         views["negative"] = _row_pixels(batch_b, encode_images(processor, neg)[0], rows, image_token_id)
 
-    with gathered(model):  # FSDP: one all-gather for the whole generation
+    device = next(model.parameters()).device
+    # FSDP: one all-gather for the whole generation; bf16 compute under --dtype bfloat16
+    with gathered(model), autocast(device, resolve_dtype(cfg.dtype, device)):
         ids, mask = _generate(
             model, processor, batch_n, cfg, generator_seed, per_prompt_seeds, image_token_id
         )
@@ -142,11 +149,13 @@ def collect_rollouts(
     rewards = torch.tensor(scored.total, dtype=torch.float32)  # (N,)
     advantages = group_advantages(rewards, G, scale_by_std=cfg.adv_std_scale)  # (N,)
     has_image = torch.tensor([len(samples[b].images) > 0 for b in rows])  # (N,)
+    end_ids = processor.tokenizer.convert_tokens_to_ids(list(END_TOKENS))
     return Rollouts(
         inputs=append_responses(batch_n, ids, mask),
         response_ids=ids,
         response_mask=mask,
         has_image=has_image,
+        truncated=truncated_rows(ids, mask, end_ids),
         views=views,
         rewards=rewards,
         advantages=advantages,
@@ -155,6 +164,12 @@ def collect_rollouts(
         view_records=records,
         reward_result=scored,
     )
+
+
+def truncated_rows(ids: torch.Tensor, mask: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
+    """(N,) bool: responses (N, T) with no end token among their own tokens, i.e. cut at
+    max_new_tokens (generation stops early only once every row has ended)."""
+    return ~(torch.isin(ids, torch.tensor(end_ids)) & mask).any(1)
 
 
 def select_rows(ro: Rollouts, rows: list[int], image_token_id: int, view: str | None = None) -> dict:

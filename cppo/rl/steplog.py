@@ -6,7 +6,6 @@ Split from cppo/rl/loop.py so that the loop reads top to bottom on its own.
 from __future__ import annotations
 
 import math
-import resource
 import sys
 from pathlib import Path
 
@@ -15,11 +14,35 @@ import torch
 from cppo.rl.checkpoint import latest_checkpoint
 from cppo.rl.update import Timer
 
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
-def peak_memory_mb(device: torch.device) -> float:
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator peak, or on Linux the process's peak resident set (writing
+    5 to /proc/self/clear_refs resets VmHWM). Called at the start of every step."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:  # not Linux, or /proc read-only: peak_memory_mb then reports nothing
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """MiB at the peak since the last `reset_peak_memory`: CUDA memory allocated by tensors, or the
+    process's peak resident set on the CPU (Linux); None where no resettable peak can be read."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    try:
+        status = _STATUS.read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):  # "VmHWM:   123456 kB"
+            return int(line.split()[1]) / 1024
+    return None
 
 
 def step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict[str, float]:
@@ -27,13 +50,15 @@ def step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict
     tokens = int(mask.sum()) + int(ro.inputs["attention_mask"][:, : ro.inputs["prompt_length"]].sum())
     out = dict(ro.reward_result.metrics())
     out["response/length"] = float(mask.sum(1).float().mean())
-    out["response/clipped"] = float((mask.sum(1) == mask.shape[1]).float().mean())
+    out["response/clipped"] = float(ro.truncated.float().mean())  # reached max_new_tokens, no end token
     out["adv/positive_frac"] = float((ro.advantages > 0).float().mean())
     for phase in ("rollout", "reward", "old_ref_logprobs", "update", "perception"):
         out[f"time/{phase}"] = timer.get(phase, 0.0)
     out["time/step"] = step_time
     out["throughput/tokens_per_s"] = tokens * world / step_time
-    out["memory/peak_mb"] = peak_memory_mb(device)
+    peak = peak_memory_mb(device)  # since the step began (reset_peak_memory)
+    if peak is not None:
+        out["memory/peak_mb"] = peak
     return out
 
 
