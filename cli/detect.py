@@ -136,10 +136,11 @@ def _examples(args) -> tuple[list, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cppo.detect.detector import DetectError, PerceptionDetector, resolve_device, resolve_dtype
+    from cppo.detect.detector import DetectError, PerceptionDetector
     from cppo.detect.report import terminal_summary, write_outputs
     from cppo.models import check_model_path, demo_model_path, load_model_and_processor
     from cppo.perturb import UnknownNameError, get_perturbation, get_preset
+    from cppo.precision import resolve_device, resolve_dtype
     from cppo.rl.data import DataError
 
     try:  # everything that needs no model, first

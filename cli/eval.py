@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cppo-eval", description=__doc__.split("\n")[0], allow_abbrev=False)
@@ -47,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cppo.models import demo_model_path, load_model_and_processor
+    from cppo.precision import resolve_device, resolve_dtype
     from cppo.rl.data import DataError, open_dataset
     from cppo.rl.evaluate import evaluate, format_table, resolve_temperature
 
@@ -54,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         resolve_temperature(args.samples, args.temperature)
         dataset = open_dataset(args.data, split=args.split, strict=args.strict)
         model_path = args.model or str(demo_model_path())
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        device = resolve_device(args.device)
+        dtype = resolve_dtype("auto", device)  # bf16 on CUDA, fp32 on the CPU, as every command
         model, processor = load_model_and_processor(model_path, device=device, dtype=dtype)
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"cppo-eval: error: {e}", file=sys.stderr)

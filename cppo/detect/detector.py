@@ -49,6 +49,7 @@ from PIL import Image
 
 from cppo.loss.entropy import chunked_entropy_and_logprob, chunked_kl
 from cppo.loss.select import SELECTORS, get_selector, select_perception_tokens
+from cppo.precision import resolve_device, resolve_dtype  # the one rule (still importable from here)
 
 
 class DetectError(ValueError):
@@ -183,32 +184,6 @@ def _select(entropy, perturbed, mask, kl, selector, top_percent):
     return score, selected
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """ "auto": CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """ "auto": bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and gain nothing here)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise DetectError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(names)}")
-    return names[dtype]
-
-
 def max_positions(model) -> int:
     """The model's position limit (text ``max_position_embeddings``)."""
     cfg = getattr(model.config, "text_config", model.config)
@@ -294,7 +269,11 @@ class PerceptionDetector:
         from cppo.models import load_model_and_processor
 
         dev = resolve_device(device)
-        model, processor = load_model_and_processor(path_or_id, device=dev, dtype=resolve_dtype(dtype, dev))
+        try:
+            dtype = resolve_dtype(dtype, dev)
+        except ValueError as e:  # an unknown name: the message lists the valid ones
+            raise DetectError(str(e)) from None
+        model, processor = load_model_and_processor(path_or_id, device=dev, dtype=dtype)
         return cls(model, processor, **kwargs)
 
     @property
