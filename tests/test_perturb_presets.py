@@ -169,6 +169,25 @@ def test_one_of_each_kind_uniformly():
     assert 0.45 < neg.count("zoom_crop") / 900 < 0.55
 
 
+def test_draw_view_draws_one_kind_and_replays():
+    preset = get_preset("paper")
+    img = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    neg, record = preset.draw_view(img, 5)
+    record = json.loads(json.dumps(record))
+    assert set(record) == {"name", "params"} and record["name"] in {"occlusion_noise", "zoom_crop"}
+    np.testing.assert_array_equal(preset.replay_view(img, record), neg)
+    # the choice, then the entry's parameters, from one generator: what the detector relies on
+    rng = np.random.default_rng(5)
+    entry = preset.removing[int(rng.integers(2))]
+    assert record == {"name": entry.name, "params": json.loads(json.dumps(entry.sample(rng, 64, 48)))}
+    names = [preset.sample_view("removing", s, 32, 32)["name"] for s in range(600)]
+    assert 0.43 < names.count("zoom_crop") / 600 < 0.57
+    pos, _ = preset.draw_view(img, 5, kind="preserving")
+    assert pos.shape == img.shape
+    with pytest.raises(ValueError, match="kind must be"):
+        preset.sample_view("both", 0, 32, 32)
+
+
 YAML = """
 name: test_gentle
 description: from a file

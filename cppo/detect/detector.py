@@ -23,9 +23,9 @@ Where this departs from the paper's code, and why:
   draws one view per prompt (K = 1, the default, which reproduces it exactly); the mean makes the
   probe depend less on where one random occluder happened to fall.
 - The removing view is drawn per (seed, example index, draw, image) from a ``numpy`` SeedSequence,
-  so an example's views do not depend on which batch it lands in. With a preset, one of its
-  removing entries is chosen uniformly per draw (as ``Preset.sample`` does); ``perturbation=``
-  forces one entry.
+  so an example's views do not depend on which batch it lands in. The preset draws it
+  (``Preset.draw_view``: one of its removing entries chosen uniformly, then its parameters);
+  ``perturbation=`` narrows the preset to that one entry.
 - Several images in one example: each image gets its own draw (docs/method.md §5.9). Text-only
   examples have nothing to remove and are refused.
 - A missing response is generated from the prompt and the ORIGINAL image: sampled at
@@ -40,6 +40,7 @@ Where this departs from the paper's code, and why:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -249,9 +250,7 @@ class PerceptionDetector:
                     f"perturbation {perturbation!r} is {entry.kind}; the detector needs a removing view: "
                     f"{', '.join(list_perturbations(kind='removing'))}"
                 )
-            self.removing = (entry,)
-        else:
-            self.removing = tuple(self.preset.removing)
+            self.preset = dataclasses.replace(self.preset, removing=(entry,))  # the forced entry only
         self.model, self.processor = model, processor
         self.selector, self.top_percent, self.draws = selector, top_percent, draws
         self.temperature, self.max_new_tokens, self.greedy = temperature, max_new_tokens, greedy
@@ -284,7 +283,7 @@ class PerceptionDetector:
         """The settings, as written at the top of ``tokens.json``."""
         return {
             "preset": self.preset.name,
-            "removing": [e.name for e in self.removing],
+            "removing": [e.name for e in self.preset.removing],
             "selector": self.selector,
             "top_percent": self.top_percent,
             "draws": self.draws,
@@ -342,10 +341,9 @@ class PerceptionDetector:
             recs, imgs = [], []
             for j, image in enumerate(example.images):
                 rng = np.random.default_rng(np.random.SeedSequence([self.seed, index, k, j]))
-                entry = self.removing[int(rng.integers(len(self.removing)))]
-                params = entry.sample(rng, image.width, image.height)
-                imgs.append(entry.apply(image, params))
-                recs.append({"name": entry.name, "params": params})
+                view, record = self.preset.draw_view(image, rng, "removing")
+                imgs.append(view)
+                recs.append(record)
             records.append(recs)
             views.append(imgs)
         return records, views

@@ -3,6 +3,7 @@
     preset = get_preset("paper")
     pos, neg, record = preset.draw(image, seed=3)    # record: JSON-serialisable
     pos2, neg2 = preset.replay(image, record)        # identical images
+    neg, rec = preset.draw_view(image, seed=3)       # one removing view alone (the detector's probe)
 
 Presets come from Python (`Preset(...)`, `register_preset`) or YAML (`load_preset`):
 
@@ -83,11 +84,18 @@ class Preset:
         except KeyError:
             raise UnknownNameError(f"entry of preset {self.name!r}", name, self._by_name) from None
 
+    def _choose(self, kind: str, rng) -> Perturbation:
+        """One entry of `kind`, chosen uniformly with `rng`."""
+        if kind not in ("preserving", "removing"):
+            raise ValueError(f"kind must be 'preserving' or 'removing', got {kind!r}")
+        entries = self.preserving if kind == "preserving" else self.removing
+        return entries[int(rng.integers(len(entries)))]
+
     def sample(self, seed, width: int, height: int) -> dict:
         """The record of one draw: {"preset", "seed", "positive": {name, params}, "negative": ...}."""
         rng = as_rng(seed)
-        pos = self.preserving[int(rng.integers(len(self.preserving)))]
-        neg = self.removing[int(rng.integers(len(self.removing)))]
+        pos = self._choose("preserving", rng)
+        neg = self._choose("removing", rng)
         return {
             "preset": self.name,
             "seed": seed if isinstance(seed, int) else None,
@@ -101,6 +109,24 @@ class Preset:
         width, height = image_size(image)
         record = self.sample(seed, width, height)
         return (*self.replay(image, record), record)
+
+    def sample_view(self, kind: str, seed, width: int, height: int) -> dict:
+        """The record {"name", "params"} of ONE view of one kind: an entry of `kind` chosen uniformly,
+        then its parameters, from the same generator. For a probe that needs only I- (the detector):
+        it draws nothing for the other kind, so its views are not those of `sample` for the same seed."""
+        rng = as_rng(seed)
+        entry = self._choose(kind, rng)
+        return {"name": entry.name, "params": entry.sample(rng, width, height)}
+
+    def draw_view(self, image, seed, kind: str = "removing"):
+        """(view, record) of one view of one kind (`sample_view`); `replay_view` gives it back."""
+        width, height = image_size(image)
+        record = self.sample_view(kind, seed, width, height)
+        return self.replay_view(image, record), record
+
+    def replay_view(self, image, record: Mapping):
+        """The view of a record made by `draw_view` or `sample_view`."""
+        return self.entry(record["name"]).apply(image, record["params"])
 
     def replay(self, image, record: Mapping):
         """(I+, I-) from a record made by `draw` or `sample` (also after a JSON round trip)."""
