@@ -33,7 +33,7 @@ def _load_image(path: str | None):
     from PIL import Image, UnidentifiedImageError
 
     from cppo.perturb.gallery import sample_image
-    from cppo.perturb.image import pil_rgb
+    from cppo.perturb.image import to_rgb
 
     if path is None:
         return sample_image(), "bundled sample (astronaut)"
@@ -42,7 +42,7 @@ def _load_image(path: str | None):
     try:
         with Image.open(path) as img:
             img.load()
-            return Image.fromarray(pil_rgb(img), mode="RGB"), path
+            return to_rgb(img), path
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 

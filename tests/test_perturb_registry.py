@@ -17,6 +17,7 @@ from cppo.perturb import (
     get_perturbation,
     list_perturbations,
     register_perturbation,
+    to_rgb,
 )
 
 torch.set_num_threads(1)
@@ -194,6 +195,18 @@ def test_conversion_to_rgb_is_the_documented_one():
     # 4-channel tensor composited on white
     x = torch.tensor([0.2, 0.4, 0.6, 0.5]).view(1, 4, 1, 1)
     assert torch.allclose(get_perturbation("identity")(x, 0).flatten(), torch.tensor([0.6, 0.7, 0.8]))
+
+
+def test_to_rgb_is_the_perturbations_conversion():
+    # the one PIL -> RGB conversion: what every perturbation does to its input, a new image each time
+    rgba = Image.fromarray(np.dstack([textured(), np.tile(np.arange(W, dtype=np.uint8) * 5, (H, 1))]), "RGBA")
+    i16 = Image.fromarray(np.array([[0, 257 * 100, 65535]], np.uint16))
+    for img in (rgba, i16, Image.fromarray(textured()).quantize(8), Image.fromarray(textured()).convert("L")):
+        out = to_rgb(img)
+        assert out.mode == "RGB" and out.size == img.size
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(get_perturbation("identity")(img, 0)))
+    rgb = Image.fromarray(textured())
+    assert to_rgb(rgb) is not rgb and np.array_equal(np.asarray(to_rgb(rgb)), textured())
 
 
 def test_unknown_name_lists_valid_names():

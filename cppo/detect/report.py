@@ -33,12 +33,13 @@ import numpy as np
 from PIL import Image
 
 from cppo.detect.detector import Detection
+from cppo.perturb.image import to_rgb
 
 MAX_EXAMPLES = 50
 
 
 def _png_b64(image: Image.Image, max_side: int = 448) -> str:
-    img = image.convert("RGB")
+    img = to_rgb(image)  # a new image: thumbnail below works in place
     if max(img.size) < 224:  # tiny task images: enlarge with nearest so the pixels stay visible
         f = max(1, 224 // max(img.size))
         img = img.resize((img.width * f, img.height * f), Image.NEAREST)

@@ -15,7 +15,8 @@ Image contract (every entry, every preset):
       palette with transparency, C = 4 tensors) is composited on white, as Qwen2.5-VL's own
       image loader does; palette images are expanded; 16-bit and 32-bit integer images are
       scaled linearly (65535 -> 255), not clipped at 255 as PIL's `convert` would; numpy float
-      arrays are read as [0, 1] and become uint8.
+      arrays are read as [0, 1] and become uint8. `to_rgb(image)` applies this rule to a PIL image
+      (PIL in, PIL "RGB" out) wherever else cppo needs one.
     * Every perturbation keeps width and height, down to 1×1 (geometric entries return 1-pixel
       -wide images unchanged) and up to any size.
     * Tensors: one param dict applies to the whole batch (replay needs one record); pass a
@@ -41,7 +42,7 @@ from cppo.perturb.base import (
     list_perturbations,
     register_perturbation,
 )
-from cppo.perturb.image import image_size
+from cppo.perturb.image import image_size, to_rgb
 from cppo.perturb.presets import (
     PRESETS,
     Preset,
@@ -68,4 +69,5 @@ __all__ = [
     "preset_from_dict",
     "register_perturbation",
     "register_preset",
+    "to_rgb",
 ]

@@ -6,6 +6,8 @@ from importlib import resources
 
 from PIL import Image, ImageDraw, ImageFont
 
+from cppo.perturb.image import to_rgb
+
 LABEL_LINES = 2
 
 
@@ -14,7 +16,7 @@ def sample_image() -> Image.Image:
     with resources.files("cppo").joinpath("assets/sample.png").open("rb") as f:
         img = Image.open(f)
         img.load()
-    return img.convert("RGB")
+        return to_rgb(img)
 
 
 def _font(size: int):

@@ -5,7 +5,8 @@ Two internal forms, one per backend:
     tensor (B, 3, H, W) float32 [0,1] -> kornia, on the input's device
 
 `to_array` / `to_batch` convert any accepted input into one of them and return a `restore`
-function that turns the result back into the caller's type, size and dtype.
+function that turns the result back into the caller's type, size and dtype. `to_rgb` is the same
+conversion from PIL image to PIL image, for every other place that needs an RGB image.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def pil_rgb(img: Image.Image) -> np.ndarray:
     elif mode == "PA":
         img = img.convert("RGBA")
     return array_rgb(np.asarray(img))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> a new PIL image in mode "RGB", by the rule of `pil_rgb` (alpha composited on
+    white, palettes expanded, 16-bit scaled, not clipped). The one RGB conversion of cppo: the
+    perturbations, the bundled sample, images read by `cppo-perturb` and the detector's report."""
+    return Image.fromarray(pil_rgb(image), mode="RGB")
 
 
 def to_array(image) -> tuple[np.ndarray, Callable[[np.ndarray], object]]:
