@@ -5,7 +5,7 @@
 
 The data is any format ``cppo.rl.data.open_dataset`` reads (JSONL, a dataset folder, a Hugging Face
 save_to_disk folder, parquet). Prints a short table; ``--out`` writes the report (with every
-response) as JSON. See ``cppo.rl.evaluate`` for the definitions.
+response) as JSON. See ``cppo.models.evaluate`` (the one evaluator) for the definitions.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cppo.models import demo_model_path, load_model_and_processor
+    from cppo.models.evaluate import evaluate, format_table, resolve_temperature
     from cppo.precision import resolve_device, resolve_dtype
     from cppo.rl.data import DataError, open_dataset
-    from cppo.rl.evaluate import evaluate, format_table, resolve_temperature
 
     try:
         resolve_temperature(args.samples, args.temperature)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from cppo.models import demo_model_path
-from cppo.models.evaluate import evaluate_items
+from cppo.models.evaluate import evaluate_shapes
 from cppo.toy import split_items
 from tests.helpers import demo_model_and_processor
 
@@ -58,6 +58,6 @@ def test_demo_model_scores_its_card_on_the_ci_slice():
     sl = json.loads((DEMO / "eval_slice.json").read_text())
     model, processor = demo_model_and_processor()
     items = split_items("test", sl["n"], seed=sl["seed"], image_size=sl["image_size"])
-    result = evaluate_items(model, processor, items)
+    result = evaluate_shapes(model, processor, items)
     assert abs(result["accuracy"] - sl["accuracy"]) <= TOLERANCE, (result["accuracy"], sl["accuracy"])
     assert abs(result["format"] - sl["format"]) <= TOLERANCE, (result["format"], sl["format"])

@@ -4,6 +4,8 @@
 - `load_model_and_processor(path_or_id, device, dtype)`, `demo_model_path()` (`build.py`).
 - `ImageTextProcessor`: the processor used where `AutoProcessor` cannot load (`processor.py`).
 - `encode_prompts`, `encode_images`, `append_responses`, `generate_responses` (`inputs.py`).
+- `evaluate(model, processor, dataset, samples=K)` (`evaluate.py`): avg@K accuracy, format and
+  pass@K per question type, the one evaluator of `cppo-eval`, the trainer and the demo model.
 - `python -m cppo.models.warmstart` and `python -m cppo.models.evaluate`: the demo model's recipe.
 """
 

@@ -1,11 +1,30 @@
-"""Accuracy and format of a model on the shapes task, per question type (the model card's numbers).
+"""The evaluator: avg@K accuracy, format rate and pass@K of a model on prompts, per question type.
+
+One implementation for every caller: ``cppo-eval`` (cli/eval.py), the trainer's periodic
+evaluation (``cppo.rl.evaluate`` re-exports ``evaluate``), and the demo model's recipe, which
+scores the shapes task from here:
 
     python -m cppo.models.evaluate --model cppo/assets/demo-model --split test --n 400 [--out eval.json]
 
-Greedy decoding, docs/method.md §4 prompt, graded by `cppo.grading.grade`. Items are the split's first
-`n` (the ones `export_shapes_dataset(seed=...)` writes). Also reported: accuracy with every image
-replaced by a blank one of the background colour, a check that the model looks: a model whose
-answers do not change without the image has learned no perception.
+Each question is answered K times; its accuracy is the mean of the K grades and avg@K is the mean
+of that over questions (so every question weighs the same, whatever K). pass@K (at least one of
+the K correct) comes along for free. Grading is the training reward's (``cppo.grading.grade``:
+the last ``\\boxed{}`` with math-aware equivalence; format = think tags then a boxed answer), with
+the docs/method.md §4 prompt (``cppo.models.encode_prompts``).
+
+Temperature ``None`` means greedy for K = 1 and temperature 1.0 (the rollout temperature) for
+K > 1; K > 1 at temperature 0 is refused, since it would average K copies of one greedy answer.
+Sampling is seeded per batch, so a run repeats exactly on the same machine.
+
+A prompt is anything with the fields of ``EvalItem`` (``cppo.rl.data.Sample`` has them); a dataset
+is a sequence of prompts (``cppo.rl.data.PromptDataset``, a list).
+
+The demo recipe (``evaluate_split``, ``main``): greedy decoding on the first ``n`` items of a shapes
+split (the ones ``export_shapes_dataset(seed=...)`` writes), with each question type's chance
+level, and the accuracy with every image replaced by a blank one of the background colour, a check
+that the model looks: a model whose answers do not change without the image has learned no
+perception. It writes the ``eval.json`` / ``eval_slice.json`` the model card is made from
+(``cppo.models.card``).
 """
 
 from __future__ import annotations
@@ -15,6 +34,8 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -25,52 +46,177 @@ from cppo.models.inputs import encode_prompts, generate_responses
 from cppo.toy.shapes import BACKGROUND, CHANCE, DEFAULT_IMAGE_SIZE, QUESTION_TYPES, ShapesItem, split_items
 
 
+@dataclass(frozen=True)
+class EvalItem:
+    """The fields of a prompt that ``evaluate`` reads."""
+
+    question: str
+    answer: str
+    images: list[Image.Image] = field(default_factory=list)
+    question_type: str | None = None
+    source: str = ""
+
+
+def resolve_temperature(samples: int, temperature: float | None) -> float:
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if temperature is None:
+        return 0.0 if samples == 1 else 1.0
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature == 0 and samples > 1:
+        raise ValueError(
+            f"{samples} samples at temperature 0 are {samples} copies of one greedy answer: "
+            "set a temperature > 0, or --samples 1"
+        )
+    return temperature
+
+
+def score(questions: list[dict]) -> dict:
+    """Aggregate graded questions ``{"question_type", "accuracy": [K], "format": [K]}`` into the report."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for q in questions:
+        groups[q.get("question_type") or "all"].append(q)
+
+    def summary(qs: list[dict]) -> dict:
+        return {
+            "n": len(qs),
+            "accuracy": sum(sum(q["accuracy"]) / len(q["accuracy"]) for q in qs) / len(qs),
+            "format": sum(sum(q["format"]) / len(q["format"]) for q in qs) / len(qs),
+            "pass_at_k": sum(max(q["accuracy"]) for q in qs) / len(qs),
+        }
+
+    report = summary(questions)
+    if set(groups) != {"all"}:
+        report["per_type"] = {t: summary(groups[t]) for t in sorted(groups)}
+    return report
+
+
 @torch.no_grad()
-def evaluate_items(
+def evaluate(
+    model,
+    processor,
+    dataset: Sequence,
+    samples: int = 1,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    seed: int = 0,
+    limit: int | None = None,
+) -> dict:
+    """Answer each question ``samples`` times and grade; returns ``score``'s report plus ``questions``
+    (per question: source, question_type, answer, responses, accuracy and format lists)."""
+    temperature = resolve_temperature(samples, temperature)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    per_batch = max(1, batch_size // samples)  # questions per generate call; each repeated K times
+    pad = processor.tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    questions = []
+    for b, start in enumerate(range(0, n, per_batch)):
+        items = [dataset[i] for i in range(start, min(n, start + per_batch))]
+        rep = [s for s in items for _ in range(samples)]  # (N = questions x K)
+        batch = encode_prompts(processor, [s.question for s in rep], [s.images for s in rep])
+        ids, mask = generate_responses(
+            model,
+            processor,
+            batch,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature or 1.0,
+            top_p=top_p,
+            do_sample=temperature > 0,
+            generator_seed=seed * 100_003 + b,
+        )
+        texts = processor.batch_decode(ids.masked_fill(~mask.to(ids.device), pad), skip_special_tokens=True)
+        for j, s in enumerate(items):
+            responses = texts[j * samples : (j + 1) * samples]
+            grades = [grade(r, s.answer) for r in responses]
+            questions.append(
+                {
+                    "source": s.source,
+                    "question_type": s.question_type,
+                    "answer": s.answer,
+                    "responses": responses,
+                    "accuracy": [a for a, _ in grades],
+                    "format": [f for _, f in grades],
+                }
+            )
+    model.train(was_training)
+    report = score(questions)
+    report.update(
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        questions=questions,
+    )
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A short fixed-width table: one row per question type, then the overall row."""
+    k = report.get("samples", 1)
+    head = f"{'type':<16} {'n':>5} {f'avg@{k}':>8} {'format':>7} {f'pass@{k}':>7}"
+    rows = [head, "-" * len(head)]
+    for name, r in [*report.get("per_type", {}).items(), ("overall", report)]:
+        rows.append(
+            f"{name:<16} {r['n']:>5} {r['accuracy']:>8.3f} {r['format']:>7.3f} {r['pass_at_k']:>7.3f}"
+        )
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- the demo model's recipe
+
+
+def _shapes_prompts(items: list[ShapesItem], split: str, blank_images: bool) -> list[EvalItem]:
+    return [
+        EvalItem(
+            question=it.question,
+            answer=it.answer,
+            images=[Image.new("RGB", it.image.size, BACKGROUND) if blank_images else it.image],
+            question_type=it.question_type,
+            source=f"{split}:{i}",
+        )
+        for i, it in enumerate(items)
+    ]
+
+
+def evaluate_shapes(
     model,
     processor,
     items: list[ShapesItem],
     batch_size: int = 50,
     max_new_tokens: int = 48,
     blank_images: bool = False,
+    split: str = "test",
 ) -> dict:
-    """{"accuracy", "format", "n", "per_type": {type: {"accuracy", "format", "n", "chance"}}, "responses"}."""
-    acc: dict[str, list[float]] = defaultdict(list)
-    fmt: dict[str, list[float]] = defaultdict(list)
-    responses = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        images = [[Image.new("RGB", it.image.size, BACKGROUND) if blank_images else it.image] for it in chunk]
-        batch = encode_prompts(processor, [it.question for it in chunk], images)
-        ids, mask = generate_responses(
-            model, processor, batch, max_new_tokens=max_new_tokens, do_sample=False
-        )
-        texts = processor.batch_decode(
-            ids.masked_fill(~mask, processor.tokenizer.pad_token_id), skip_special_tokens=True
-        )
-        for it, text in zip(chunk, texts):
-            a, f = grade(text, it.answer)
-            acc[it.question_type].append(a)
-            fmt[it.question_type].append(f)
-            responses.append(text)
-    n = sum(len(v) for v in acc.values())
-    per_type = {
-        q: {
-            "accuracy": sum(acc[q]) / len(acc[q]),
-            "format": sum(fmt[q]) / len(fmt[q]),
-            "n": len(acc[q]),
-            "chance": CHANCE[q],
-        }
-        for q in QUESTION_TYPES
-        if acc[q]
-    }
+    """Greedy ``evaluate`` of shapes items, with chance levels: {"accuracy", "format", "n", "chance",
+    "per_type": {type: {"accuracy", "format", "n", "chance"}}, "responses"} (types in task order)."""
+    report = evaluate(
+        model,
+        processor,
+        _shapes_prompts(items, split, blank_images),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    per_type = report.get("per_type", {})
     return {
-        "accuracy": sum(sum(v) for v in acc.values()) / n,
-        "format": sum(sum(v) for v in fmt.values()) / n,
-        "n": n,
-        "chance": sum(CHANCE[it.question_type] for it in items) / n,
-        "per_type": per_type,
-        "responses": responses,
+        "accuracy": report["accuracy"],
+        "format": report["format"],
+        "n": report["n"],
+        "chance": sum(CHANCE[it.question_type] for it in items) / report["n"],
+        "per_type": {
+            q: {
+                "accuracy": per_type[q]["accuracy"],
+                "format": per_type[q]["format"],
+                "n": per_type[q]["n"],
+                "chance": CHANCE[q],
+            }
+            for q in QUESTION_TYPES
+            if q in per_type
+        },
+        "responses": [q["responses"][0] for q in report["questions"]],
     }
 
 
@@ -83,19 +229,24 @@ def evaluate_split(
     image_size: int = DEFAULT_IMAGE_SIZE,
     batch_size: int = 50,
     blank: bool = True,
+    max_new_tokens: int = 48,
 ) -> dict:
-    """`evaluate_items` on the first n items of a split, plus the blank-image accuracy unless not `blank`."""
+    """`evaluate_shapes` on the first n items of a split, plus the blank-image accuracy unless not `blank`."""
     items = split_items(split, n, seed=seed, image_size=image_size)
-    result = evaluate_items(model, processor, items, batch_size=batch_size)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, split=split)
+    result = evaluate_shapes(model, processor, items, **kw)
     if blank:
-        no_image = evaluate_items(model, processor, items, batch_size=batch_size, blank_images=True)
+        no_image = evaluate_shapes(model, processor, items, blank_images=True, **kw)
         result["blank_image_accuracy"] = no_image["accuracy"]
     result.update(split=split, seed=seed, image_size=image_size)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m cppo.models.evaluate",
+        description="Accuracy and format of a model on the shapes task, per question type",
+    )
     ap.add_argument(
         "--model", default=str(demo_model_path()), help="checkpoint dir (default: the bundled demo)"
     )

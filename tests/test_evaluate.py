@@ -1,10 +1,12 @@
+"""The one evaluator (cppo.models.evaluate): its report, cppo-eval end to end, the demo recipe."""
+
 import json
 
 import pytest
 
 from cli.eval import main
 from cppo.grading import grade
-from cppo.rl.evaluate import format_table, resolve_temperature, score
+from cppo.models.evaluate import format_table, resolve_temperature, score
 from cppo.toy import QUESTION_TYPES
 
 
@@ -84,14 +86,36 @@ def test_cppo_eval_end_to_end_avg_at_k(tiny, tmp_path, capsys):
 
 def test_greedy_eval_answers_as_the_model_card_evaluator(tiny, tmp_path):
     from cppo.models import load_model_and_processor
-    from cppo.models.evaluate import evaluate_items
+    from cppo.models.evaluate import evaluate_shapes
     from cppo.toy import split_items
 
     report = _run(tiny, tmp_path, "--limit", "4")
     assert report["n"] == 4 and report["temperature"] == 0.0
     model, processor = load_model_and_processor(tiny / "model")
-    reference = evaluate_items(model, processor, split_items("test", 4, seed=0), max_new_tokens=12)
+    reference = evaluate_shapes(model, processor, split_items("test", 4, seed=0), max_new_tokens=12)
     assert [q["responses"][0] for q in report["questions"]] == reference["responses"]
+
+
+def test_demo_recipe_report_is_the_evaluators_with_chance_and_blank_images(tiny):
+    from cppo.models import load_model_and_processor
+    from cppo.models.evaluate import evaluate_split
+    from cppo.toy import CHANCE, split_items
+
+    model, processor = load_model_and_processor(tiny / "model")
+    result = evaluate_split(model, processor, "test", 5, seed=0, batch_size=3, max_new_tokens=12)
+    assert set(result) == {
+        "accuracy", "format", "n", "chance", "per_type", "responses",
+        "blank_image_accuracy", "split", "seed", "image_size",
+    }  # fmt: skip
+    items = split_items("test", 5, seed=0)
+    grades = [grade(r, it.answer) for r, it in zip(result["responses"], items)]
+    assert result["n"] == 5 and result["accuracy"] == sum(a for a, _ in grades) / 5
+    assert result["format"] == sum(f for _, f in grades) / 5
+    assert result["chance"] == pytest.approx(sum(CHANCE[it.question_type] for it in items) / 5)
+    assert list(result["per_type"]) == [q for q in QUESTION_TYPES if q in {it.question_type for it in items}]
+    for q, r in result["per_type"].items():
+        assert r["chance"] == CHANCE[q] and r["n"] == sum(it.question_type == q for it in items)
+    assert 0.0 <= result["blank_image_accuracy"] <= 1.0
 
 
 def test_cppo_eval_errors_exit_2(tiny, tmp_path, capsys):
