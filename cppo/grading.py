@@ -9,12 +9,22 @@ newline. Equivalence is tried in this order, cheapest first:
 2. option letters: ``B``, ``(B)``, ``B.`` and ``B) text`` all read as ``b``;
 3. numbers and fractions: ``0.5`` = ``1/2`` = ``\\frac{1}{2}``, ``1,000`` = ``1000``;
 4. math-verify (a maintained grader of LaTeX and expressions) when it is installed.
+
+That is the ``mathverify`` grader, this project's default (TRL's ``accuracy_reward`` also grades
+with math-verify). The ``mathruler`` grader is the official code's: mathruler's
+``extract_boxed_content`` then ``grade_answer`` (OpenAI PRM800K's normalisation and a sympy
+difference), as verl's geo3k reward and EasyR1's math reward call them. ``grade(..., grader=)``
+chooses; docs/rewards.md measures where the two disagree. mathruler is an optional dependency
+(``pip install 'cppo[grading]'``), imported only when that grader is first used.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 
 FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
@@ -22,6 +32,12 @@ _OPTION_RE = re.compile(r"^\(?([A-Za-z])\)?(?:[.:)]\s*.*)?$")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 _WORDS_RE = re.compile(r"[a-z][a-z ]*")
 _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(-?[0-9.]+)\}\{(-?[0-9.]+)\}$")
+GRADERS = ("mathverify", "mathruler")
+GRADE_TIMEOUT_S = 5  # per answer, main thread only (SIGALRM); an answer that takes longer is wrong
+
+
+class MissingExtraError(ImportError, ValueError):
+    """An optional package a grader needs is not installed (a ValueError too, so config checks list it)."""
 
 
 def last_boxed(text: str) -> str | None:
@@ -106,8 +122,65 @@ def answers_match(predicted: str, truth: str) -> bool:
     return _math_verify_equal(predicted, truth)
 
 
-def grade(response: str, truth: str) -> tuple[float, float]:
-    """(accuracy, format) of one response, each 0.0 or 1.0."""
-    boxed = last_boxed(response)
-    accuracy = 1.0 if boxed is not None and answers_match(boxed, truth) else 0.0
-    return accuracy, 1.0 if format_ok(response) else 0.0
+def require_mathruler():
+    """mathruler's ``(extract_boxed_content, grade_answer)``, or a one-line error naming the extra."""
+    try:
+        from mathruler.grader import extract_boxed_content, grade_answer
+    except ImportError as e:  # mathruler itself, or pylatexenc, which it imports without declaring it
+        missing = (e.name or "mathruler").partition(".")[0]
+        raise MissingExtraError(
+            f"the mathruler grader needs the {missing} package: pip install 'cppo[grading]'"
+        ) from None
+    return extract_boxed_content, grade_answer
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the block after ``seconds``; no limit off the main thread or without SIGALRM."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"grading took over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def mathruler_correct(response: str, truth: str) -> bool:
+    """The official code's accuracy: ``grade_answer(extract_boxed_content(response), truth)``.
+
+    Called as verl's geo3k reward and EasyR1's math reward call it, quirks included: the last box's
+    content is stripped; a response with no complete box grades the string ``"None"``. One addition:
+    a grading that raises, or runs over ``GRADE_TIMEOUT_S`` (sympy can stall), is wrong instead of
+    ending or stalling the run.
+    """
+    extract_boxed_content, grade_answer = require_mathruler()
+    try:
+        with _time_limit(GRADE_TIMEOUT_S):
+            return bool(grade_answer(extract_boxed_content(response), truth))
+    except Exception:  # a timeout or a parser error: as for math-verify, the answer is wrong, the run goes on
+        return False
+
+
+def grade(response: str, truth: str, grader: str = "mathverify") -> tuple[float, float]:
+    """(accuracy, format) of one response, each 0.0 or 1.0.
+
+    ``grader`` is one of ``GRADERS``: ``mathverify`` (this module's rules on the last box, the
+    default) or ``mathruler`` (the official code's grader; needs ``cppo[grading]``). Format is the
+    same check for both.
+    """
+    if grader == "mathverify":
+        boxed = last_boxed(response)
+        correct = boxed is not None and answers_match(boxed, truth)
+    elif grader == "mathruler":
+        correct = mathruler_correct(response, truth)
+    else:
+        raise ValueError(f"unknown grader {grader!r}; valid: {', '.join(GRADERS)}")
+    return 1.0 if correct else 0.0, 1.0 if format_ok(response) else 0.0

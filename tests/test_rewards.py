@@ -26,8 +26,37 @@ def test_default_weights_give_point_nine_accuracy_plus_point_one_format():
 
 
 def test_unknown_reward_lists_the_valid_names():
-    with pytest.raises(ValueError, match="unknown reward 'acc'; valid: accuracy, format, or a user function"):
+    with pytest.raises(
+        ValueError,
+        match="unknown reward 'acc'; valid: accuracy, accuracy_mathruler, format, or a user function",
+    ):
         get_reward("acc")
+
+
+def test_the_official_reward_is_accuracy_mathruler_and_format_at_point_nine_and_point_one():
+    pytest.importorskip("mathruler.grader")
+    scorer = RewardScorer(["accuracy_mathruler", "format"], [0.9, 0.1])
+    responses = [GOOD, "<think>x</think> \\boxed{2/4}", "\\boxed{4 \\text{ or } 5}"]
+    result = scorer(responses, ["0.5", "1/2", "4"], [dict(SAMPLE)] * 3)
+    # mathruler refuses an unreduced a/b and reads "4 \text{ or } 5" as "4" (docs/rewards.md)
+    assert result.components == {"accuracy_mathruler": [1.0, 0.0, 1.0], "format": [1.0, 1.0, 0.0]}
+    assert result.total == pytest.approx([1.0, 0.1, 0.9]) and result.errors == []
+    assert "reward/accuracy_mathruler" in result.metrics()
+
+
+def test_a_missing_mathruler_stops_the_run_at_its_config_not_as_zero_rewards(monkeypatch):
+    from cppo.rl.config import ConfigError, TrainConfig
+
+    monkeypatch.delitem(sys.modules, "mathruler.grader", raising=False)
+    monkeypatch.setitem(sys.modules, "mathruler", None)
+    message = "the mathruler grader needs the mathruler package: pip install 'cppo\\[grading\\]'"
+    with pytest.raises(ImportError, match=message):
+        get_reward("accuracy_mathruler")
+    with pytest.raises(ValueError, match=message):
+        RewardScorer(["accuracy_mathruler", "format"], [0.9, 0.1])
+    with pytest.raises(ConfigError, match="rewards: " + message):
+        TrainConfig(rewards=["accuracy_mathruler", "format"])
+    RewardScorer(["accuracy", "format"], [0.9, 0.1])  # the default reward needs none of it
 
 
 def test_user_reward_from_a_file_path(tmp_path):

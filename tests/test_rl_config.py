@@ -208,7 +208,8 @@ def test_validate_changes_nothing():
 
 
 def test_reward_names_are_checked():
-    with pytest.raises(ConfigError, match="rewards: unknown reward 'acuracy'; valid: accuracy, format"):
+    valid = "valid: accuracy, accuracy_mathruler, format"
+    with pytest.raises(ConfigError, match=f"rewards: unknown reward 'acuracy'; {valid}"):
         TrainConfig(rewards=["acuracy", "format"])
     with pytest.raises(ConfigError, match=r"reward names must be distinct, got \['accuracy', 'accuracy'\]"):
         TrainConfig(rewards=["accuracy", "mod.py:accuracy"])

@@ -7,6 +7,14 @@ the dataset's extra columns).
 Built in (docs/method.md §4): ``accuracy`` grades the last ``\\boxed{...}`` against the truth with
 ``cppo.grading`` (numbers, fractions, LaTeX through math-verify, option letters) and ``format``
 checks ``<think>...</think>...\\boxed{...}``; the default total is 0.9 accuracy + 0.1 format.
+``accuracy_mathruler`` is the official code's accuracy (mathruler's ``extract_boxed_content`` +
+``grade_answer``, as in verl's geo3k and EasyR1's math rewards): ``--rewards accuracy_mathruler
+format --reward-weights 0.9 0.1`` is the paper's reward. It needs ``pip install 'cppo[grading]'``;
+docs/rewards.md measures how often the two accuracies agree and which is right where they differ.
+
+A registered reward may carry ``requires``, a no-argument callable that raises (a ``ValueError``
+naming what to install) when an optional package is missing; ``get_reward`` calls it, so the run
+stops at its config check instead of scoring every response 0 through the error handling below.
 
 A user function is named ``module:function`` (importable) or ``path/to/file.py:function``, in the
 config's ``rewards`` list beside the built-in names.
@@ -27,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cppo.grading import grade
+from cppo.grading import grade, require_mathruler
 from cppo.registry import Registry
 
 REWARDS = Registry("reward")
@@ -38,6 +46,15 @@ RewardFn = Callable[[str, str, dict], float]
 @register_reward("accuracy")
 def accuracy_reward(response: str, answer: str, sample: dict) -> float:
     return grade(response, answer)[0]
+
+
+@register_reward("accuracy_mathruler")
+def accuracy_mathruler_reward(response: str, answer: str, sample: dict) -> float:
+    """The official code's grader (mathruler), as verl/EasyR1 score ``accuracy``; needs cppo[grading]."""
+    return grade(response, answer, grader="mathruler")[0]
+
+
+accuracy_mathruler_reward.requires = require_mathruler
 
 
 @register_reward("format")
@@ -53,7 +70,11 @@ def get_reward(spec: str) -> RewardFn:
                 f"unknown reward {spec!r}; valid: {', '.join(REWARDS.names())}, or a user function as "
                 "module:function or path/to/file.py:function"
             )
-        return REWARDS.get(spec)
+        fn = REWARDS.get(spec)
+        requires = getattr(fn, "requires", None)
+        if requires is not None:
+            requires()
+        return fn
     return load_user_function(spec)
 
 
