@@ -3,6 +3,8 @@
 - `build_tiny_model(config, seed)`, `TinyVLMConfig`: a real Qwen2.5-VL at CPU size (`build.py`).
 - `load_model_and_processor(path_or_id, device, dtype)`, `demo_model_path()` (`build.py`).
 - `ImageTextProcessor`: the processor used where `AutoProcessor` cannot load (`processor.py`).
+- `ImageOnlyQwen2_5_VLProcessor`: the stock `Qwen2_5_VLProcessor` without its video processor, a real
+  `ProcessorMixin` that loads without torchvision (TRL accepts it) (`vl_processor.py`).
 - `encode_prompts`, `encode_images`, `append_responses`, `generate_responses` (`inputs.py`).
 - `evaluate(model, processor, dataset, samples=K)` (`evaluate.py`): avg@K accuracy, format and
   pass@K per question type, the one evaluator of `cppo-eval`, the trainer and the demo model.
@@ -27,11 +29,13 @@ from cppo.models.inputs import (
 )
 from cppo.models.processor import ImageTextProcessor
 from cppo.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, VISION_TOKENS, build_tokenizer
+from cppo.models.vl_processor import ImageOnlyQwen2_5_VLProcessor
 
 __all__ = [
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "VISION_TOKENS",
+    "ImageOnlyQwen2_5_VLProcessor",
     "ImageTextProcessor",
     "TinyVLMConfig",
     "append_responses",
