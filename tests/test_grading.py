@@ -96,6 +96,30 @@ def test_mathruler_is_called_as_the_official_code_calls_it():
         assert mathruler_correct(response, truth) is grade_answer(extract_boxed_content(response), truth)
 
 
+def test_a_stalled_or_raising_mathruler_grading_is_wrong_and_the_alarm_is_restored(monkeypatch):
+    grader = pytest.importorskip("mathruler.grader")
+    import signal
+    import time
+
+    from cppo import grading
+
+    def stall(given, truth):
+        time.sleep(3)
+        return True
+
+    def explode(given, truth):
+        raise RecursionError("sympy")
+
+    monkeypatch.setattr(grading, "GRADE_TIMEOUT_S", 0.2)
+    before = signal.getsignal(signal.SIGALRM)
+    for fake in (stall, explode):
+        monkeypatch.setattr(grader, "grade_answer", fake)
+        start = time.monotonic()
+        assert grading.mathruler_correct("\\boxed{1}", "1") is False
+        assert time.monotonic() - start < 2
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
 @pytest.mark.parametrize("blocked", ["mathruler.grader", "pylatexenc"])
 def test_a_missing_mathruler_says_which_extra_to_install(monkeypatch, blocked):
     from cppo.grading import MissingExtraError, require_mathruler
