@@ -30,7 +30,7 @@ FIGURE = Path("docs/img/architecture.svg")
 # Top layer first. A unit may import units of the layers BELOW its own, and nothing else.
 LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["cli"]),
-    ("trainer", ["cppo.rl"]),
+    ("trainers", ["cppo.rl", "cppo.integrations"]),
     ("detector", ["cppo.detect"]),
     ("models and scoring", ["cppo.models", "cppo.scoring"]),
     ("maths, views, task", ["cppo.toy", "cppo.loss", "cppo.perturb"]),
