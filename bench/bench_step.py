@@ -9,10 +9,10 @@ In one process, on the same model, data and seed, each repeat:
   2. runs, in a rotated order (A,B,C / B,C,A / ...), each variant's old/ref log-probs and policy
      update from a copy of the same starting weights and a fresh AdamW, on the CPPO rollouts:
      - `grpo`: PPO-clip + beta·KL(ref), no views;
-     - `cppo_official`: as the official code: the I- and I+ passes on EVERY row
-       (`skip_views=False`), and every pass through the model's own full forward with all
-       positions through the output head and the (n, T, V) logits in float32 at once
-       (`full_logits=True`, cppo.scoring);
+     - `cppo_official`: as the official code: the I- and I+ passes on EVERY row (the perception
+       term `ContrastivePerception(every_row=True)`), and every pass through the model's own full
+       forward with all positions through the output head and the (n, T, V) logits in float32 at
+       once (the scoring function `response_stats(..., full_logits=True)`, cppo.scoring);
      - `cppo`: this project: views only on gated rows, head only on response positions, chunked.
 Step time of a variant = its rollout (GRPO's or CPPO's) + its old/ref log-probs + its update. Ratios
 to GRPO are taken per repeat, then summarised as median [min-max].
@@ -58,14 +58,15 @@ from cppo.perturb import get_preset
 from cppo.precision import resolve_dtype
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import Sample
+from cppo.rl.perception import ContrastivePerception
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 
 VARIANTS = ("grpo", "cppo_official", "cppo")
 # --ablate-share / --ablate-fused add these: grpo / cppo with one optimisation of cppo.scoring off,
-# i.e. the code before it: the vision tower once per row (SHARE_IMAGES), the checkpointed autograd
-# head of cppo.loss.entropy instead of the hand-written backward (FUSED_HEAD).
+# i.e. the code before it: the vision tower once per row (share_images=False), the checkpointed
+# autograd head of cppo.loss.entropy instead of the hand-written backward (fused=False).
 ABLATIONS = {"share": ("grpo_noshare", "cppo_noshare"), "fused": ("grpo_unfused", "cppo_unfused")}
 PHASES = ("rollout", "reward", "old_ref_logprobs", "update", "perception")
 
@@ -190,14 +191,22 @@ def rollouts(model, processor, samples, args, algo: str, seed: int):
     return ro, time.perf_counter() - t0, timer["reward"]
 
 
+def variant_passes(variant: str):
+    """(scoring function, perception term or None = the config's) that `variant` hands the update:
+    how every pass is scored, and which rows get the I-/I+ passes."""
+    if variant == "cppo_official":  # every pass on every row, all logits in float32 at once
+        official = functools.partial(scoring.response_stats, full_logits=True)
+        return official, ContrastivePerception(every_row=True)
+    kw = {"share_images": not variant.endswith("_noshare"), "fused": not variant.endswith("_unfused")}
+    return functools.partial(scoring.response_stats, **kw), None
+
+
 def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer, dict]:
     """Old/ref log-probs and the policy update of `variant` from `start_state`; (timer, metrics)."""
     from cppo.rl.setup import build_optimizer  # the trainer's own optimizer and schedule
 
     algo = "grpo" if variant.startswith("grpo") else "cppo"
-    official = variant == "cppo_official"
-    scoring.SHARE_IMAGES = not variant.endswith("_noshare")
-    scoring.FUSED_HEAD = not variant.endswith("_unfused")
+    score, term = variant_passes(variant)
     cfg = train_config(args, algo)
     policy.load_state_dict(start_state)
     optimizer, scheduler = build_optimizer(policy, cfg, 8)
@@ -206,15 +215,12 @@ def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer
     _sync(args.device)
     with timer("old_ref_logprobs"):
         if cfg.mini_batch_size and cfg.mini_batch_size < ro.num_rows:  # more than one update: off-policy
-            ro.old_logp = rollout_logprobs(policy, ro, cfg, full_logits=official)
-        ro.ref_logp = rollout_logprobs(ref, ro, cfg, full_logits=official)
+            ro.old_logp = rollout_logprobs(policy, ro, cfg, score=score)
+        ro.ref_logp = rollout_logprobs(ref, ro, cfg, score=score)
         _sync(args.device)
-    metrics = policy_update(
-        policy, optimizer, scheduler, ro, cfg, timer, skip_views=not official, full_logits=official
-    )
+    metrics = policy_update(policy, optimizer, scheduler, ro, cfg, timer, score=score, term=term)
     _sync(args.device)
     del optimizer, scheduler
-    scoring.SHARE_IMAGES = scoring.FUSED_HEAD = True
     return timer, metrics
 
 

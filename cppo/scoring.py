@@ -2,7 +2,7 @@
 
 Both the detector and the trainer score a sampled response by teacher forcing it. This module runs
 the model's backbone once, keeps only the hidden states that predict response tokens, and sends
-those through the output head in chunks of positions (`cppo.detect.select.chunked_entropy_and_logprob`),
+those through the output head in chunks of positions (`cppo.loss.entropy.chunked_entropy_and_logprob`),
 so the (N, T, V) logits of a long response never exist at once and prompt positions never reach
 the head (docs/method.md §5.8). Entropy and log-prob come from the same chunk's logits.
 
@@ -11,10 +11,15 @@ Two departures from the official code, both with equal loss and gradients
 their shared image once per pass (`shared_image_features`), and the head's backward is written by
 hand (`fused_head_stats`) instead of re-running each checkpointed chunk through autograd.
 
-`full_logits=True` is the official code's way, kept as a reference for tests and benchmarks
-(bench/bench_step.py): the model's own forward puts EVERY position (prompt and response) through the
-output head, and the response's (N, T, V) logits are upcast to float32 and turned into log-probs
-and entropies all at once, so the float32 (N, T, V) tensors live until the backward.
+The paths these replaced stay as plain parameters of `plain_response_stats`, for the tests and for
+bench/bench_step.py, which passes them to the trainer's update as its scoring function (e.g.
+`functools.partial(response_stats, full_logits=True)`); the trainer itself never sets them:
+- `full_logits=True` is the official code's way: the model's own forward puts EVERY position (prompt
+  and response) through the output head, and the response's (N, T, V) logits are upcast to float32
+  and turned into log-probs and entropies all at once, so the float32 (N, T, V) tensors live until
+  the backward;
+- `share_images=False` runs the vision tower once per row;
+- `fused=False` uses cppo.loss.entropy's checkpointed chunks instead of the hand-written backward.
 
 Letters: N rows, L prompt columns (left-padded), T response columns, D hidden size, V vocabulary.
 """
@@ -25,13 +30,6 @@ import torch
 
 from cppo.loss.entropy import chunked_entropy_and_logprob
 from cppo.precision import autocast_dtype
-
-# Default of `share_images` when a caller passes None (the trainer does); bench/bench_step.py turns it
-# off to measure the per-row encoding it replaced.
-SHARE_IMAGES = True
-# Whether `response_stats` uses `fused_head_stats` (else cppo.detect.select's checkpointed chunks);
-# bench/bench_step.py turns it off to measure the path it replaced.
-FUSED_HEAD = True
 
 
 def backbone_and_head(model):
@@ -134,7 +132,8 @@ def plain_response_stats(
     pixel_values: torch.Tensor | None = None,
     entropy_grad: bool = False,
     full_logits: bool = False,
-    share_images: bool | None = None,
+    share_images: bool = True,
+    fused: bool = True,
     run_vision: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view, float32.
@@ -143,20 +142,20 @@ def plain_response_stats(
     (it only ranks tokens) unless `entropy_grad` (PAPO's entropy regulariser needs it). Logits are
     divided by `temperature` (docs/method.md §5.6). `full_logits`: the official code's unchunked path
     (see the module docstring); same values, much more memory; it encodes every row's images, as
-    the official code does. `share_images`: encode a group's repeated images once (None: the module's
-    SHARE_IMAGES, True).
+    the official code does. `share_images`: encode a group's repeated images once. `fused`: the head
+    through `fused_head_stats` where it applies (a plain linear head, detached entropy), else the
+    checkpointed chunks of cppo.loss.entropy. `run_vision`: see `response_hidden`.
     """
     if full_logits:
         return _full_logits_stats(
             model, inputs, response_ids, response_mask, temperature, pixel_values, entropy_grad
         )
     _, head = backbone_and_head(model)
-    share = SHARE_IMAGES if share_images is None else share_images
-    hidden = response_hidden(model, inputs, pixel_values, share, run_vision)  # (N, T, D)
+    hidden = response_hidden(model, inputs, pixel_values, share_images, run_vision)  # (N, T, D)
     mask = response_mask.to(hidden.device).bool()
     targets = response_ids.to(hidden.device)
     plain_linear = isinstance(head, torch.nn.Linear) and head.bias is None
-    if FUSED_HEAD and plain_linear and not entropy_grad and bool(mask.any()):
+    if fused and plain_linear and not entropy_grad and bool(mask.any()):
         return fused_head_stats(hidden, head.weight, targets, mask, temperature, chunk_size)
     return chunked_entropy_and_logprob(
         hidden,
@@ -193,7 +192,7 @@ class _HeadStats(torch.autograd.Function):
 
     Forward keeps only h and one log-sum-exp per position. Backward recomputes each chunk's logits
     once and forms d logp / d z = onehot(target) - softmax(z) directly from the saved log-sum-exp.
-    The checkpointed autograd path (cppo.detect.select) instead re-runs the whole chunk function in
+    The checkpointed autograd path (cppo.loss.entropy) instead re-runs the whole chunk function in
     backward, entropy included, and then back-propagates through log_softmax and gather: about a
     third more work over (P, V) per pass, for the same numbers. The entropy is detached (it only
     ranks tokens), so the gradient is that of the log-prob alone.

@@ -2,7 +2,8 @@
 
 - `share_images`: a group's repeated images encoded once vs once per row;
 - the chunked head vs `full_logits` (the official code's way), the reference of bench/bench_step.py;
-- `fused_head_stats` (hand-written backward) vs the checkpointed chunks of cppo.detect.select.
+- `fused_head_stats` (hand-written backward) vs the checkpointed chunks of cppo.loss.entropy
+  (`fused=False`).
 """
 
 import torch
@@ -63,14 +64,11 @@ def test_full_logits_reference_equals_chunked_head():
         torch.testing.assert_close(fast[2][name], slow[2][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_fused_head_equals_checkpointed_chunks(monkeypatch):
-    from cppo import scoring
-
+def test_fused_head_equals_checkpointed_chunks():
     model, processor = tiny_model_and_processor()
     inputs, ids, mask = _group_inputs(model, processor, group=2, tokens=11)
     fast = _stats_and_grads(model, inputs, ids, mask)
-    monkeypatch.setattr(scoring, "FUSED_HEAD", False)
-    slow = _stats_and_grads(model, inputs, ids, mask)
+    slow = _stats_and_grads(model, inputs, ids, mask, fused=False)
     torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast[1], slow[1], atol=1e-5, rtol=1e-5)
     assert fast[2].keys() == slow[2].keys() and any("embed_tokens" in n for n in fast[2])  # tied head

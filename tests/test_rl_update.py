@@ -8,6 +8,7 @@ import torch
 from cppo.perturb import get_preset
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import open_dataset
+from cppo.rl.perception import ContrastivePerception
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.update import Timer, micro_batch_loss
@@ -47,9 +48,11 @@ def rollouts(tmp_path_factory):
 
 
 def _loss_and_grads(model, ro, cfg, skip_views):
+    """`skip_views=False`: the perception term that runs the views on every row, as the official code."""
     model.zero_grad(set_to_none=True)
     timer = Timer()
-    loss, metrics = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, timer, skip_views=skip_views)
+    term = None if skip_views else ContrastivePerception(every_row=True)
+    loss, metrics = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, timer, term=term)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), metrics, grads, timer

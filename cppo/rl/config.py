@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 from transformers.hf_argparser import HfArgumentParser, string_to_bool
 
-ALGOS = ("grpo", "cppo", "papo")
+ALGOS = ("cppo", "grpo", "papo")  # the built-in perception terms (cppo.rl.perception)
 DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
 _AT_LEAST_ONE = "max_steps prompts_per_step group_size micro_batch_size ppo_epochs logits_chunk_size \
@@ -260,8 +260,6 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 errors.append(f"{name} must be >= 0 (0 turns it off), got {value}")
-        if self.algo not in ALGOS:
-            errors.append(f"unknown algo {self.algo!r}; valid: {', '.join(ALGOS)}")
         if self.keep_best and not self.eval_every:
             errors.append("keep_best needs evaluations to compare: set --eval-every N (or drop --keep-best)")
         for name, valid in (("dtype", DTYPES), ("lr_schedule", SCHEDULES)):
@@ -362,8 +360,10 @@ def _registry_errors(cfg: TrainConfig) -> list[str]:
     """Names that must be in a registry; the registries' own errors list the valid names."""
     from cppo.loss import AGGREGATIONS, DIVERGENCES, GATES, POLICY_LOSSES, SELECTORS
     from cppo.perturb import get_preset
+    from cppo.rl.perception import get_perception_term
 
     checks = [
+        ("algo", get_perception_term),
         ("kl_estimator", DIVERGENCES.get),
         ("policy_loss", POLICY_LOSSES.get),
         ("loss_agg", AGGREGATIONS.get),

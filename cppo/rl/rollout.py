@@ -22,6 +22,7 @@ from cppo.models.inputs import END_TOKENS
 from cppo.precision import autocast, resolve_dtype
 from cppo.rl.data import Sample
 from cppo.rl.fsdp import gathered
+from cppo.rl.perception import get_perception_term
 from cppo.rl.rewards import RewardResult, RewardScorer
 
 
@@ -114,7 +115,8 @@ def collect_rollouts(
 ) -> Rollouts:
     """Generate G responses per prompt with the current policy and score them.
 
-    `cfg` supplies group_size, max_new_tokens, temperature, top_p, adv_std_scale and algo;
+    `cfg` supplies group_size, the sampler's settings, adv_std_scale and algo (whose perception term
+    says which views to draw: cppo.rl.perception);
     `timer` (cppo.rl.update.Timer) receives the reward phase's seconds.
     """
     G = cfg.group_size
@@ -126,11 +128,12 @@ def collect_rollouts(
 
     views: dict[str, torch.Tensor] = {}
     records: list[list[dict]] = [[] for _ in samples]
-    if cfg.algo != "grpo" and any(images):
+    needed = get_perception_term(cfg.algo).views  # CPPO both, PAPO the removing one, GRPO none
+    if needed and any(images):
         pos, neg, records = draw_views(samples, view_seeds, preset)
-        if cfg.algo == "cppo":  # PAPO contrasts the original with the removing view only
-            views["positive"] = _row_pixels(batch_b, encode_images(processor, pos)[0], rows, image_token_id)
-        views["negative"] = _row_pixels(batch_b, encode_images(processor, neg)[0], rows, image_token_id)
+        drawn = {"positive": pos, "negative": neg}
+        for view in needed:
+            views[view] = _row_pixels(batch_b, encode_images(processor, drawn[view])[0], rows, image_token_id)
 
     device = next(model.parameters()).device
     # FSDP: one all-gather for the whole generation; bf16 compute under --dtype bfloat16

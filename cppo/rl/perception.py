@@ -1,0 +1,183 @@
+"""The perception term of the update, chosen by name (`--algo`): which views an algorithm's rollouts
+need, and what it adds to GRPO's loss for one micro-batch.
+
+    term = get_perception_term(cfg.algo)      # "grpo" | "cppo" | "papo"
+    term.views                                # the views each rollout draws and encodes
+    getattr(cfg, term.preset_option)          # the preset those views come from
+    extra, metrics = term(mb)                 # the weighted term of one micro-batch, or None
+
+Entries, registered like the losses (cppo.registry, after verl's core_algos):
+
+- "grpo": `PerceptionTerm()`, no views and nothing added: GRPO itself;
+- "cppo": `ContrastivePerception()`, I+ and I-, lambda·CPL on the perception tokens (docs/method.md
+  §2–3), its view passes only on the rows that can carry CPL (§5.7);
+- "papo": `ImplicitPerception()`, the masked view only, PAPO's gamma·(-KL) and double-entropy terms
+  (arXiv 2507.06448).
+
+`mb` is one micro-batch as cppo.rl.update.MicroBatch holds it: its rows of the step's rollouts, the
+config, the anchor pass's entropies and log-probs, and three means: `mb.stats(rows, view)` runs
+another pass, `mb.rows_in_step(n)` agrees on a pass with the other processes, `mb.stand_ins(...)`
+stands in for a pass only other processes need. Under FSDP every rank must issue the same passes in
+every micro-batch (cppo.rl.update's module docstring says why and how); a term keeps that by asking
+`mb.rows_in_step` before each view pass and standing in when it answers -1.
+
+Letters: n rows of the micro-batch, v rows with a view pass, T response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cppo.loss import (
+    contrastive_perception_loss,
+    entropy_bonus,
+    gate_responses,
+    implicit_perception_loss,
+    select_perception_tokens,
+)
+from cppo.registry import Registry
+
+# An entry is a PerceptionTerm: `views`, `preset_option`, `entropy_grad(cfg)`, `__call__(mb)`.
+PERCEPTION_TERMS = Registry("algo")
+register_perception_term = PERCEPTION_TERMS.register
+get_perception_term = PERCEPTION_TERMS.get
+
+
+@dataclass(frozen=True)
+class PerceptionTerm:
+    """No perception term (GRPO): no views, nothing added to the loss. The base of the others."""
+
+    views: tuple[str, ...] = ()  # views of each prompt the rollouts draw and encode
+    preset_option: str = "preset"  # the config field that names the preset they are drawn from
+
+    def entropy_grad(self, cfg) -> bool:
+        """Whether the anchor pass's entropies H(I) must carry a gradient."""
+        return False
+
+    def __call__(self, mb) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """(the weighted term to add to the micro-batch's loss, or None; its metrics)."""
+        return None, {}
+
+
+@dataclass(frozen=True)
+class ContrastivePerception(PerceptionTerm):
+    """CPPO: lambda·L_CPL on the perception tokens, with the anchor as the InfoNCE query.
+
+    The gate (A > 0 by default) picks the rows that may carry CPL; only those rows get the I- pass
+    (log-probs for the loss, entropies for the selection), and only rows with at least one selected
+    token get the I+ pass. A row outside that set contributes exactly 0 to L_CPL, so its passes are
+    skipped without changing the loss (docs/method.md §5.7). `every_row=True` runs both passes on
+    every row of a micro-batch that needs them, as the official code does: the same loss and
+    gradients (tests/test_rl_update.py), more passes (bench/bench_step.py measures them).
+    """
+
+    views: tuple[str, ...] = ("positive", "negative")
+    every_row: bool = False
+
+    def __call__(self, mb):
+        if not mb.cfg.cpl_lambda > 0:
+            return None, {}
+        cpl, metrics = _cpl(mb, self.every_row)
+        return mb.cfg.cpl_lambda * cpl, metrics
+
+
+@dataclass(frozen=True)
+class ImplicitPerception(PerceptionTerm):
+    """PAPO (arXiv 2507.06448) on the image rows: gamma·(-KL(pi_I || pi_Imask)) on every response
+    token, plus the double-entropy regulariser eta·(H(I) + H(Imask)) that keeps the maximised KL from
+    being won by making either view's distribution flat. The masked view comes from `papo_preset`."""
+
+    views: tuple[str, ...] = ("negative",)  # PAPO contrasts the original with the removing view only
+    preset_option: str = "papo_preset"
+
+    def entropy_grad(self, cfg) -> bool:
+        return cfg.papo_entropy_coef > 0
+
+    def __call__(self, mb):
+        return _papo(mb)
+
+
+register_perception_term("grpo")(PerceptionTerm())
+register_perception_term("cppo")(ContrastivePerception())
+register_perception_term("papo")(ImplicitPerception())
+
+
+def _cpl(mb, every_row: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """lambda-free CPL of a micro-batch; rows without an image or a passing gate skip the views."""
+    cfg, ro, rows, entropy, logp = mb.cfg, mb.ro, mb.rows, mb.entropy, mb.logp
+    device = logp.device
+    mask = ro.response_mask[rows].to(device)  # (n, T)
+    adv, rewards = ro.advantages[rows].to(device), ro.rewards[rows].to(device)
+    gate = gate_responses(adv, rewards, cfg.cpl_gate, max_reward=sum(cfg.reward_weights))  # (n,)
+    gate &= ro.has_image[rows].to(device)
+    needs_views = bool(ro.views) and bool(gate.any())
+    local = list(range(len(rows))) if every_row else gate.nonzero().squeeze(1).tolist()
+    in_step = mb.rows_in_step(len(local) if needs_views else 0)
+    if in_step == 0:  # no process runs I- (nor I+)
+        return _no_cpl(logp)
+    if in_step == -1:  # only other processes do: stand in for I-, then join their I+ agreement
+        neg = mb.stand_ins(-1, ("negative",))
+        pos = mb.stand_ins(mb.rows_in_step(0), ("positive",))
+        return _no_cpl(logp, *neg, *pos)
+    view_rows = [rows[i] for i in local]
+    with mb.timer("perception"):
+        ent_neg, logp_neg = mb.stats(view_rows, view="negative")  # (v, T)
+    # docs/method.md §2: the top fraction of positively shifted tokens per response, then the gate
+    # (which already holds "has an image"), computed once above.
+    sel = select_perception_tokens(
+        entropy[local], ent_neg, mask[local], top_percent=cfg.top_percent, score=cfg.selector
+    )  # (v, T) bool
+    sel &= gate[local].unsqueeze(1)
+    keep = list(range(len(local))) if every_row else sel.any(dim=1).nonzero().squeeze(1).tolist()
+    in_step = mb.rows_in_step(len(keep))
+    if in_step <= 0:
+        return _no_cpl(logp, logp_neg, *mb.stand_ins(in_step, ("positive",)))
+    with mb.timer("perception"):
+        _, logp_pos = mb.stats([view_rows[i] for i in keep], view="positive")
+    anchor = logp[[local[i] for i in keep]]
+    cpl, metrics = contrastive_perception_loss(
+        anchor,
+        logp_pos,
+        logp_neg[keep],
+        sel[keep],
+        tau=cfg.cpl_tau,
+        divergence=cfg.cpl_divergence,
+        agg="token-mean",
+        response_mask=mask[[local[i] for i in keep]],
+    )
+    metrics["cpl/mask_frac"] = float(sel.sum()) / max(int(mask.sum()), 1)  # of the micro-batch's tokens
+    metrics["cpl/rows"] = float(len(keep))
+    return cpl, metrics
+
+
+def _no_cpl(*graph: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """An exact 0 that stays in the autograd graph of `graph`, and the metrics of an empty CPL."""
+    zero = sum(t.sum() * 0.0 for t in graph)
+    return zero, {"cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
+
+
+def _papo(mb) -> tuple[torch.Tensor, dict[str, float]]:
+    """PAPO's gamma-weighted KL and eta-weighted entropy terms of a micro-batch's image rows."""
+    cfg, ro, rows, entropy, logp = mb.cfg, mb.ro, mb.rows, mb.entropy, mb.logp
+    device = logp.device
+    image_rows = [i for i, r in enumerate(rows) if bool(ro.has_image[r])]
+    use_entropy = cfg.papo_entropy_coef > 0
+    in_step = mb.rows_in_step(len(image_rows) if ro.views else 0)
+    if in_step <= 0:
+        stand_in = mb.stand_ins(in_step, ("negative",), entropy_grad=use_entropy)
+        return sum((t.sum() * 0.0 for t in stand_in), logp.sum() * 0.0), {}
+    with mb.timer("perception"):
+        ent_m, logp_m = mb.stats([rows[i] for i in image_rows], view="negative", entropy_grad=use_entropy)
+    mask = ro.response_mask[rows].to(device)[image_rows]
+    kl_loss, metrics = implicit_perception_loss(
+        logp[image_rows], logp_m, mask, divergence=cfg.cpl_divergence, clip=cfg.papo_clip, agg=cfg.loss_agg
+    )
+    loss = cfg.papo_gamma * kl_loss
+    if use_entropy:
+        bonus_i, _ = entropy_bonus(entropy[image_rows], mask, cfg.loss_agg)  # -H(I)
+        bonus_m, m = entropy_bonus(ent_m, mask, cfg.loss_agg)  # -H(Imask)
+        loss = loss - cfg.papo_entropy_coef * (bonus_i + bonus_m)
+        metrics["papo/entropy_masked"] = m["entropy/mean"]
+    return loss, metrics
