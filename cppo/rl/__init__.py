@@ -1,26 +1,27 @@
 """cppo.rl: a lean GRPO / CPPO / PAPO training loop for Qwen2.5-VL.
 
 Files, each read top to bottom:
+    loop.py     the training loop (`run_training`), one step after another
+    setup.py    `setup_run(cfg) -> Run`: processes, data, policy, reference, optimizer, resume
     config.py   TrainConfig (every field documented and a flag), YAML < flags, validation
-    data.py     datasets (JSONL, HF save_to_disk, parquet) checked up front, the resumable sampler
+    data.py     datasets (JSONL, HF save_to_disk, parquet) checked up front
+    sampler.py  the resumable prompt order, with each prompt's view seed
+    rollout.py  views, G samples per prompt, rewards and advantages of one step
     rewards.py  the reward registry (accuracy, format, user functions) and the weighted scorer
+    update.py   the policy update: mini-batches of micro-batches, PPO-clip + KL + perception term
+    perception.py  the perception-term registry (--algo): grpo (none), cppo (CPL), papo
+    steplog.py  what a step reports (`StepLogger`), the run's `Counters`; runlog.py writes the files
+    checkpoint.py, resume.py, signals.py, atomic.py   checkpoints, the trainer state and resuming,
+                stopping on a signal, atomic writes
+    fsdp.py     FSDP2 sharding of the policy
     evaluate.py avg@K accuracy and format per question type (cppo-eval; imported on demand, it loads
                 transformers)
 """
 
 from cppo.rl.config import ConfigError, TrainConfig, parse_args
-from cppo.rl.data import (
-    DataError,
-    Draw,
-    PromptDataset,
-    PromptSampler,
-    Sample,
-    find_split,
-    open_dataset,
-    shapes_data,
-    view_seed,
-)
+from cppo.rl.data import DataError, PromptDataset, Sample, find_split, open_dataset, shapes_data
 from cppo.rl.rewards import REWARDS, RewardResult, RewardScorer, get_reward, register_reward
+from cppo.rl.sampler import Draw, PromptSampler, view_seed
 
 __all__ = [
     "REWARDS",

@@ -1,4 +1,4 @@
-"""Training and evaluation data: (images, question, answer) samples, checked up front, and the sampler.
+"""Training and evaluation data: (images, question, answer) samples, checked up front.
 
 Formats (``open_dataset(path)``):
 
@@ -37,11 +37,9 @@ no usable sample at all       error with the skip counts
 ``shapes_data(dir)`` exports the default task (``data: None``) once; ``find_split(path, "val")`` finds a
 held-out split beside the training data.
 
-The sampler draws B prompts per step from a per-epoch permutation fixed by (seed, epoch); a step
-that crosses an epoch boundary finishes the old epoch and starts the next, so every sample is seen
-once per epoch. Each draw carries a view seed derived from (seed, epoch, index) alone (docs/method.md §1:
-one I+ and one I- per prompt, shared by its group), so a resumed run or another process draws the
-same views for the same sample.
+The order in which a run draws the samples is cppo.rl.sampler's. This module is over 300 lines
+because the readers of every format and the checks of every case in the table above are one
+contract: what a sample is, and what happens to one that is not.
 """
 
 from __future__ import annotations
@@ -54,7 +52,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from cppo.grading import last_boxed
@@ -345,67 +342,3 @@ def shapes_data(
         export_shapes_dataset(out, n_train, n_val, n_test, seed=seed, image_size=DEFAULT_IMAGE_SIZE)
         marker.write_text(json.dumps(params) + "\n")
     return out
-
-
-def view_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's I+/I- views in one epoch: a function of (seed, epoch, index) only."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-@dataclass(frozen=True)
-class Draw:
-    index: int
-    epoch: int
-    view_seed: int
-
-
-class PromptSampler:
-    """B draws per step from per-epoch permutations; ``state_dict`` saves the position for resuming.
-
-    Every process builds the same sampler and gets the same global batch; sharding it across ranks
-    is the loop's business.
-    """
-
-    def __init__(self, num_samples: int, prompts_per_step: int, seed: int = 0):
-        if num_samples < 1 or prompts_per_step < 1:
-            raise ValueError(
-                f"need num_samples >= 1 and prompts_per_step >= 1, got {num_samples}, {prompts_per_step}"
-            )
-        self.num_samples, self.prompts_per_step, self.seed = num_samples, prompts_per_step, seed
-        self.epoch, self.offset = 0, 0
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-
-    def next_batch(self) -> list[Draw]:
-        draws: list[Draw] = []
-        while len(draws) < self.prompts_per_step:
-            order = self.permutation(self.epoch)
-            take = order[self.offset : self.offset + self.prompts_per_step - len(draws)]
-            draws += [Draw(int(i), self.epoch, view_seed(self.seed, self.epoch, int(i))) for i in take]
-            self.offset += len(take)
-            if self.offset == self.num_samples:
-                self.epoch, self.offset = self.epoch + 1, 0
-        return draws
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "offset": self.offset,
-            "seed": self.seed,
-            "num_samples": self.num_samples,
-            "prompts_per_step": self.prompts_per_step,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_samples", "prompts_per_step"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"cannot resume the data order: the checkpoint has {key}={state[key]}, "
-                    f"this run {getattr(self, key)} (the data or config changed)"
-                )
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

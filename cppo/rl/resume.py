@@ -1,4 +1,9 @@
-"""Where a run resumes and whether it may: `resume_point`, `config_changes`, `data_fingerprint`.
+"""Saving a run's trainer state and resuming from it: `Checkpointer`, `resume_point`, `restore`.
+
+`Checkpointer(...).save(step, sampler_state)` writes a checkpoint (cppo.rl.checkpoint) with the
+trainer state a resume reads back: step, sampler position, config, data fingerprint, GPU count and
+the run's counters. Under FSDP it is a collective: every process gathers the full states, rank 0
+writes.
 
 `resume_point(cfg, run_dir, data_fingerprint(dataset), rank)` picks the checkpoint (`--resume
 auto`: the latest complete one) and refuses, with one line listing why,
@@ -12,6 +17,8 @@ auto`: the latest complete one) and refuses, with one line listing why,
 unless `force_resume` (which then deletes those newer checkpoints, so that a later `--resume auto`
 cannot pick the abandoned branch). A checkpoint written by a process that saw another number of
 GPUs than this one is refused even when forced (`gpu_count`, stored in the trainer state).
+`restore` then loads the optimizer, schedule, sampler position and counters (the weights are loaded
+with the policy, cppo.rl.setup.build_policy).
 """
 
 from __future__ import annotations
@@ -20,18 +27,26 @@ import hashlib
 import json
 import shutil
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cppo.rl.checkpoint import (
+    checkpoint_dir,
     checkpoint_problem,
+    checkpoint_step,
     incomplete_checkpoints,
     latest_checkpoint,
     load_trainer_state,
     newer_checkpoints,
+    save_checkpoint,
 )
-from cppo.rl.config import ConfigError, resume_safe_fields
+from cppo.rl.config import ConfigError, TrainConfig, resume_safe_fields
+from cppo.rl.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
+from cppo.rl.sampler import PromptSampler
+from cppo.rl.steplog import Counters, StepLogger
 
 
 def data_fingerprint(dataset) -> str:
@@ -137,3 +152,107 @@ def resume_point(cfg, run_dir: Path, fingerprint: str, rank: int = 0):
         for path in newer:  # so that a later --resume auto cannot pick the abandoned branch
             shutil.rmtree(path)
     return ckpt, state
+
+
+@dataclass
+class Checkpointer:
+    """Writes the run's checkpoints: `save(step, sampler_state)` (module docstring)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    rank: int
+    sharded: bool  # FSDP: every process gathers the full states, rank 0 writes
+    model: Any
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    fingerprint: str  # data_fingerprint of the training data
+    counters: Counters
+
+    def save(self, step: int, sampler_state: dict) -> Path | None:
+        """Write the checkpoint of `step` (a collective under FSDP); its path on rank 0, else None.
+        The best checkpoint so far (--keep-best) is kept whatever keep_last says."""
+        full = {}
+        if self.sharded:
+            full = {
+                "model_state": full_model_state(self.model),
+                "optimizer_state": full_optimizer_state(self.model, self.optimizer),
+            }
+        if self.rank != 0:
+            return None
+        trainer = {
+            "step": step,
+            "sampler": sampler_state,
+            "gpus": gpu_count(),  # a resume must see as many (check_gpu_count)
+            "config": self.cfg.to_dict(),
+            "data_fingerprint": self.fingerprint,
+            "guard": asdict(self.counters),
+        }
+        best = self.counters.best_step
+        keep = (checkpoint_dir(self.run_dir, best),) if best else ()
+        return save_checkpoint(
+            self.run_dir,
+            step,
+            self.model,
+            self.processor,
+            self.optimizer,
+            self.scheduler,
+            trainer,
+            self.cfg.keep_last,
+            keep=keep,
+            **full,
+        )
+
+    def save_unless_saved(self, step: int, sampler_state: dict) -> Path | None:
+        """The checkpoint of `step`: the latest one when it is that step's, else a new one (none for
+        step 0, the untrained start)."""
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None and checkpoint_step(latest) == step:
+            return latest
+        return self.save(step, sampler_state) if step > 0 else None
+
+
+def restore(
+    ckpt: Path,
+    state: dict,
+    cfg: TrainConfig,
+    model,
+    optimizer,
+    scheduler,
+    sampler: PromptSampler,
+    counters: Counters,
+    logger: StepLogger,
+) -> int:
+    """Load the optimizer, schedule, data position and counters of `ckpt` (the weights are loaded by
+    build_policy); drop log lines written after it. Returns the step to continue from.
+
+    An optimizer state keyed by parameter name is a full one saved from an FSDP run: it loads into
+    a sharded or an unsharded model alike."""
+    if is_sharded(model) or _keyed_by_name(state["optimizer"]):
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError:
+        if not cfg.force_resume:
+            raise
+        print("[cppo] the data order cannot continue (forced resume): starting a new epoch", file=sys.stderr)
+        sampler.epoch, sampler.offset = int(state["sampler"]["epoch"]) + 1, 0
+    counters.load(state.get("guard", {}))
+    step = int(state["step"])
+    logger.truncate_after(step)
+    saved_max = state.get("config", {}).get("max_steps", cfg.max_steps)
+    if saved_max != cfg.max_steps and cfg.lr_schedule != "constant":
+        print(
+            f"[cppo] max_steps {saved_max} -> {cfg.max_steps} stretches the {cfg.lr_schedule} "
+            "schedule from here",
+            file=sys.stderr,
+        )
+    print(f"[cppo] resumed from {ckpt} at step {step}", flush=True)
+    return step
+
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    return any(isinstance(k, str) for k in optimizer_state.get("state", {}))

@@ -1,4 +1,8 @@
-"""Setting a run up: processes and devices, the policy (LoRA, frozen parts, reference), the optimizer.
+"""Setting a run up: `setup_run(cfg) -> Run`, everything the loop holds, and its parts (processes and
+devices, the policy with LoRA, frozen parts and reference, the optimizer and schedule).
+
+`setup_run` checks before any model loads everything that can be checked without one (the launch,
+the run directory, the data, the resume point), so that a run that cannot go far fails at once.
 
 Split from cppo/rl/loop.py so that the loop reads top to bottom on its own.
 """
@@ -8,15 +12,145 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from cppo.models import demo_model_path, load_model_and_processor
 from cppo.perturb import get_preset, load_preset
 from cppo.precision import resolve_dtype
-from cppo.rl.config import ConfigError, TrainConfig
+from cppo.rl.atomic import atomic_write
+from cppo.rl.checkpoint import check_writable
+from cppo.rl.config import ConfigError, TrainConfig, check_launch
+from cppo.rl.data import PromptDataset, find_split, open_dataset, shapes_data
+from cppo.rl.fsdp import fsdp_settings, shard_policy
+from cppo.rl.perception import get_perception_term
+from cppo.rl.resume import Checkpointer, data_fingerprint, restore, resume_point
+from cppo.rl.rewards import RewardScorer
+from cppo.rl.sampler import PromptSampler
+from cppo.rl.steplog import Counters, StepLogger
+
+
+@dataclass
+class Run:
+    """Everything a run holds, built by `setup_run`; cppo/rl/loop.py reads it top to bottom."""
+
+    cfg: TrainConfig
+    rank: int  # this process
+    world: int  # processes
+    device: torch.device
+    sharded: bool  # the policy is sharded with FSDP2 (cppo.rl.fsdp)
+    run_dir: Path
+    dataset: PromptDataset
+    eval_set: PromptDataset | None  # held-out data when eval_every is set
+    model: Any  # the policy: float32 master weights (peft-wrapped with LoRA, FSDP-sharded)
+    processor: Any
+    ref: Any  # the frozen reference in the compute dtype, or None when beta == 0
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    updates_per_step: int  # optimizer updates per step (> 1: old log-probs are computed)
+    sampler: PromptSampler
+    preset: Any  # the perturbation preset the perception term draws its views from
+    scorer: RewardScorer
+    logger: StepLogger
+    counters: Counters
+    checkpointer: Checkpointer
+    start: int  # the step to continue from: 0, or the resumed checkpoint's
+
+
+def setup_run(cfg: TrainConfig) -> Run:
+    """Check, build and (when resuming) restore everything of a run.
+
+    Raises ConfigError / DataError / RunDirError before any model loads when the config, the data,
+    the run directory or the resume point cannot be used."""
+    rank, world, device = process_info(cfg)
+    fsdp = fsdp_settings()  # from an accelerate config (accelerate launch); None without FSDP
+    check_launch(cfg, world, sharded=fsdp is not None)
+    run_dir = Path(cfg.output_dir)
+    if rank == 0:
+        check_writable(run_dir)  # creates it; a probe write now, not at the first checkpoint hours in
+    seed_everything(cfg.seed)
+    # All data is validated before the model loads: a bad file fails (strict) or is counted now.
+    data_path = cfg.data or shapes_data(run_dir / "shapes", seed=cfg.seed)
+    dataset = open_dataset(data_path, strict=cfg.data_strict)
+    eval_set = _eval_set(cfg, data_path) if cfg.eval_every else None
+    if rank == 0:
+        print(f"[cppo] data {dataset.summary()}", flush=True)
+        if eval_set is not None:
+            print(f"[cppo] eval data {eval_set.summary()}", flush=True)
+        if cfg.repetition_penalty != 1.0:
+            print(
+                f"[cppo] repetition_penalty {cfg.repetition_penalty}: rollouts are sampled from another "
+                "distribution than the policy trained (off-policy; the PPO ratio does not correct it)",
+                file=sys.stderr,
+                flush=True,
+            )
+    fingerprint = data_fingerprint(dataset)
+    ckpt, state = resume_point(cfg, run_dir, fingerprint, rank)
+
+    model, processor, ref = build_policy(cfg, device, resume_from=ckpt)
+    sharded = fsdp is not None and dist.is_initialized()
+    if fsdp is not None and not sharded and rank == 0:
+        print("[cppo] the FSDP config has one process to shard over: training unsharded", flush=True)
+    if sharded:
+        if fsdp.activation_checkpointing and not cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model = shard_policy(model, fsdp, device, compute_dtype(cfg, device))
+    n_local = cfg.rollouts // world
+    mini_local = (cfg.mini_batch_size or cfg.rollouts) // world
+    updates_per_step = cfg.ppo_epochs * math.ceil(n_local / mini_local)
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps * updates_per_step)
+    sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed)
+    preset = views_preset(getattr(cfg, get_perception_term(cfg.algo).preset_option))
+    scorer = RewardScorer(cfg.rewards, cfg.reward_weights)
+    logger = StepLogger(run_dir, cfg, rank)
+    counters = Counters()
+    start = 0
+    if state is not None:
+        start = restore(ckpt, state, cfg, model, optimizer, scheduler, sampler, counters, logger)
+    if rank == 0:  # the resolved config of the run as it goes on (a resume may change safe fields)
+        atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+    checkpointer = Checkpointer(
+        cfg, run_dir, rank, sharded, model, processor, optimizer, scheduler, fingerprint, counters
+    )
+    logger.start(start)
+    return Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        sharded=sharded,
+        run_dir=run_dir,
+        dataset=dataset,
+        eval_set=eval_set,
+        model=model,
+        processor=processor,
+        ref=ref,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        updates_per_step=updates_per_step,
+        sampler=sampler,
+        preset=preset,
+        scorer=scorer,
+        logger=logger,
+        counters=counters,
+        checkpointer=checkpointer,
+        start=start,
+    )
+
+
+def _eval_set(cfg: TrainConfig, data_path) -> PromptDataset:
+    path = cfg.eval_data or find_split(data_path, "val")
+    if path is None:
+        raise ConfigError(
+            f"eval_every is {cfg.eval_every} but no eval_data was given and {data_path} has no val split"
+        )
+    return open_dataset(path, split="val" if cfg.eval_data is None else "train", strict=cfg.data_strict)
 
 
 def process_info(cfg: TrainConfig):

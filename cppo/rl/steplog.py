@@ -1,17 +1,26 @@
-"""What a step reports: its metrics line, the rollouts it logs, the bad-step guard, the progress bar.
+"""What a step reports: its metrics, the rollouts it logs, the run's counters, the progress bar.
 
-Split from cppo/rl/loop.py so that the loop reads top to bottom on its own.
+    log = StepLogger(run_dir, cfg, rank)     # metrics.jsonl, rollouts.jsonl, reward_errors.jsonl, TB
+    log.start(step)                          # the progress bar, from the step the run starts at
+    bad = counters.count(metrics)            # a skipped update makes a bad step
+    log.step(step, metrics, ro, bad)         # every file line, the bar, a stderr line when needed
+    log.close()
+
+Split from cppo/rl/loop.py so that the loop reads top to bottom on its own: one call a step, and a
+logger that does nothing on ranks other than 0, so the loop never branches on logging.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from cppo.rl.checkpoint import latest_checkpoint
+from cppo.rl.runlog import RunLogger
 from cppo.rl.update import Timer
 
 _STATUS = Path("/proc/self/status")
@@ -89,14 +98,30 @@ def reward_error_rows(ro, rank: int) -> list[dict]:
     ]
 
 
-def count_bad_step(guard: dict, metrics: dict) -> bool:
-    """Update the run's bad-step counters from a step's metrics; True when an update was skipped."""
-    bad = metrics.get("update/skipped_nonfinite", 0) > 0
-    guard["bad_steps_total"] += int(bad)
-    guard["bad_streak"] = guard["bad_streak"] + 1 if bad else 0
-    metrics["update/bad_steps_total"] = float(guard["bad_steps_total"])
-    metrics["update/bad_streak"] = float(guard["bad_streak"])
-    return bad
+@dataclass
+class Counters:
+    """The run's bad-step and best-evaluation counters. A checkpoint stores `asdict()` under "guard"
+    (the dict with these keys that older checkpoints hold loads the same)."""
+
+    bad_steps_total: int = 0  # steps with a skipped (non-finite) optimizer update
+    bad_streak: int = 0  # of them in a row, up to the last step
+    best_step: int = 0  # the step of the best eval/accuracy so far (--keep-best); 0 = none
+    best_score: float = -1.0
+
+    def count(self, metrics: dict) -> bool:
+        """Count a step from its metrics (and log the counts in them); True when an update was skipped."""
+        bad = metrics.get("update/skipped_nonfinite", 0) > 0
+        self.bad_steps_total += int(bad)
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        metrics["update/bad_steps_total"] = float(self.bad_steps_total)
+        metrics["update/bad_streak"] = float(self.bad_streak)
+        return bad
+
+    def load(self, saved: dict) -> None:
+        """Take the counts of a checkpoint's "guard" dict (keys it lacks keep their values)."""
+        for f in fields(self):
+            if f.name in saved:
+                setattr(self, f.name, saved[f.name])
 
 
 def _nonfinite(metrics: dict) -> str:
@@ -123,11 +148,11 @@ def report_step(step: int, metrics: dict, ro, bad: bool) -> None:
         )
 
 
-def bad_steps_message(step: int, guard: dict, metrics: dict, run_dir: Path, cfg) -> str:
+def bad_steps_message(step: int, counters: Counters, metrics: dict, run_dir: Path, cfg) -> str:
     latest = latest_checkpoint(run_dir)
     kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
     return (
-        f"stopped at step {step}: {guard['bad_streak']} consecutive steps with a non-finite loss or gradient "
+        f"stopped at step {step}: {counters.bad_streak} consecutive steps with a non-finite loss or gradient "
         f"norm (max_bad_steps {cfg.max_bad_steps}; last: {_nonfinite(metrics)}); {kept}. Lower --lr, check "
         "the rewards and data, then --resume auto"
     )
@@ -155,3 +180,36 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class StepLogger:
+    """Everything a step reports, in one call: its metrics line (metrics.jsonl, TensorBoard), a few
+    rollouts, its reward errors, the progress bar, and a stderr line for a skipped update or reward
+    errors. The files and the bar are written on rank 0 only (cppo.rl.runlog.RunLogger)."""
+
+    def __init__(self, run_dir: Path, cfg, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.files = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
+        self.progress: Progress | None = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop the lines logged after `step` (RunLogger.truncate_after)."""
+        self.files.truncate_after(step)
+
+    def start(self, step: int) -> None:
+        """Open the progress bar at `step`, the step the run starts from."""
+        self.progress = Progress(self.cfg, step, self.rank)
+
+    def step(self, step: int, metrics: dict, ro, bad: bool) -> None:
+        self.files.log(step, metrics)
+        self.files.log_rollouts(step, rollout_rows(ro, self.cfg.log_rollouts))
+        self.files.log_reward_errors(step, reward_error_rows(ro, self.rank))
+        if self.progress is not None:
+            self.progress.update(metrics)
+        if self.rank == 0:
+            report_step(step, metrics, ro, bad)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.files.close()
