@@ -197,4 +197,23 @@ def test_docs_example_runs_as_written(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exec(compile(example, "docs/trl.md", "exec"), {"__name__": "__main__"})
-    assert (tmp_path / "cppo-demo" / "final" / "config.json").is_file()
+    final = tmp_path / "cppo-demo" / "final"
+    assert (final / "config.json").is_file()  # the model, and the processor AutoProcessor can load
+    assert '"processor_class": "Qwen2_5_VLProcessor"' in (final / "processor_config.json").read_text()
+
+
+def test_bench_trl_runs_on_a_tiny_setting(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_trl", ROOT / "bench" / "bench_trl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.chdir(tmp_path)
+    out = bench.main([
+        "--prompts", "2", "--group", "2", "--max-new-tokens", "4", "--micro", "2", "--steps", "2",
+        "--repeats", "1", "--in-process", "--json", str(tmp_path / "bench.json"),
+    ])  # fmt: skip
+    assert set(out["summary"]) == set(bench.VARIANTS)
+    assert all(s["s_per_step"] > 0 for s in out["summary"].values())
+    printed = capsys.readouterr().out
+    assert "| TRL + CPPOTrainer |" in printed and "Not made equal" in printed
