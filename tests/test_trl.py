@@ -4,6 +4,7 @@ Tiny settings (4 prompts x 2 rollouts, 16 new tokens) so the file runs in second
 shapes items in an in-memory `datasets.Dataset`, the reward is defined here, nothing is downloaded.
 """
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -217,3 +218,25 @@ def test_bench_trl_runs_on_a_tiny_setting(tmp_path, monkeypatch, capsys):
     assert all(s["s_per_step"] > 0 for s in out["summary"].values())
     printed = capsys.readouterr().out
     assert "| TRL + CPPOTrainer |" in printed and "Not made equal" in printed
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_same_views_for_a_group(tmp_path):
+    """torchrun, 2 CPU processes: a group split over both gets the same views on each; training runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "workers" / "trl_two_processes.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["steps"] == 2 and len(r["cpl"]) == 2 for r in ranks)
+    view_of = {}
+    for r in ranks:
+        for step, image, view in r["rows"]:
+            assert view_of.setdefault((step, image), view) == view  # one view per prompt, on every process
+    on = [{(s, i) for s, i, _ in r["rows"]} for r in ranks]
+    assert on[0] & on[1]  # 3 rows per process, groups of 2: one group spans both processes
