@@ -145,6 +145,21 @@ def test_two_steps_loss_minus_grpo_is_lambda_cpl(dataset, processor, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
 
 
+def test_every_loss_type_is_trls_loss_plus_lambda_cpl(dataset, processor, tmp_path):
+    trainer = make(CPPOTrainer, dataset, processor, tmp_path, cpl_lambda=0.5, beta=0.01)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    for loss_type in ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "vespo", "luspo"):
+        trainer.loss_type = loss_type
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, inputs)
+            grpo = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+        cpl = trainer._metrics["train"]["cpl/loss"][-1]
+        assert cpl > 0, loss_type
+        assert float(loss - grpo) == pytest.approx(0.5 * cpl, abs=1e-6), loss_type
+
+
 def test_lambda_zero_is_plain_grpo(dataset, processor, tmp_path):
     runs = []
     for cls, kw in ((GRPOTrainer, {}), (CPPOTrainer, {"cpl_lambda": 0.0})):
