@@ -12,7 +12,7 @@ In one process, on the same model, data and seed, each repeat:
      - `cppo_official`: as the official code: the I- and I+ passes on EVERY row (the perception
        term `ContrastivePerception(every_row=True)`), and every pass through the model's own full
        forward with all positions through the output head and the (n, T, V) logits in float32 at
-       once (the scoring function `response_stats(..., full_logits=True)`, cppo.scoring);
+       once (the scoring function `response_stats(..., full_logits=True)`, cppo.response_stats);
      - `cppo`: this project: views only on gated rows, head only on response positions, chunked.
 Step time of a variant = its rollout (GRPO's or CPPO's) + its old/ref log-probs + its update. Ratios
 to GRPO are taken per repeat, then summarised as median [min-max].
@@ -52,7 +52,7 @@ from datetime import date
 import numpy as np
 import torch
 
-from cppo import scoring
+import cppo.response_stats as stats_fns
 from cppo.loss import group_advantages
 from cppo.perturb import get_preset
 from cppo.precision import resolve_dtype
@@ -64,7 +64,7 @@ from cppo.rl.rollout import collect_rollouts
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 
 VARIANTS = ("grpo", "cppo_official", "cppo")
-# --ablate-share / --ablate-fused add these: grpo / cppo with one optimisation of cppo.scoring off,
+# --ablate-share / --ablate-fused add these: grpo / cppo with one optimisation of cppo.response_stats off,
 # i.e. the code before it: the vision tower once per row (share_images=False), the checkpointed
 # autograd head of cppo.loss.entropy instead of the hand-written backward (fused=False).
 ABLATIONS = {"share": ("grpo_noshare", "cppo_noshare"), "fused": ("grpo_unfused", "cppo_unfused")}
@@ -195,15 +195,15 @@ def variant_passes(variant: str):
     """(scoring function, perception term or None = the config's) that `variant` hands the update:
     how every pass is scored, and which rows get the I-/I+ passes."""
     if variant == "cppo_official":  # every pass on every row, all logits in float32 at once
-        official = functools.partial(scoring.response_stats, full_logits=True)
+        official = functools.partial(stats_fns.response_stats, full_logits=True)
         return official, ContrastivePerception(every_row=True)
     kw = {"share_images": not variant.endswith("_noshare"), "fused": not variant.endswith("_unfused")}
-    return functools.partial(scoring.response_stats, **kw), None
+    return functools.partial(stats_fns.response_stats, **kw), None
 
 
 def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer, dict]:
     """Old/ref log-probs and the policy update of `variant` from `start_state`; (timer, metrics)."""
-    from cppo.rl.setup import build_optimizer  # the trainer's own optimizer and schedule
+    from cppo.rl.run import build_optimizer  # the trainer's own optimizer and schedule
 
     algo = "grpo" if variant.startswith("grpo") else "cppo"
     score, term = variant_passes(variant)
@@ -473,7 +473,7 @@ def head_bench(args) -> str:
     mask = torch.ones_like(tgt, dtype=torch.bool)
 
     def fused():
-        return scoring.fused_head_stats(h, w, tgt, mask, 1.0, args.chunk)
+        return stats_fns.fused_head_stats(h, w, tgt, mask, 1.0, args.chunk)
 
     def plain():
         return chunked_entropy_and_logprob(h, w, tgt, chunk_size=args.chunk, mask=mask)

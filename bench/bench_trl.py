@@ -49,9 +49,9 @@ SETTINGS_NOT_EQUAL = [
     "image processing: TRL processes each row's image (G times per prompt) twice per step (tokenising "
     "for generation, then for the forward kwargs); ours encodes each prompt's image once",
     "the vision tower: ours encodes a micro-batch's repeated image once per pass and shares it across "
-    "the group's rows (cppo.scoring); TRL runs it for every row, in every pass (CPPOTrainer's view "
+    "the group's rows (cppo.response_stats); TRL runs it for every row, in every pass (CPPOTrainer's view "
     "passes go through TRL's own scoring, so they do too)",
-    "the entropy and log-prob head: ours chunked in float32 (cppo.scoring), TRL its fused LM head",
+    "the entropy and log-prob head: ours chunked in float32 (cppo.response_stats), TRL its fused LM head",
 ]
 
 

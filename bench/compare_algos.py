@@ -3,7 +3,7 @@
     python bench/compare_algos.py --seeds 0 1 2 --steps 40 --eval-n 200 --samples 4 --out runs/compare
 
 For each (algo, seed) it trains with `cppo-train`'s loop, then measures avg@K accuracy and format
-on the test split with the training grader (`cppo.rl.evaluate`). The starting model is measured
+on the test split with the training grader (`cppo.models.evaluate`). The starting model is measured
 once. Writes `summary.json`, `curves.png` (reward per step, mean over seeds) and `results.md` (the
 table that docs/results.md quotes) under --out.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from cppo.models import demo_model_path, load_model_and_processor
+from cppo.models.evaluate import evaluate
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import find_split, open_dataset, shapes_data
-from cppo.rl.evaluate import evaluate
+from cppo.rl.logfiles import read_metrics
 from cppo.rl.loop import run_training
-from cppo.rl.runlog import read_metrics
 
 
 def _eval(model, processor, test, args) -> dict:

@@ -33,10 +33,10 @@ from cppo.models import TinyVLMConfig, build_tiny_model  # noqa: E402
 from cppo.perturb import get_preset  # noqa: E402
 from cppo.precision import resolve_dtype  # noqa: E402
 from cppo.rl.config import TrainConfig  # noqa: E402
+from cppo.rl.reporting import reset_peak_memory, step_metrics  # noqa: E402
 from cppo.rl.rewards import RewardScorer  # noqa: E402
 from cppo.rl.rollout import collect_rollouts  # noqa: E402
-from cppo.rl.setup import build_optimizer, enable_gradient_checkpointing  # noqa: E402
-from cppo.rl.steplog import reset_peak_memory, step_metrics  # noqa: E402
+from cppo.rl.run import build_optimizer, enable_gradient_checkpointing  # noqa: E402
 from cppo.rl.update import Timer, policy_update, rollout_logprobs  # noqa: E402
 
 REPORTED = (

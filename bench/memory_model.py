@@ -61,10 +61,10 @@ def measure_cpu_update() -> tuple[float, float]:
     from cppo.rl.config import TrainConfig
     from cppo.rl.data import Sample
     from cppo.rl.memory import ModelShape
+    from cppo.rl.reporting import peak_memory_mb, reset_peak_memory
     from cppo.rl.rewards import RewardScorer
     from cppo.rl.rollout import collect_rollouts
-    from cppo.rl.setup import build_optimizer
-    from cppo.rl.steplog import peak_memory_mb, reset_peak_memory
+    from cppo.rl.run import build_optimizer
     from cppo.rl.update import Timer, policy_update
     from cppo.toy import make_item
 

@@ -4,7 +4,7 @@
     python scripts/import_graph.py --check    # exit 1 naming every import that breaks the layering
 
 Standard library only (``ast``): the source is parsed, never imported. A unit is a subpackage or a
-top-level module of ``cppo`` (``cppo.loss``, ``cppo.scoring``), the root package ``cppo`` itself,
+top-level module of ``cppo`` (``cppo.loss``, ``cppo.response_stats``), the root package ``cppo`` itself,
 or ``cli``. Every ``import`` / ``from ... import`` is counted, including those inside functions
 (drawn dashed in the figure: a lazy import is still a dependency).
 
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["cli"]),
     ("trainers", ["cppo.rl", "cppo.integrations"]),
     ("detector", ["cppo.detect"]),
-    ("models and scoring", ["cppo.models", "cppo.scoring"]),
+    ("models and response stats", ["cppo.models", "cppo.response_stats"]),
     ("maths, views, task", ["cppo.toy", "cppo.loss", "cppo.perturb"]),
     ("base", ["cppo.batching", "cppo.grading", "cppo.prompt", "cppo.registry", "cppo.precision", "cppo"]),
 ]

@@ -10,7 +10,7 @@ import torch
 
 from cppo.batching import take_rows
 from cppo.models import append_responses, generate_responses
-from cppo.scoring import response_stats
+from cppo.response_stats import response_stats
 from tests.helpers import shapes_batch, tiny_model_and_processor
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cppo.precision import autocast
-from cppo.rl.steplog import peak_memory_mb, reset_peak_memory
-from cppo.scoring import fused_head_stats
+from cppo.response_stats import fused_head_stats
+from cppo.rl.reporting import peak_memory_mb, reset_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")

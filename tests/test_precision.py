@@ -13,12 +13,12 @@ from cli.train import main as train_main
 from cppo.models import demo_model_path, load_model_and_processor
 from cppo.perturb import get_preset
 from cppo.precision import autocast, resolve_dtype
+from cppo.response_stats import fused_head_stats
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import open_dataset
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from cppo.rl.update import Timer, micro_batch_loss
-from cppo.scoring import fused_head_stats
 from tests.helpers import demo_model_and_processor, shapes_dataset
 
 LENGTH_REWARD = "tests/workers/length_reward.py:by_length"  # varies with the response: A != 0

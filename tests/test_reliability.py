@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import cppo.rl.checkpoint as checkpoint_mod
 import cppo.rl.loop as loop_mod
-import cppo.rl.setup as setup_mod
+import cppo.rl.run as run_mod
 import cppo.rl.update as update_mod
 from cli.train import main as train_main
 from cppo.rl.checkpoint import MARKER, latest_checkpoint, load_trainer_state
@@ -310,7 +310,7 @@ def test_bad_samples_are_reported_at_start_and_strict_mode_fails_before_the_mode
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(setup_mod, "build_policy", no_model)
+    monkeypatch.setattr(run_mod, "build_policy", no_model)
     assert train_main(_flags(tiny_dir, bad, tmp_path / "strict", "--data-strict")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl:4: unreadable image" in err[0] and "strict" in err[0]

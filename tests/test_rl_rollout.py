@@ -5,13 +5,13 @@ import torch
 
 from cppo.models import append_responses, generate_responses, load_model_and_processor
 from cppo.perturb import get_preset
+from cppo.response_stats import response_stats
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import open_dataset
+from cppo.rl.reporting import peak_memory_mb, reset_peak_memory, step_metrics
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts, truncated_rows
-from cppo.rl.steplog import peak_memory_mb, reset_peak_memory, step_metrics
 from cppo.rl.update import Timer
-from cppo.scoring import response_stats
 from tests.helpers import shapes_batch, shapes_dataset, tiny_model_and_processor
 
 

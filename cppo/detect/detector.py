@@ -10,7 +10,7 @@ image H(I), the entropy under an information-removing view H(I-), the shift dH =
 selector's score and the selection mask (``cppo.loss.select``: one copy of the rule, shared with
 the trainer). The response is teacher-forced under every view (docs/method.md §5.4); one backbone pass
 per view, and only response positions go through the output head, in chunks of positions
-(``cppo.scoring.response_hidden`` + ``chunked_entropy_and_logprob``), so the (N, T, V) logits of a
+(``cppo.response_stats.response_hidden`` + ``chunked_entropy_and_logprob``), so the (N, T, V) logits of a
 long response never exist at once.
 
 Letters: N examples in a batch, K draws, T response tokens, D hidden size, V vocabulary.
@@ -401,7 +401,7 @@ class PerceptionDetector:
     @torch.no_grad()
     def _detect_batch(self, chunk: list[Example], first_index: int) -> list[Detection]:
         from cppo.models import append_responses, encode_images, encode_prompts
-        from cppo.scoring import backbone_and_head, response_hidden
+        from cppo.response_stats import backbone_and_head, response_hidden
 
         dev = self.device
         enc = encode_prompts(self.processor, [ex.prompt for ex in chunk], [ex.images for ex in chunk])

@@ -1,7 +1,7 @@
 """Per-token entropy, and chunked entropy/log-prob/KL through the output head.
 
 docs/method.md §2 (the entropies the selection ranks) and 5.8 (never all (N, T, V) logits at
-once). Pure tensor functions: the detector, the trainer (``cppo.scoring``) and ``cppo.loss`` all
+once). Pure tensor functions: the detector, the trainer (``cppo.response_stats``) and ``cppo.loss`` all
 call these, so there is exactly one copy of each.
 
 Letters: N responses (= B prompts x G group), T response tokens, D hidden size, V vocabulary.

@@ -1,7 +1,7 @@
 """The evaluator: avg@K accuracy, format rate and pass@K of a model on prompts, per question type.
 
 One implementation for every caller: ``cppo-eval`` (cli/eval.py), the trainer's periodic
-evaluation (``cppo.rl.evaluate`` re-exports ``evaluate``), and the demo model's recipe, which
+evaluation (``cppo.models.evaluate`` re-exports ``evaluate``), and the demo model's recipe, which
 scores the shapes task from here:
 
     python -m cppo.models.evaluate --model cppo/assets/demo-model --split test --n 400 [--out eval.json]

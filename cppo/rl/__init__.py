@@ -10,7 +10,7 @@ Files, each read top to bottom:
     rewards.py  the reward registry (accuracy, format, user functions) and the weighted scorer
     update.py   the policy update: mini-batches of micro-batches, PPO-clip + KL + perception term
     perception.py  the perception-term registry (--algo): grpo (none), cppo (CPL), papo
-    steplog.py  what a step reports (`StepLogger`), the run's `Counters`; runlog.py writes the files
+    reporting.py  what a step reports (`StepLogger`), the run's `Counters`; logfiles.py writes the files
     checkpoint.py, resume.py, signals.py, atomic.py   checkpoints, the trainer state and resuming,
                 stopping on a signal, atomic writes
     fsdp.py     FSDP2 sharding of the policy

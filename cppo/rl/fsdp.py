@@ -16,7 +16,7 @@ forwards also run under autocast (cppo.precision).
 
 What changes in the loop, and why:
 - The trainer never calls the root's `forward`: it runs the backbone and the output head itself
-  (cppo.scoring, head on response positions only) and calls `generate`. Both are registered as
+  (cppo.response_stats, head on response positions only) and calls `generate`. Both are registered as
   FSDP forward methods (`register_fsdp_forward_method`), so the root's parameters are gathered
   around them and its gradients reduce-scattered after the backward, as for `forward`.
 - FSDP averages gradients over processes; the loop's hand-written all-reduce sums them (each
@@ -117,7 +117,7 @@ def shard_policy(
         unit.set_gradient_divide_factor(1.0)  # a sum over processes, as the loop's own all-reduce
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
 
-    from cppo.scoring import plain_response_stats
+    from cppo.response_stats import plain_response_stats
 
     model.cppo_response_stats = types.MethodType(plain_response_stats, model)
     register_fsdp_forward_method(model, "cppo_response_stats")

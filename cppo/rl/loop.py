@@ -11,7 +11,7 @@ mini-batches of micro-batches, each with PPO-clip + beta·KL(ref) + the percepti
 (cppo/rl/perception.py): none for GRPO, lambda·CPL for CPPO, PAPO's masked-view KL; the rollouts
 draw the views it needs, so GRPO, CPPO and PAPO are the same loop. Everything the loop holds (the
 processes, the policy, the reference, the optimizer, the sampler, the logger, the checkpointer) is
-built, checked and restored on resume by `setup_run` (cppo/rl/setup.py).
+built, checked and restored on resume by `setup_run` (cppo/rl/run.py).
 
 Departures from the official code, on purpose:
 - old log-probs are not recomputed when a step makes one optimizer update (on-policy: they equal
@@ -44,16 +44,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cppo.models.evaluate import evaluate
 from cppo.precision import autocast
 from cppo.rl.checkpoint import write_best
 from cppo.rl.config import TrainConfig
-from cppo.rl.evaluate import evaluate
 from cppo.rl.fsdp import gathered
+from cppo.rl.logfiles import plot_curves
+from cppo.rl.reporting import bad_steps_message, reset_peak_memory, step_metrics
 from cppo.rl.rollout import collect_rollouts
-from cppo.rl.runlog import plot_curves
-from cppo.rl.setup import compute_dtype, seed_everything, setup_run
+from cppo.rl.run import compute_dtype, seed_everything, setup_run
 from cppo.rl.signals import AbortStep, StopSignals
-from cppo.rl.steplog import bad_steps_message, reset_peak_memory, step_metrics
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 
 

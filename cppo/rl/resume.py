@@ -18,7 +18,7 @@ unless `force_resume` (which then deletes those newer checkpoints, so that a lat
 cannot pick the abandoned branch). A checkpoint written by a process that saw another number of
 GPUs than this one is refused even when forced (`gpu_count`, stored in the trainer state).
 `restore` then loads the optimizer, schedule, sampler position and counters (the weights are loaded
-with the policy, cppo.rl.setup.build_policy).
+with the policy, cppo.rl.run.build_policy).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from cppo.rl.checkpoint import (
 )
 from cppo.rl.config import ConfigError, TrainConfig, resume_safe_fields
 from cppo.rl.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
+from cppo.rl.reporting import Counters, StepLogger
 from cppo.rl.sampler import PromptSampler
-from cppo.rl.steplog import Counters, StepLogger
 
 
 def data_fingerprint(dataset) -> str:

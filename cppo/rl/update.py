@@ -9,7 +9,7 @@ For each mini-batch of rows, for each micro-batch:
      micro-batch and its anchor pass as a `MicroBatch`;
   4. backward of the micro-batch's loss scaled by its share of the mini-batch's rows.
 
-Every pass scores its rows with one function, `score` (default cppo.scoring.response_stats: head on
+Every pass scores its rows with one function, `score` (default cppo.response_stats.response_stats: head on
 response positions only, in chunks; a group's image encoded once). `policy_update` and
 `rollout_logprobs` take another one, and `policy_update` another perception term, for callers that
 measure the official code's way (bench/bench_step.py).
@@ -35,7 +35,7 @@ needs the pass, nobody runs it; when another rank needs it and this one has no r
 scores one stand-in row of its micro-batch (`MicroBatch.stand_ins`) and adds its result times 0 to
 the loss, so the forward and the backward issue the same collectives and the update does not
 change. A pass without images on a rank whose peers have images runs the vision tower on a blank
-image (cppo.scoring, `run_vision`), for the same reason. Without FSDP no pass waits for another
+image (cppo.response_stats, `run_vision`), for the same reason. Without FSDP no pass waits for another
 process.
 """
 
@@ -52,10 +52,10 @@ import torch.distributed as dist
 
 from cppo.loss import grpo_loss
 from cppo.precision import autocast, resolve_dtype
+from cppo.response_stats import response_stats
 from cppo.rl.fsdp import is_sharded
 from cppo.rl.perception import PerceptionTerm, get_perception_term
 from cppo.rl.rollout import Rollouts, select_rows
-from cppo.scoring import response_stats
 
 
 class Timer(defaultdict):
@@ -133,7 +133,7 @@ class MicroBatch:
     rows: list[int]  # n rows of the step's rollouts
     cfg: Any
     timer: Timer
-    score: Callable  # scores every pass (cppo.scoring.response_stats)
+    score: Callable  # scores every pass (cppo.response_stats.response_stats)
     entropy: torch.Tensor  # (n, T) H(I) of the anchor pass (detached unless the term asked)
     logp: torch.Tensor  # (n, T) log-probs under I, with grad
 

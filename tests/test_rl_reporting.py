@@ -1,9 +1,9 @@
-"""The run's counters and the one-call step logger (cppo/rl/steplog.py)."""
+"""The run's counters and the one-call step logger (cppo/rl/reporting.py)."""
 
 from dataclasses import asdict
 
 from cppo.rl.config import TrainConfig
-from cppo.rl.steplog import Counters, StepLogger
+from cppo.rl.reporting import Counters, StepLogger
 
 
 def test_counters_count_bad_steps_and_streaks_into_the_metrics():

@@ -30,10 +30,10 @@ from cppo.rl.config import ConfigError, TrainConfig, check_launch
 from cppo.rl.data import PromptDataset, find_split, open_dataset, shapes_data
 from cppo.rl.fsdp import fsdp_settings, shard_policy
 from cppo.rl.perception import get_perception_term
+from cppo.rl.reporting import Counters, StepLogger
 from cppo.rl.resume import Checkpointer, data_fingerprint, restore, resume_point
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.sampler import PromptSampler
-from cppo.rl.steplog import Counters, StepLogger
 
 
 @dataclass

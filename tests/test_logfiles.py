@@ -1,4 +1,4 @@
-"""cppo.rl.runlog: metrics lines on disk at once, resume truncation, non-main no-op, curves."""
+"""cppo.rl.logfiles: metrics lines on disk at once, resume truncation, non-main no-op, curves."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cppo.rl.runlog import RunLogger, moving_average, plot_curves, read_metrics
+from cppo.rl.logfiles import RunLogger, moving_average, plot_curves, read_metrics
 
 
 def _lines(path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cppo.rl.checkpoint import latest_checkpoint
-from cppo.rl.runlog import RunLogger
+from cppo.rl.logfiles import RunLogger
 from cppo.rl.update import Timer
 
 _STATUS = Path("/proc/self/status")
@@ -185,7 +185,7 @@ class Progress:
 class StepLogger:
     """Everything a step reports, in one call: its metrics line (metrics.jsonl, TensorBoard), a few
     rollouts, its reward errors, the progress bar, and a stderr line for a skipped update or reward
-    errors. The files and the bar are written on rank 0 only (cppo.rl.runlog.RunLogger)."""
+    errors. The files and the bar are written on rank 0 only (cppo.rl.logfiles.RunLogger)."""
 
     def __init__(self, run_dir: Path, cfg, rank: int):
         self.cfg, self.rank = cfg, rank

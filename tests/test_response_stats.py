@@ -2,7 +2,7 @@ import torch
 
 from cppo.loss.entropy import token_entropy
 from cppo.models import append_responses, generate_responses, response_logits
-from cppo.scoring import response_stats
+from cppo.response_stats import response_stats
 from tests.helpers import shapes_batch, tiny_model_and_processor
 
 
