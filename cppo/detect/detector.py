@@ -15,6 +15,10 @@ long response never exist at once.
 
 Letters: N examples in a batch, K draws, T response tokens, D hidden size, V vocabulary.
 
+The file is longer than the others (~500 lines) because the detector's batch passes, its view draws
+and the `Detection` records they fill share one set of per-example arrays; split apart, each piece
+would have to pass all of them along.
+
 Where this departs from the paper's code, and why:
 
 - ``draws = K > 1`` draws the removing view K times per example (independent parameters each time)
