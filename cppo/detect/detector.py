@@ -52,9 +52,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cppo.batching import take_rows
 from cppo.loss.entropy import chunked_entropy_and_logprob, chunked_kl
 from cppo.loss.select import SELECTORS, get_selector, select_perception_tokens
+from cppo.models import (
+    append_responses,
+    encode_images,
+    encode_prompts,
+    generate_responses,
+    load_model_and_processor,
+)
+from cppo.perturb import Preset, get_perturbation, get_preset, list_perturbations
 from cppo.precision import resolve_device, resolve_dtype  # the one rule (still importable from here)
+from cppo.response_stats import backbone_and_head, response_hidden
 
 
 class DetectError(ValueError):
@@ -232,7 +242,6 @@ class PerceptionDetector:
         seed: int = 0,
         compute_kl: bool = False,
     ):
-        from cppo.perturb import Preset, get_perturbation, get_preset
 
         if selector not in SELECTORS.names():
             raise DetectError(f"unknown selector {selector!r}; valid: {', '.join(SELECTORS.names())}")
@@ -248,7 +257,6 @@ class PerceptionDetector:
         if perturbation is not None:
             entry = get_perturbation(perturbation)
             if entry.kind != "removing":
-                from cppo.perturb import list_perturbations
 
                 raise DetectError(
                     f"perturbation {perturbation!r} is {entry.kind}; the detector needs a removing view: "
@@ -269,7 +277,6 @@ class PerceptionDetector:
     @classmethod
     def from_pretrained(cls, path_or_id, device: str = "auto", dtype="auto", **kwargs) -> PerceptionDetector:
         """Load a checkpoint (a folder or a cached hub id): CUDA bf16 when available, else CPU float32."""
-        from cppo.models import load_model_and_processor
 
         dev = resolve_device(device)
         try:
@@ -378,8 +385,6 @@ class PerceptionDetector:
     def _generate(
         self, enc: dict, rows: list[int], first_index: int
     ) -> dict[int, tuple[list[int], list[bool]]]:
-        from cppo.batching import take_rows
-        from cppo.models import generate_responses
 
         sub = take_rows(enc, rows, self.image_token_id)
         room = self.limit - sub["input_ids"].shape[1]
@@ -404,8 +409,6 @@ class PerceptionDetector:
 
     @torch.no_grad()
     def _detect_batch(self, chunk: list[Example], first_index: int) -> list[Detection]:
-        from cppo.models import append_responses, encode_images, encode_prompts
-        from cppo.response_stats import backbone_and_head, response_hidden
 
         dev = self.device
         enc = encode_prompts(self.processor, [ex.prompt for ex in chunk], [ex.images for ex in chunk])

@@ -19,6 +19,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from cppo.prompt import INSTRUCTION
+from cppo.toy.shapes import make_item, target_response
 
 # The 14 special tokens of Qwen2.5-VL, in Qwen's order (ids 151643..151656 there, right after the BPE).
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -72,7 +73,6 @@ _SPLIT = (
 
 def tokenizer_corpus(n_items: int = 2000, seed: int = 0) -> list[str]:
     """The fixed text the BPE is learned from: chat scaffolding, instruction, and shapes items."""
-    from cppo.toy.shapes import make_item, target_response
 
     rng = np.random.default_rng(seed)
     # The scaffolding is in every prompt: weight it like the items so its words get merged too.

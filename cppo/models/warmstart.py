@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from cppo.models.build import TinyVLMConfig, build_tiny_model
+from cppo.models.card import main as card_main
+from cppo.models.evaluate import main as evaluate_main
 from cppo.models.inputs import append_responses, encode_prompts, response_logits
 from cppo.toy.shapes import DEFAULT_IMAGE_SIZE, ShapesItem, make_item, make_scene, render, target_response
 
@@ -189,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {out} after {train_seconds:.0f}s", flush=True)
 
     if args.eval_n:
-        from cppo.models.card import main as card_main
-        from cppo.models.evaluate import main as evaluate_main
 
         common = [
             "--model",

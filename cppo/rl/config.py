@@ -37,6 +37,11 @@ from pathlib import Path
 import yaml
 from transformers.hf_argparser import HfArgumentParser, string_to_bool
 
+from cppo.loss import AGGREGATIONS, DIVERGENCES, GATES, POLICY_LOSSES, SELECTORS
+from cppo.perturb import get_preset
+from cppo.rl.perception import get_perception_term
+from cppo.rl.rewards import get_reward, reward_name
+
 ALGOS = ("cppo", "grpo", "papo")  # the built-in perception terms (cppo.rl.perception)
 DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -362,10 +367,6 @@ def resume_safe_fields() -> frozenset[str]:
 
 def _registry_errors(cfg: TrainConfig) -> list[str]:
     """Names that must be in a registry; the registries' own errors list the valid names."""
-    from cppo.loss import AGGREGATIONS, DIVERGENCES, GATES, POLICY_LOSSES, SELECTORS
-    from cppo.perturb import get_preset
-    from cppo.rl.perception import get_perception_term
-
     checks = [
         ("algo", get_perception_term),
         ("kl_estimator", DIVERGENCES.get),
@@ -383,8 +384,6 @@ def _registry_errors(cfg: TrainConfig) -> list[str]:
             get(getattr(cfg, name))
         except ValueError as e:
             errors.append(f"{name}: {e}" + (", full" if name == "cpl_divergence" else ""))
-    from cppo.rl.rewards import get_reward, reward_name
-
     names = [reward_name(spec) for spec in cfg.rewards]
     for spec, name in zip(cfg.rewards, names):
         if spec == name:  # a registered name; a user function (module:function) is imported by the run

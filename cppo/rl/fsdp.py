@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cppo.response_stats import plain_response_stats
 from cppo.rl.config import ConfigError
 
 _TRUE = {"1", "true", "yes", "y", "on", "full_shard"}
@@ -116,8 +117,6 @@ def shard_policy(
     for unit in [*_units(model), model]:  # each unit's own setting
         unit.set_gradient_divide_factor(1.0)  # a sum over processes, as the loop's own all-reduce
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
-
-    from cppo.response_stats import plain_response_stats
 
     model.cppo_response_stats = types.MethodType(plain_response_stats, model)
     register_fsdp_forward_method(model, "cppo_response_stats")
