@@ -138,3 +138,57 @@ def test_register_reward_adds_a_name_once():
 def test_weights_must_match_functions():
     with pytest.raises(ValueError, match="2 reward functions but 1 weights"):
         RewardScorer(["accuracy", "format"], [1.0])
+
+
+# --- reward code that misbehaves (docs/reliability.md): scored 0 and logged, never an exit or a hang
+
+
+def _hostile(kind):
+    def fn(response, answer, sample):
+        if kind == "sleeps":
+            import time
+
+            time.sleep(30)
+        if kind == "exits":
+            sys.exit(0)
+        if kind == "interrupts":
+            raise KeyboardInterrupt
+        return {"string": "0.75", "bool": True, "none": None, "inf": math.inf}[kind]
+
+    return fn
+
+
+@pytest.mark.parametrize("kind", ["sleeps", "exits", "interrupts", "string", "bool", "none", "inf"])
+def test_a_reward_that_hangs_exits_or_returns_a_non_number_scores_zero_and_is_logged(kind):
+    register_reward(f"hostile_{kind}")(_hostile(kind))
+    try:
+        scorer = RewardScorer(["format", f"hostile_{kind}"], [1.0, 1.0], timeout_s=0.5)
+        result = scorer([GOOD, GOOD], ["0.5", "0.5"], [dict(SAMPLE)] * 2)
+    finally:
+        REWARDS.unregister(f"hostile_{kind}")
+    assert result.components[f"hostile_{kind}"] == [0.0, 0.0]
+    assert result.total == [1.0, 1.0]  # the other reward still counts
+    assert [e["index"] for e in result.errors] == [0, 1]
+    expected = {"sleeps": "TimeoutError", "exits": "SystemExit", "interrupts": "KeyboardInterrupt"}
+    assert expected.get(kind, "ValueError") in result.errors[0]["error"]
+
+
+def test_numpy_scalars_are_real_numbers_and_the_scorer_goes_on_after_a_timeout():
+    import numpy as np
+
+    calls = []
+
+    def slow_once(response, answer, sample):
+        calls.append(1)
+        if len(calls) == 1:
+            import time
+
+            time.sleep(5)
+        return np.float32(0.25)
+
+    register_reward("slow_once")(slow_once)
+    try:
+        result = RewardScorer(["slow_once"], [1.0], timeout_s=0.3)(["a", "b"], ["x", "x"], [dict(SAMPLE)] * 2)
+    finally:
+        REWARDS.unregister("slow_once")
+    assert result.components["slow_once"] == [0.0, 0.25]  # the first timed out, a fresh thread ran the second

@@ -48,7 +48,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 _AT_LEAST_ONE = "max_steps prompts_per_step group_size micro_batch_size ppo_epochs logits_chunk_size \
 max_new_tokens eval_samples".split()
 _NON_NEGATIVE = "lr weight_decay grad_clip beta cpl_lambda papo_gamma papo_entropy_coef warmup_steps \
-save_every keep_last eval_every log_rollouts lora_r lora_dropout max_bad_steps".split()
+save_every keep_last eval_every log_rollouts lora_r lora_dropout max_bad_steps reward_timeout".split()
 
 
 class ConfigError(ValueError):
@@ -188,6 +188,12 @@ class TrainConfig:
         "as module:function or path.py:function, fn(response, answer, sample) -> float",
     )
     reward_weights: list[float] = _f([0.9, 0.1], "one weight per reward function (paper: 0.9, 0.1)")
+    reward_timeout: float = _f(
+        60.0,
+        "seconds one reward call may take; a slower call scores 0 and is logged in reward_errors.jsonl "
+        "(the call is abandoned on its thread); 0 = no limit",
+        resume_safe=True,
+    )
     # --- compute
     logits_chunk_size: int = _f(
         256, "response positions per chunk of the output head (entropy, log-probs)", resume_safe=True

@@ -19,9 +19,14 @@ stops at its config check instead of scoring every response 0 through the error 
 A user function is named ``module:function`` (importable) or ``path/to/file.py:function``, in the
 config's ``rewards`` list beside the built-in names.
 
-Departure from the official code, on purpose: a reward that raises, returns a non-number or returns
-NaN/inf for one response scores that response 0 for that function and records the error (with the
-response and the sample's source) in ``RewardResult.errors``, instead of killing a run hours in.
+Departure from the official code, on purpose: a reward that raises, returns anything but a real
+number (``bool`` and strings such as ``"0.75"`` included) or returns NaN/inf for one response scores
+that response 0 for that function and records the error (with the response and the sample's source)
+in ``RewardResult.errors``, instead of killing a run hours in. Reward code runs on a worker thread
+with a per-call time limit (``timeout_s``, the config's ``reward_timeout``): a call that takes longer
+scores 0 and is recorded the same way, and the thread it hangs in is abandoned (a daemon thread, so
+it cannot keep the process alive). ``SystemExit`` and ``KeyboardInterrupt`` raised by reward code
+are reward errors too, not exits: the trainer's own signals are handled on the main thread.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import numbers
+import queue
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +137,57 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / max(1, len(xs))
 
 
-class RewardScorer:
-    """``scorer(responses, answers, samples) -> RewardResult`` with one weight per function."""
+class _RewardThread:
+    """One daemon thread that runs reward calls in order, so a call can be given up after a limit."""
 
-    def __init__(self, specs: list[str], weights: list[float]):
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="cppo-reward", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, box = self._jobs.get()
+            try:
+                box.put((True, fn(*args)))
+            except BaseException as e:  # SystemExit and KeyboardInterrupt from reward code included
+                box.put((False, e))
+
+    def call(self, fn, args: tuple, timeout_s: float | None):
+        """fn(*args), or TimeoutError after `timeout_s` (the thread is then stuck: use a new one)."""
+        box: queue.Queue = queue.Queue(maxsize=1)
+        self._jobs.put((fn, args, box))
+        try:
+            ok, value = box.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"took longer than {timeout_s:g} s (reward_timeout)") from None
+        if not ok:
+            raise _RewardRaised(value)
+        return value
+
+
+class _RewardRaised(Exception):
+    """Carries what reward code raised (a BaseException, possibly) back to the scoring thread."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+
+
+def as_reward_value(value) -> float:
+    """A reward's return value as a finite float; ValueError for anything but a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"returned {type(value).__name__} {value!r}, not a real number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"returned {value}")
+    return value
+
+
+class RewardScorer:
+    """``scorer(responses, answers, samples) -> RewardResult`` with one weight per function.
+
+    Every call runs on a worker thread with a limit of `timeout_s` seconds (None or 0: no limit)."""
+
+    def __init__(self, specs: list[str], weights: list[float], timeout_s: float | None = 60.0):
         if len(specs) != len(weights):
             raise ValueError(
                 f"{len(specs)} reward functions but {len(weights)} weights: give one weight each"
@@ -142,6 +197,8 @@ class RewardScorer:
             raise ValueError(f"reward names must be distinct, got {self.names}")
         self.fns = [get_reward(s) for s in specs]
         self.weights = [float(w) for w in weights]
+        self.timeout_s = timeout_s or None
+        self._thread = _RewardThread()
 
     def __call__(self, responses: list[str], answers: list[str], samples: list[dict]) -> RewardResult:
         if not len(responses) == len(answers) == len(samples):
@@ -157,20 +214,17 @@ class RewardScorer:
         ]
         return RewardResult(total, components, errors)
 
-    @staticmethod
-    def _score(name, fn, i, response, answer, sample, errors) -> float:
+    def _score(self, name, fn, i, response, answer, sample, errors) -> float:
         try:
-            value = fn(response, answer, sample)
-            value = float(value)  # bools and numpy scalars are fine; None and strings are not
-            if not math.isfinite(value):
-                raise ValueError(f"returned {value}")
-            return value
-        except Exception as e:  # one bad response must not kill the run; it scores 0 and is logged
+            return as_reward_value(self._thread.call(fn, (response, answer, sample), self.timeout_s))
+        except (TimeoutError, _RewardRaised, ValueError) as e:  # scores 0 and is logged, the run goes on
+            if isinstance(e, TimeoutError):
+                self._thread = _RewardThread()  # the old one is stuck in the call it gave up on
             errors.append(
                 {
                     "reward": name,
                     "index": i,
-                    "error": f"{type(e).__name__}: {e}",
+                    "error": str(e) if isinstance(e, _RewardRaised) else f"{type(e).__name__}: {e}",
                     "source": sample.get("source", ""),
                     "answer": answer,
                     "response": response[-500:],

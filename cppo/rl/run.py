@@ -107,7 +107,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps * updates_per_step)
     sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed)
     preset = views_preset(getattr(cfg, get_perception_term(cfg.algo).preset_option))
-    scorer = RewardScorer(cfg.rewards, cfg.reward_weights)
+    scorer = RewardScorer(cfg.rewards, cfg.reward_weights, timeout_s=cfg.reward_timeout)
     logger = StepLogger(run_dir, cfg, rank)
     counters = Counters()
     start = 0
