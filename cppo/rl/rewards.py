@@ -26,7 +26,9 @@ in ``RewardResult.errors``, instead of killing a run hours in. Reward code runs 
 with a per-call time limit (``timeout_s``, the config's ``reward_timeout``): a call that takes longer
 scores 0 and is recorded the same way, and the thread it hangs in is abandoned (a daemon thread, so
 it cannot keep the process alive). ``SystemExit`` and ``KeyboardInterrupt`` raised by reward code
-are reward errors too, not exits: the trainer's own signals are handled on the main thread.
+are reward errors too, not exits: the trainer's own signals are handled on the main thread. Being
+off the main thread, reward code cannot install signal handlers (SIGALRM timeouts of its own); the
+built-in graders skip theirs there, the per-call limit standing in for them.
 """
 
 from __future__ import annotations
