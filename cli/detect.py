@@ -15,7 +15,11 @@ naming what is wrong and exits 2.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,14 +89,78 @@ def _fail(msg: str) -> int:
 
 
 def _read_image(path: str):
-    from cppo.rl.data import DataError, open_image
+    from cppo.perturb import load_image
 
-    if not Path(path).is_file():
-        raise ValueError(f"image not found: {path}")
+    return load_image(path)  # ImageError (a ValueError): one line naming the file
+
+
+def _check_numbers(args) -> None:
+    """Every number the detector takes, checked before any work (ValueError, one line)."""
+    problems = []
+    if args.draws < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        problems.append("--draws, --batch-size and --max-new-tokens must be >= 1")
+    if not 0 < args.top_percent <= 1:
+        problems.append(f"--top-percent must be in (0, 1], got {args.top_percent}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        problems.append(f"--temperature must be a number > 0, got {args.temperature}")
+    if args.seed < 0:
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.max_report < 0:
+        problems.append(f"--max-report must be >= 0 (0: no plots or images), got {args.max_report}")
+    if args.limit is not None and args.limit < 1:
+        problems.append(f"--limit must be >= 1, got {args.limit}")
+    if not args.out.strip():
+        problems.append("--out is empty: give an output folder")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _check_device(name: str):
+    """The torch device `name` names, usable in this process; ValueError (one line) otherwise."""
+    import torch
+
+    from cppo.precision import resolve_device
+
     try:
-        return open_image(path)
-    except DataError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        device = resolve_device(name)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"--device {name!r} is not a device torch knows ({reason})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch has no usable CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: cppo-detect runs on cpu or cuda")
+    return device
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before the model loads, an --out that is a file or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=".cppo-detect-probe-", dir=out.parent)).rmdir()
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
+
+
+def _write(detections, out: Path, settings: dict, max_report: int) -> dict:
+    """write_outputs into a temporary sibling, then rename its entries into `out`: a failed write
+    (full disk, read-only) leaves `out` as it was. OSError carries the reason."""
+    from cppo.detect.report import write_outputs
+
+    tmp = Path(tempfile.mkdtemp(prefix=".cppo-detect-", dir=out.parent))
+    try:
+        write_outputs(detections, tmp, settings, max_examples=max_report)
+        out.mkdir(exist_ok=True)
+        for entry in tmp.iterdir():
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"report": out / "report.html"}
 
 
 def _examples(args) -> tuple[list, str]:
@@ -137,17 +205,15 @@ def _examples(args) -> tuple[list, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cppo.detect.detector import DetectError, PerceptionDetector
-    from cppo.detect.report import terminal_summary, write_outputs
+    from cppo.detect.report import terminal_summary
     from cppo.models import check_model_path, demo_model_path, load_model_and_processor
     from cppo.perturb import UnknownNameError, get_perturbation, get_preset
-    from cppo.precision import resolve_device, resolve_dtype
+    from cppo.precision import resolve_dtype
     from cppo.rl.data import DataError
 
     try:  # everything that needs no model, first
-        if args.draws < 1 or not 0 < args.top_percent <= 1 or args.temperature <= 0 or args.batch_size < 1:
-            raise ValueError(
-                "need --draws >= 1, 0 < --top-percent <= 1, --temperature > 0, --batch-size >= 1"
-            )
+        _check_numbers(args)
+        device = _check_device(args.device)
         get_preset(args.preset)
         if args.perturbation is not None:
             get_perturbation(args.perturbation)
@@ -162,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_path = check_model_path(args.model)
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a folder")
+        _check_out(out)
     except (ValueError, DataError, FileNotFoundError, UnknownNameError, OSError) as e:
         return _fail(str(e))
 
@@ -172,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # the weight-loading bar; ours is over examples
     t0 = time.time()
     try:
-        device = resolve_device(args.device)
         model, processor = load_model_and_processor(
             model_path, device=device, dtype=resolve_dtype(args.dtype, device)
         )
@@ -196,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, OSError) as e:  # device strings, CUDA absent, unloadable checkpoints
         return _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     settings = {"model": model_path, "source": source, **detector.describe()}
-    files = write_outputs(detections, out, settings, max_examples=args.max_report)
+    try:
+        files = _write(detections, out, settings, args.max_report)
+    except OSError as e:
+        return _fail(f"cannot write {out}: {e.strerror or e} (nothing was changed there)")
     if len(detections) == 1:
         print(terminal_summary(detections[0]))
     n_sel = sum(int(d.selected.sum()) for d in detections)

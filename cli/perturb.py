@@ -30,21 +30,28 @@ def _fail(msg: str) -> int:
 
 
 def _load_image(path: str | None):
-    from PIL import Image, UnidentifiedImageError
-
+    """(RGB image, where it came from); ImageError (a ValueError) with a one-line reason."""
+    from cppo.perturb import load_image
     from cppo.perturb.gallery import sample_image
-    from cppo.perturb.image import to_rgb
 
     if path is None:
         return sample_image(), "bundled sample (astronaut)"
-    if not Path(path).is_file():
-        raise ValueError(f"no such image file: {path}")
+    return load_image(path), path
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an --out that is a file or cannot be written (one line)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img), path
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".cppo-perturb-probe-", dir=out.parent))
+        probe.rmdir()
+        if out.is_dir():
+            (out / ".cppo-perturb-probe").touch()
+            (out / ".cppo-perturb-probe").unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
 
 
 def _safe(name: str) -> str:
@@ -63,17 +70,22 @@ def main(argv=None) -> int:
     from cppo.perturb import UnknownNameError, get_preset
     from cppo.perturb.gallery import contact_sheet
 
+    if args.columns < 1:
+        return _fail(f"--columns must be >= 1, got {args.columns}")
+    if args.seed < 0:
+        return _fail(f"--seed must be >= 0, got {args.seed}")
+    if not args.out.strip():
+        return _fail("--out is empty: give an output directory")
     try:
         preset = get_preset(args.preset)
     except (UnknownNameError, ValueError, TypeError, OSError) as e:
         return _fail(f"bad preset {args.preset!r}: {e}")
     try:
         image, source = _load_image(args.image)
+        out = Path(args.out)
+        _check_out(out)
     except ValueError as e:
         return _fail(str(e))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} exists and is not a directory")
 
     # everything is computed before anything is written
     w, h = image.size
@@ -100,17 +112,22 @@ def main(argv=None) -> int:
         "draw": record,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".cppo-perturb-", dir=out.parent))
+    # Everything is written to a temporary sibling first, then renamed into --out: a full disk or a
+    # read-only folder fails before --out changes, with one line.
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=".cppo-perturb-", dir=out.parent))
         for fname, img in files.items():
             img.save(tmp / fname)
         (tmp / "params.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         out.mkdir(exist_ok=True)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
+    except OSError as e:
+        return _fail(f"cannot write {out}: {e.strerror or e} (nothing was changed there)")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"cppo-perturb: {len(preset.entries)} views of {source} ({preset.name}, seed {args.seed}) -> "
         f"{out / 'gallery.png'}"

@@ -43,6 +43,7 @@ from cppo.perturb.base import (
     register_perturbation,
 )
 from cppo.perturb.image import image_size, to_rgb
+from cppo.perturb.load import ImageError, load_image
 from cppo.perturb.presets import (
     PRESETS,
     Preset,
@@ -54,6 +55,7 @@ from cppo.perturb.presets import (
 )
 
 __all__ = [
+    "ImageError",
     "KINDS",
     "PERTURBATIONS",
     "PRESETS",
@@ -65,6 +67,7 @@ __all__ = [
     "image_size",
     "list_perturbations",
     "list_presets",
+    "load_image",
     "load_preset",
     "preset_from_dict",
     "register_perturbation",

@@ -179,11 +179,21 @@ def load_preset(path: str | Path, register: bool = False) -> Preset:
     """A preset from a YAML file (format in the module docstring); `register` adds it by name."""
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        d = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the preset ({e})") from None
     if not isinstance(d, Mapping):
         raise ValueError(f"{path}: expected a YAML mapping with name, preserving, removing")
-    preset = preset_from_dict(d)
+    try:
+        preset = preset_from_dict(d)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a preset ({type(e).__name__}: {e})") from None
     if register:
         register_preset(preset, overwrite=True)
     return preset
