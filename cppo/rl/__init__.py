@@ -4,7 +4,10 @@ Files, each read top to bottom:
     loop.py     the training loop (`run_training`), one step after another
     setup.py    `setup_run(cfg) -> Run`: processes, data, policy, reference, optimizer, resume
     config.py   TrainConfig (every field documented and a flag), YAML < flags, validation
-    data.py     datasets (JSONL, HF save_to_disk, parquet) checked up front
+    data.py     samples checked up front, with the paper's preprocessing (multi-image, small images,
+                boxed answers, prompts over max_prompt_length tokens)
+    sources.py  where samples come from: hub ids (datasets.load_dataset), JSONL, parquet files and
+                dataset folders, save_to_disk folders, each with an optional @split
     sampler.py  the resumable prompt order, with each prompt's view seed
     rollout.py  views, G samples per prompt, rewards and advantages of one step
     rewards.py  the reward registry (accuracy, format, user functions) and the weighted scorer

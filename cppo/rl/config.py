@@ -41,10 +41,12 @@ from cppo.loss import AGGREGATIONS, DIVERGENCES, GATES, POLICY_LOSSES, SELECTORS
 from cppo.perturb import get_preset
 from cppo.rl.perception import get_perception_term
 from cppo.rl.rewards import get_reward, reward_name
+from cppo.rl.sources import parse_columns
 
 ALGOS = ("cppo", "grpo", "papo")  # the built-in perception terms (cppo.rl.perception)
 DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
+DEFAULT_MAX_STEPS = 60  # the demo's run length, when neither max_steps nor epochs is given
 _AT_LEAST_ONE = "max_steps prompts_per_step group_size micro_batch_size ppo_epochs logits_chunk_size \
 max_new_tokens eval_samples".split()
 _NON_NEGATIVE = "lr weight_decay grad_clip beta cpl_lambda papo_gamma papo_entropy_coef warmup_steps \
@@ -86,6 +88,46 @@ class TrainConfig:
         "instead of skipping them with a count",
         resume_safe=True,
     )
+    data_columns: str | None = _f(
+        None,
+        "sample field=column pairs for data whose columns have other names, e.g. "
+        "image=picture,question=prompt (fields: image, question, answer, question_type); none = the "
+        "usual names: images/image, question/problem, answer/ground_truth/solution, question_type/category",
+    )
+    eval_data_columns: str | None = _f(None, "the same for eval_data; none = data_columns", resume_safe=True)
+    data_image_root: str | None = _f(
+        None,
+        "folder that relative image paths of --data resolve against; none = the data's own folder. A "
+        "hub id has none: ViRL39K's images/... paths need the folder its images.zip was unpacked in",
+    )
+    # --- the paper's preprocessing of the data (cppo/rl/data.py), on by default
+    boxed_answer: bool = _f(
+        True, "take the ground truth from the last \\boxed{} of an answer that has one (ViRL39K's answers)"
+    )
+    drop_multi_image: bool = _f(
+        True,
+        "leave out samples with more than one image, counted (paper: the official code takes one image); "
+        "--no-drop-multi-image keeps them, each image with its own views",
+    )
+    min_image_side: int = _f(
+        28,
+        "upscale images whose shorter side is under this many pixels to it, aspect kept (paper: 28; 0 = off)",
+    )
+    max_prompt_length: int | None = _f(
+        512,
+        "leave out prompts over this many tokens (chat template, question, instruction and image tokens), "
+        "counted and named; an error under --data-strict (paper: 512; none = keep every prompt)",
+    )
+    min_pixels: int | None = _f(
+        None,
+        "the processor resizes every image to at least this many pixels; none = the model processor's "
+        "own (Qwen2.5-VL-Instruct: 3136, which the paper keeps)",
+    )
+    max_pixels: int | None = _f(
+        None,
+        "the processor resizes every image to at most this many pixels; none = the model processor's "
+        "own (Qwen2.5-VL-Instruct: 12845056, which the paper keeps)",
+    )
     algo: str = _f(
         "cppo",
         f"one of {'|'.join(ALGOS)}: the same loop; cppo adds the views and CPL, "
@@ -96,7 +138,19 @@ class TrainConfig:
     )
     seed: int = _f(0, "seed of the data order, the views, the sampling and the initialisation of LoRA")
     # --- batch shape
-    max_steps: int = _f(60, "training steps (one rollout batch each)", resume_safe=True)
+    max_steps: int | None = _f(
+        None,
+        "training steps (one rollout batch each); none = from epochs when it is set, else "
+        f"{DEFAULT_MAX_STEPS}",
+        resume_safe=True,
+    )
+    epochs: float | None = _f(
+        None,
+        "passes over the training data, used when max_steps is none: max_steps = ceil(epochs x samples / "
+        "prompts_per_step), samples counted after the preprocessing when the run opens the data "
+        "(paper: 2; cppo-train --dry-run prints it)",
+        resume_safe=True,
+    )
     prompts_per_step: int = _f(8, "B, prompts per step (paper: 512)")
     rollouts_per_step: int | None = _f(
         None,
@@ -269,8 +323,9 @@ class TrainConfig:
         writes nothing (a preset given as a .yaml path is read to check it)."""
         errors = [problem] if (problem := _rollouts_problem(self)) else []
         for name in _AT_LEAST_ONE:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # max_steps none: from epochs
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        errors += _data_errors(self)
         for name in _NON_NEGATIVE:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -371,6 +426,35 @@ def resume_safe_fields() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume_safe"))
 
 
+def _data_errors(cfg: TrainConfig) -> list[str]:
+    """The checks of the data fields: the column mappings, epochs and the preprocessing's numbers."""
+    errors = []
+    for name in ("data_columns", "eval_data_columns"):
+        try:
+            parse_columns(getattr(cfg, name))
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
+    if cfg.epochs is not None and not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
+        errors.append(f"epochs must be > 0 (or none: max_steps decides), got {cfg.epochs}")
+    if cfg.min_image_side < 0:
+        errors.append(f"min_image_side must be >= 0 (0 turns it off), got {cfg.min_image_side}")
+    for name in ("max_prompt_length", "min_pixels", "max_pixels"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            errors.append(f"{name} must be >= 1 (or none), got {getattr(cfg, name)}")
+    if cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels:
+        errors.append(f"min_pixels {cfg.min_pixels} is over max_pixels {cfg.max_pixels}")
+    return errors
+
+
+def resolve_max_steps(cfg: TrainConfig, num_samples: int) -> bool:
+    """Set max_steps from epochs once the data is known: the steps that draw epochs x num_samples
+    prompts, B a step, rounded up. True when it did; False (nothing changed) when max_steps is set."""
+    if cfg.max_steps is not None:
+        return False
+    cfg.max_steps = max(1, math.ceil(round(cfg.epochs * num_samples, 6) / cfg.prompts_per_step))
+    return True
+
+
 def _registry_errors(cfg: TrainConfig) -> list[str]:
     """Names that must be in a registry; the registries' own errors list the valid names."""
     checks = [
@@ -407,6 +491,8 @@ def normalise(cfg: TrainConfig) -> None:
     (rollouts_per_step) turned into B (prompts_per_step), the one number the rest of the code reads."""
     if isinstance(cfg.betas, list):
         cfg.betas = tuple(cfg.betas)
+    if cfg.max_steps is None and cfg.epochs is None:
+        cfg.max_steps = DEFAULT_MAX_STEPS
     if cfg.rollouts_per_step is not None:
         if problem := _rollouts_problem(cfg):
             raise ConfigError(problem)

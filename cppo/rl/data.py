@@ -1,23 +1,32 @@
 """Training and evaluation data: (images, question, answer) samples, checked up front.
 
-Formats (``open_dataset(path)``):
+``open_dataset(source)`` reads a source (cppo.rl.sources: a hub id, a JSONL file, a parquet file or
+dataset folder, a save_to_disk folder, each with an optional ``@split``), checks every sample and
+applies the preprocessing it is given. Departures and choices, each deliberate:
 
-- JSONL, one object per line: ``image`` (a path) or ``images`` (a list of paths), ``question`` (or
-  ``problem``), ``answer``, optional ``question_type``; other keys are kept in ``Sample.extra``.
-  Relative image paths are resolved against the JSONL's folder. A folder is read as its
-  ``data.jsonl``, or ``<split>/data.jsonl`` (the layout of ``cppo.toy.export_shapes_dataset``).
-- A Hugging Face ``datasets`` folder (``save_to_disk``) or a ``.parquet`` file (or a folder of
-  ``<split>*.parquet``), with the usual columns ``image``/``images`` (PIL, ``{"bytes", "path"}``,
-  bytes or paths), ``question``/``problem`` and ``answer``/``ground_truth``/``solution``. Needs
-  ``datasets`` (the ``data`` extra).
-
-Departures and choices, each deliberate:
-
-- An answer written as ``\\boxed{...}`` (ViRL39K, MATH-style solutions) is reduced to the content of
-  its last box, since the graders compare the model's boxed content with the bare truth.
-- ``<image>`` placeholders in a question (PAPO/MMK12 style) are removed: ``cppo.prompt`` puts the
-  image slots before the question, as Qwen2.5-VL's own examples do.
+- ``<image>`` placeholders in a question (ViRL39K, Geometry3K, PAPO/MMK12 style) are removed:
+  ``cppo.prompt`` puts the image slots before the question, as Qwen2.5-VL's own examples do (the
+  official code puts the image where the placeholder was, at the start in both datasets).
+- The instruction of docs/method.md §4 is appended by ``cppo.prompt`` to every prompt of every
+  command, so a question that already ends with it (a dataset preprocessed by the official code's
+  scripts) has that copy removed here: the model sees it once.
 - Transparent images are composited on white before RGB (as qwen-vl-utils does), not on black.
+
+The paper's preprocessing (``Preprocessing``; the official code's ``examples/data_preprocess/
+virl39k.py`` and its dataset's ``filter_overlong_prompts``), each step an option, all on in
+``cppo-train`` and ``cppo-eval`` by default:
+
+============================  =====================================================================
+ground truth in ``\\boxed{}``   the content of the answer's last box (``boxed_answer``)
+multi-image sample            dropped and counted (``drop_multi_image``; off: KEPT with every image,
+                              each image with its own views, docs/method.md §5.9)
+image side < 28 px            upscaled, aspect kept (LANCZOS), so its shorter side is 28 px
+                              (``min_image_side``), when the sample is read
+prompt over 512 tokens        dropped and counted, naming the line/row; an error under ``strict``
+                              (``max_prompt_length``: chat template, question, instruction and image
+                              tokens, counted by cppo.models.prompt_tokens with the processor's pixel
+                              bounds ``min_pixels``/``max_pixels``)
+============================  =====================================================================
 
 What happens to bad data, case by case (``strict=True`` turns every skip into an error):
 
@@ -30,7 +39,6 @@ decompression bomb            skipped and counted (Pillow's ``MAX_IMAGE_PIXELS``
                               warning is an error)
 aspect ratio > 200            skipped and counted (Qwen2.5-VL's processor rejects it)
 text-only sample              KEPT with ``images == []``: the loop skips CPL for it (docs/method.md §5.9)
-multi-image sample            KEPT with every image: each image gets its own views (docs/method.md §5.9)
 no usable sample at all       error with the skip counts
 ============================  =====================================================================
 
@@ -38,8 +46,8 @@ no usable sample at all       error with the skip counts
 held-out split beside the training data.
 
 The order in which a run draws the samples is cppo.rl.sampler's. This module is over 300 lines
-because the readers of every format and the checks of every case in the table above are one
-contract: what a sample is, and what happens to one that is not.
+because the checks of every case in the tables above are one contract: what a sample is, and what
+happens to one that is not.
 """
 
 from __future__ import annotations
@@ -55,16 +63,29 @@ from pathlib import Path
 from PIL import Image
 
 from cppo.grading import last_boxed
+from cppo.models import demo_model_path, load_processor
+from cppo.models.prompt_tokens import prompt_lengths, set_pixel_bounds
+from cppo.prompt import INSTRUCTION
+from cppo.rl.config import ConfigError
+from cppo.rl.sources import DataError, Rows, find_split, parse_columns, read_source
 
-QUESTION_KEYS = ("question", "problem")
-ANSWER_KEYS = ("answer", "ground_truth", "solution")
-IMAGE_KEYS = ("images", "image")
+__all__ = [  # find_split and DataError come from cppo.rl.sources, re-exported for the callers of old
+    "DataError",
+    "Preprocessing",
+    "PromptDataset",
+    "Sample",
+    "data_processor",
+    "find_split",
+    "open_config_data",
+    "open_dataset",
+    "open_image",
+    "shapes_data",
+    "to_rgb",
+    "upscale",
+]
+
 MAX_ASPECT_RATIO = 200
 _IMAGE_TAG = re.compile(r"\s*<image>\s*")
-
-
-class DataError(ValueError):
-    """Data the trainer cannot use; the message names the file and line or row."""
 
 
 class _Skip(DataError):
@@ -73,6 +94,26 @@ class _Skip(DataError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The paper's preprocessing (module docstring), step by step; ``Preprocessing()`` is the paper's,
+    ``Preprocessing.none()`` changes nothing but the boxed answer (what ``open_dataset`` does unasked)."""
+
+    boxed_answer: bool = True
+    drop_multi_image: bool = True
+    min_image_side: int = 28
+    max_prompt_length: int | None = 512
+
+    @classmethod
+    def none(cls) -> Preprocessing:
+        return cls(drop_multi_image=False, min_image_side=0, max_prompt_length=None)
+
+    @classmethod
+    def of(cls, cfg) -> Preprocessing:
+        """From a TrainConfig (or cppo-eval's arguments): the fields of the same names."""
+        return cls(cfg.boxed_answer, cfg.drop_multi_image, cfg.min_image_side, cfg.max_prompt_length)
 
 
 @dataclass
@@ -108,33 +149,40 @@ class _Record:
     question_type: str | None
     source: str
     extra: dict
+    sizes: list = field(default_factory=list)  # (width, height) of each image as the model gets it
 
 
-def open_image(ref, base: Path | None = None) -> Image.Image:
-    """A PIL image from a path, bytes, ``{"bytes", "path"}`` or PIL image, decoded and in RGB."""
+def open_image(ref, base: Path | None = None, min_side: int = 0) -> Image.Image:
+    """A PIL image from a path, bytes, ``{"bytes", "path"}`` or PIL image, decoded, in RGB, and
+    upscaled so that its shorter side is at least ``min_side`` pixels."""
+    return upscale(to_rgb(_read(ref, base, decode=True)), min_side)
+
+
+def _read(ref, base: Path | None, decode: bool) -> Image.Image:
+    """The image (pixels decoded, or only its header read), every failure a counted skip."""
     if isinstance(ref, Image.Image):
-        image = ref
+        return ref
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, (bytes, bytearray)):
+        fp = io.BytesIO(ref)
+    elif isinstance(ref, (str, Path)):
+        fp = Path(ref) if base is None or Path(ref).is_absolute() else base / ref
+        if not fp.is_file():
+            raise _Skip("missing image file", str(fp))
     else:
-        if isinstance(ref, dict):
-            ref = ref.get("bytes") or ref.get("path")
-        if isinstance(ref, (bytes, bytearray)):
-            fp = io.BytesIO(ref)
-        elif isinstance(ref, (str, Path)):
-            fp = Path(ref) if base is None or Path(ref).is_absolute() else base / ref
-            if not fp.is_file():
-                raise _Skip("missing image file", str(fp))
-        else:
-            raise _Skip("unsupported image value", type(ref).__name__)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                image = Image.open(fp)
+        raise _Skip("unsupported image value", type(ref).__name__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(fp)
+            if decode:
                 image.load()
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise _Skip("image too large", str(e)) from None
-            except (OSError, SyntaxError, ValueError) as e:
-                raise _Skip("unreadable image", f"{fp}: {e}" if isinstance(fp, Path) else str(e)) from None
-    return to_rgb(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _Skip("image too large", str(e)) from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise _Skip("unreadable image", f"{fp}: {e}" if isinstance(fp, Path) else str(e)) from None
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -148,12 +196,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _check_image(ref, base: Path | None) -> None:
-    """Up-front check: the image exists, decodes, is not a bomb and has an aspect ratio Qwen accepts."""
-    image = open_image(ref, base)
+def upscaled_size(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """The size `upscale` gives: scaled by min_side / shorter side when that side is shorter, else as is."""
+    if min_side <= 0 or min(width, height) >= min_side:
+        return width, height
+    scale = min_side / min(width, height)
+    return max(min_side, round(width * scale)), max(min_side, round(height * scale))
+
+
+def upscale(image: Image.Image, min_side: int) -> Image.Image:
+    """The image with its shorter side raised to ``min_side`` pixels (aspect kept, LANCZOS), as the
+    official code's ViRL39K preprocessing does for sides under 28 px; larger images unchanged."""
+    size = upscaled_size(*image.size, min_side)
+    return image if size == image.size else image.resize(size, Image.LANCZOS)
+
+
+class _Dropped(Exception):
+    """A sample the preprocessing leaves out on purpose (counted, never an error)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _image_size(ref, base: Path | None, verify: bool) -> tuple[int, int]:
+    """Up-front check of one image: it exists, opens (``verify``: decodes), is not a bomb and has an
+    aspect ratio Qwen accepts; its (width, height)."""
+    image = _read(ref, base, decode=verify)
     w, h = image.size
+    if image is not ref:
+        image.close()
     if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
         raise _Skip(f"aspect ratio over {MAX_ASPECT_RATIO}", f"{w}x{h}")
+    return w, h
 
 
 def _first(row: dict, keys: tuple[str, ...]):
@@ -163,47 +238,104 @@ def _first(row: dict, keys: tuple[str, ...]):
     return None, None
 
 
-def _record(row: dict, source: str, base: Path | None, verify_images: bool) -> _Record:
-    qkey, question = _first(row, QUESTION_KEYS)
-    akey, answer = _first(row, ANSWER_KEYS)
-    ikey, images = _first(row, IMAGE_KEYS)
+def _record(row: dict, where: str, rows: Rows, prep: Preprocessing, sizes: bool, verify: bool) -> _Record:
+    keys = rows.keys
+    qkey, question = _first(row, keys["question"])
+    akey, answer = _first(row, keys["answer"])
+    ikey, images = _first(row, keys["image"])
+    tkey, qtype = _first(row, keys["question_type"])
     question = _IMAGE_TAG.sub(" ", str(question or "")).strip()
+    if question.endswith(INSTRUCTION):  # cppo.prompt appends it to every prompt: keep it once
+        question = question[: -len(INSTRUCTION)].strip()
     if not question:
-        raise _Skip("missing question", f"no non-empty {' or '.join(QUESTION_KEYS)}")
+        raise _Skip("missing question", f"no non-empty {' or '.join(keys['question'])}")
     answer = "" if answer is None else str(answer).strip()
-    answer = (last_boxed(answer) or answer).strip() if "\\boxed{" in answer else answer
+    if prep.boxed_answer and "\\boxed{" in answer:  # the graders compare with the bare truth
+        answer = (last_boxed(answer) or answer).strip()
     if not answer:
-        raise _Skip("missing answer", f"no non-empty {' or '.join(ANSWER_KEYS)}")
+        raise _Skip("missing answer", f"no non-empty {' or '.join(keys['answer'])}")
     images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-    if verify_images:
-        for ref in images:
-            _check_image(ref, base)
-    qtype = row.get("question_type")
-    extra = {k: v for k, v in row.items() if k not in (qkey, akey, ikey, "question_type")}
-    return _Record(question, answer, images, None if qtype is None else str(qtype), source, extra)
+    if prep.drop_multi_image and len(images) > 1:
+        raise _Dropped("multi-image")
+    if (
+        rows.hub
+        and rows.base is None
+        and any(isinstance(r, str) and not Path(r).is_absolute() for r in images)
+    ):
+        raise DataError(
+            f"{where}: image path {images[0]!r} is relative to the dataset's own folder, which a hub id "
+            "does not give: download the repository (hf download ID --repo-type dataset --local-dir DIR; "
+            "ViRL39K: unzip DIR/images.zip there) and pass --data DIR, or pass --data-image-root DIR"
+        )
+    shown = []
+    if sizes or verify:
+        shown = [upscaled_size(*_image_size(ref, rows.base, verify), prep.min_image_side) for ref in images]
+    used = (qkey, akey, ikey, tkey)
+    extra = {k: v for k, v in row.items() if k not in used}
+    return _Record(question, answer, images, None if qtype is None else str(qtype), where, extra, shown)
 
 
 class PromptDataset:
-    """Checked samples; images are read from disk when a sample is accessed."""
+    """Checked and preprocessed samples; images are read from disk when a sample is accessed."""
 
-    def __init__(self, rows, source: str, base: Path | None, strict: bool, verify_images: bool):
-        self.source, self.base = source, base
+    def __init__(
+        self,
+        rows: Rows,
+        strict: bool = False,
+        verify_images: bool = True,
+        prep: Preprocessing | None = None,
+        processor=None,
+    ):
+        self.prep = prep = prep or Preprocessing.none()
+        if prep.max_prompt_length and processor is None:
+            raise ValueError("max_prompt_length needs the model's processor to count prompt tokens")
+        self.source, self.base = rows.label, rows.base
         self.records: list[_Record] = []
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()  # bad data, by reason
+        self.dropped: Counter = Counter()  # left out by the preprocessing, by reason
         self.skip_examples: list[str] = []
-        for where, row in rows:
+        self.drop_examples: list[str] = []
+        for where, row in rows.rows:
             try:
-                self.records.append(_record(row, where, base, verify_images))
+                self.records.append(
+                    _record(row, where, rows, prep, bool(prep.max_prompt_length), verify_images)
+                )
+            except _Dropped as e:
+                self.dropped[e.reason] += 1
             except _Skip as e:
                 if strict:
                     raise DataError(f"{where}: {e} (strict data: fix or remove the sample)") from None
                 self.skipped[e.reason] += 1
                 if len(self.skip_examples) < 5:
                     self.skip_examples.append(f"{where}: {e}")
+        if prep.max_prompt_length and self.records:
+            self._drop_long_prompts(processor, prep.max_prompt_length, strict)
         if not self.records:
-            raise DataError(f"{source}: no usable sample. {self.summary()}")
+            raise DataError(f"{self.source}: no usable sample. {self.summary()}")
         self.text_only = sum(not r.images for r in self.records)
         self.multi_image = sum(len(r.images) > 1 for r in self.records)
+
+    def _drop_long_prompts(self, processor, limit: int, strict: bool) -> None:
+        """Leave out the prompts over `limit` tokens, image tokens included (the official code's
+        filter_overlong_prompts), counting them by the pixel bounds the processor has now."""
+        kept = []
+        for start in range(0, len(self.records), 512):
+            chunk = self.records[start : start + 512]
+            for r, n in zip(
+                chunk, prompt_lengths(processor, [r.question for r in chunk], [r.sizes for r in chunk])
+            ):
+                if n <= limit:
+                    kept.append(r)
+                    continue
+                message = (
+                    f"{r.source}: prompt of {n} tokens (images included) is over max_prompt_length {limit}"
+                )
+                if strict:
+                    raise DataError(f"{message} (strict data: raise max_prompt_length or remove the sample)")
+                self.dropped[f"prompt over {limit} tokens"] += 1
+                if len(self.drop_examples) < 3:
+                    self.drop_examples.append(f"{r.source}: {n} tokens")
+        self.records = kept
 
     def __len__(self) -> int:
         return len(self.records)
@@ -211,7 +343,7 @@ class PromptDataset:
     def __getitem__(self, index: int) -> Sample:
         r = self.records[index]
         try:
-            images = [open_image(ref, self.base) for ref in r.images]
+            images = [open_image(ref, self.base, self.prep.min_image_side) for ref in r.images]
         except _Skip as e:  # only when verify_images was off, or the file changed since
             raise DataError(f"{r.source}: {e}") from None
         return Sample(index, r.question, r.answer, images, r.question_type, r.source, dict(r.extra))
@@ -221,11 +353,15 @@ class PromptDataset:
         return sorted({r.question_type for r in self.records if r.question_type is not None})
 
     def summary(self) -> str:
-        """One line for the log: counts of samples, text-only, multi-image and skips with examples."""
+        """One line for the log: counts of samples, text-only, multi-image, drops and skips with examples."""
         kept = len(self.records)
         text = f"{self.source}: {kept} samples" if kept else f"{self.source}:"
         if kept and (self.text_only or self.multi_image):
             text += f" ({self.text_only} text-only, {self.multi_image} multi-image)"
+        if self.dropped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common())
+            examples = f" (e.g. {'; '.join(self.drop_examples)})" if self.drop_examples else ""
+            text += f"; dropped by the preprocessing {sum(self.dropped.values())}: {reasons}{examples}"
         if self.skipped:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
             text += (
@@ -234,92 +370,57 @@ class PromptDataset:
         return text
 
 
-def _jsonl_rows(path: Path):
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{lineno}", row
-
-
-def _hf_rows(ds, source: str):
-    """Rows of a datasets.Dataset without decoding its images (the arrow format keeps bytes/paths)."""
-    if not any(k in ds.column_names for k in QUESTION_KEYS) or not any(
-        k in ds.column_names for k in ANSWER_KEYS
-    ):
-        raise DataError(
-            f"{source}: needs a {'/'.join(QUESTION_KEYS)} column and an {'/'.join(ANSWER_KEYS)} "
-            f"column; it has {', '.join(ds.column_names)}"
-        )
-    table = ds.with_format("arrow")
-    for start in range(0, len(ds), 256):
-        for offset, row in enumerate(table[start : start + 256].to_pylist()):
-            yield f"{source} row {start + offset}", row
-
-
-def _load_hf(path: Path, split: str):
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path} needs the datasets package: pip install 'cppo[data]'") from None
-    if path.suffix == ".parquet" or path.is_dir() and not _is_saved_dataset(path):
-        files = [path] if path.is_file() else sorted(path.rglob(f"{split}*.parquet"))
-        if not files:
-            raise DataError(f"{path}: no {split}*.parquet file in this folder")
-        return datasets.Dataset.from_parquet([str(f) for f in files]), (files[0].parent)
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{path}: no split {split!r}; it has {', '.join(ds)} (pick one with split=...)")
-        ds = ds[split]
-    return ds, path
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
-
-
 def open_dataset(
-    path: str | Path, split: str = "train", strict: bool = False, verify_images: bool = True
+    source: str | Path,
+    split: str = "train",
+    strict: bool = False,
+    verify_images: bool = True,
+    *,
+    columns: str | dict | None = None,
+    image_root: str | Path | None = None,
+    prep: Preprocessing | None = None,
+    processor=None,
 ) -> PromptDataset:
-    """Load and check a dataset in any of the formats of the module docstring."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist")
-    jsonl = path if path.is_file() and path.suffix in (".jsonl", ".json") else None
-    if path.is_dir():
-        jsonl = next((p for p in (path / "data.jsonl", path / split / "data.jsonl") if p.is_file()), None)
-    if jsonl is not None:
-        return PromptDataset(_jsonl_rows(jsonl), str(jsonl), jsonl.parent, strict, verify_images)
-    if path.suffix == ".parquet" or path.is_dir():
-        ds, base = _load_hf(path, split)
-        return PromptDataset(_hf_rows(ds, str(path)), str(path), base, strict, verify_images)
-    raise DataError(f"{path}: not a .jsonl or .parquet file, a dataset folder or a save_to_disk folder")
+    """Read, check and preprocess a source (cppo.rl.sources; ``source@split`` names the split).
+
+    ``columns`` maps sample fields to columns (``"image=images,question=problem"``), ``image_root`` is
+    the folder relative image paths resolve against, ``prep`` the preprocessing (None: none but the
+    boxed answer) and ``processor`` the model's, which counts prompt tokens for ``max_prompt_length``."""
+    if isinstance(columns, str) or columns is None:
+        try:
+            columns = parse_columns(columns)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    return PromptDataset(
+        read_source(source, split, columns, image_root), strict, verify_images, prep, processor
+    )
 
 
-def find_split(path: str | Path, split: str) -> Path | None:
-    """Where ``open_dataset(..., split=split)`` finds ``split`` beside training data at ``path``, or None.
+def data_processor(cfg):
+    """The run's processor: the model's (``cfg.model``; None = the demo model) with the run's pixel
+    bounds, which the data's prompt lengths are counted with and the rollouts encode with."""
+    processor = load_processor(cfg.model or demo_model_path())
+    try:
+        set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
+    except ValueError as e:
+        raise ConfigError(f"min_pixels/max_pixels: {e}") from None
+    return processor
 
-    Covers the folder layouts: ``<dir>/<split>/data.jsonl`` (also when ``path`` is
-    ``<dir>/train/data.jsonl``), a DatasetDict folder with that split, ``<dir>/<split>*.parquet``.
-    """
-    path = Path(path)
-    root = path.parent.parent if path.name == "data.jsonl" and path.parent.name != split else path
-    if (root / split / "data.jsonl").is_file():
-        return root / split / "data.jsonl"
-    if path.is_dir() and (path / "dataset_dict.json").is_file():
-        return (
-            path if split in json.loads((path / "dataset_dict.json").read_text()).get("splits", []) else None
-        )
-    if path.is_dir() and any(path.rglob(f"{split}*.parquet")):
-        return path
-    return None
+
+def open_config_data(cfg, source, split: str, processor, eval_data: bool = False, verify_images: bool = True):
+    """A run's training data (or, ``eval_data``, its held-out data) as the TrainConfig asks: its column
+    mapping, image root (training data only), strictness and preprocessing."""
+    columns = (cfg.eval_data_columns or cfg.data_columns) if eval_data else cfg.data_columns
+    return open_dataset(
+        source,
+        split,
+        cfg.data_strict,
+        verify_images,
+        columns=columns,
+        image_root=None if eval_data else cfg.data_image_root,
+        prep=Preprocessing.of(cfg),
+        processor=processor,
+    )
 
 
 def shapes_data(

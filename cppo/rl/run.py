@@ -26,8 +26,8 @@ from cppo.perturb import get_preset, load_preset
 from cppo.precision import resolve_dtype
 from cppo.rl.atomic import atomic_write
 from cppo.rl.checkpoint import check_writable
-from cppo.rl.config import ConfigError, TrainConfig, check_launch
-from cppo.rl.data import PromptDataset, find_split, open_dataset, shapes_data
+from cppo.rl.config import ConfigError, TrainConfig, check_launch, resolve_max_steps
+from cppo.rl.data import PromptDataset, data_processor, find_split, open_config_data, shapes_data
 from cppo.rl.fsdp import fsdp_settings, shard_policy
 from cppo.rl.perception import get_perception_term
 from cppo.rl.reporting import Counters, StepLogger
@@ -77,10 +77,14 @@ def setup_run(cfg: TrainConfig) -> Run:
     seed_everything(cfg.seed)
     # All data is validated before the model loads: a bad file fails (strict) or is counted now.
     data_path = cfg.data or shapes_data(run_dir / "shapes", seed=cfg.seed)
-    dataset = open_dataset(data_path, strict=cfg.data_strict)
-    eval_set = _eval_set(cfg, data_path) if cfg.eval_every else None
+    processor = data_processor(cfg)  # counts prompt tokens for max_prompt_length, with the run's pixel bounds
+    dataset = open_config_data(cfg, data_path, "train", processor)
+    from_epochs = resolve_max_steps(cfg, len(dataset))  # epochs -> max_steps, now that the data is counted
+    eval_set = _eval_set(cfg, data_path, processor) if cfg.eval_every else None
     if rank == 0:
         print(f"[cppo] data {dataset.summary()}", flush=True)
+        if from_epochs:
+            print(f"[cppo] {cfg.epochs:g} epochs of {len(dataset)} samples = {cfg.max_steps} steps")
         if eval_set is not None:
             print(f"[cppo] eval data {eval_set.summary()}", flush=True)
         if cfg.repetition_penalty != 1.0:
@@ -93,7 +97,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     fingerprint = data_fingerprint(dataset)
     ckpt, state = resume_point(cfg, run_dir, fingerprint, rank)
 
-    model, processor, ref = build_policy(cfg, device, resume_from=ckpt)
+    model, _, ref = build_policy(cfg, device, resume_from=ckpt)  # the processor is the data's
     sharded = fsdp is not None and dist.is_initialized()
     if fsdp is not None and not sharded and rank == 0:
         print("[cppo] the FSDP config has one process to shard over: training unsharded", flush=True)
@@ -144,13 +148,14 @@ def setup_run(cfg: TrainConfig) -> Run:
     )
 
 
-def _eval_set(cfg: TrainConfig, data_path) -> PromptDataset:
+def _eval_set(cfg: TrainConfig, data_path, processor) -> PromptDataset:
     path = cfg.eval_data or find_split(data_path, "val")
     if path is None:
         raise ConfigError(
             f"eval_every is {cfg.eval_every} but no eval_data was given and {data_path} has no val split"
         )
-    return open_dataset(path, split="val" if cfg.eval_data is None else "train", strict=cfg.data_strict)
+    split = "val" if cfg.eval_data is None else "train"  # eval_data@SPLIT names another
+    return open_config_data(cfg, path, split, processor, eval_data=True)
 
 
 def process_info(cfg: TrainConfig):

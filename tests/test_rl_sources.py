@@ -1,0 +1,313 @@
+"""Data sources as published (ViRL39K with image paths, Geometry3K with image bytes), read through
+datasets.load_dataset as a hub id is, and the paper's preprocessing (cppo.rl.sources, cppo.rl.data)."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+datasets = pytest.importorskip("datasets")
+
+from cppo.models import demo_model_path, encode_prompts, load_processor  # noqa: E402
+from cppo.models.prompt_tokens import pixel_bounds, prompt_lengths, set_pixel_bounds  # noqa: E402
+from cppo.prompt import INSTRUCTION  # noqa: E402
+from cppo.rl.config import ConfigError, TrainConfig, resolve_max_steps  # noqa: E402
+from cppo.rl.data import DataError, Preprocessing, data_processor, open_dataset  # noqa: E402
+from cppo.rl.sources import is_hub_id, parquet_files, parse_columns, split_spec  # noqa: E402
+from tests.published_data import (  # noqa: E402
+    GEO_ROWS,
+    VIRL_ROWS,
+    cache_as_hub_dataset,
+    write_geometry3k,
+    write_virl39k,
+)
+
+PAPER = Preprocessing()  # boxed answer, multi-image dropped, sides < 28 px upscaled, prompts <= 512 tokens
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """ViRL39K- and Geometry3K-shaped files, both also in a datasets cache as hub ids (offline)."""
+    root = tmp_path_factory.mktemp("published")
+    virl, geo, cache = write_virl39k(root / "ViRL39K"), write_geometry3k(root / "geometry3k"), root / "cache"
+    cache_as_hub_dataset("TIGER-Lab/ViRL39K", {"train": [virl / "39Krelease.parquet"]}, cache)
+    splits = {s: [geo / "data" / f"{s}-00000-of-00001.parquet"] for s in GEO_ROWS}
+    cache_as_hub_dataset("hiyouga/geometry3k", splits, cache)
+    return {"virl": virl, "geo": geo, "cache": cache}
+
+
+@pytest.fixture(autouse=True)
+def offline_cache(published, monkeypatch):
+    """datasets reads and writes its cache under tmp, offline (tests/conftest.py sets HF_HUB_OFFLINE)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(published["cache"]))
+    assert datasets.config.HF_HUB_OFFLINE
+    return published["cache"]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor(demo_model_path())
+
+
+def _rows(ds):
+    return [(r.question, r.answer, r.question_type, len(r.images)) for r in ds.records]
+
+
+@pytest.mark.parametrize("bounds", [(None, None), (3136, 40000), (784, 784)])
+def test_prompt_lengths_equal_the_processors_input_ids(bounds):
+    processor = load_processor(demo_model_path())  # a copy of its own: the bounds change it
+    set_pixel_bounds(processor, *bounds)
+    questions = ["Find x.", "A longer question " * 30, "Text only.", "Two images."]
+    images = [
+        [Image.new("RGB", (300, 200))],
+        [Image.new("RGB", (28, 28))],
+        [],
+        [Image.new("RGB", (1000, 60)), Image.new("RGB", (47, 28))],
+    ]
+    enc = encode_prompts(processor, questions, images)
+    counted = prompt_lengths(processor, questions, [[im.size for im in row] for row in images])
+    assert counted == enc["attention_mask"].sum(1).tolist()
+
+
+def test_pixel_bounds_are_saved_with_the_processor(tmp_path):
+    processor = load_processor(demo_model_path())
+    set_pixel_bounds(processor, 1568, 6272)
+    processor.save_pretrained(tmp_path)  # as a checkpoint saves it, beside the model's config.json
+    shutil.copy(demo_model_path() / "config.json", tmp_path)
+    assert pixel_bounds(load_processor(tmp_path)) == (1568, 6272)
+    with pytest.raises(ValueError, match="cannot hold an image"):
+        set_pixel_bounds(processor, max_pixels=700)  # under one 28 x 28 patch group
+    cfg = TrainConfig(min_pixels=3136, max_pixels=12544)
+    assert pixel_bounds(data_processor(cfg)) == (3136, 12544)
+
+
+def test_virl39k_as_folder_parquet_file_and_hub_id_with_the_papers_preprocessing(published, processor):
+    virl = published["virl"]
+    folder = open_dataset(virl, prep=PAPER, processor=processor)  # the downloaded repository
+    file = open_dataset(virl / "39Krelease.parquet", prep=PAPER, processor=processor)
+    hub = open_dataset("TIGER-Lab/ViRL39K", image_root=virl, prep=PAPER, processor=processor)
+    assert _rows(folder) == _rows(file) == _rows(hub) and len(hub) == VIRL_ROWS - 2
+    assert hub.dropped == {"multi-image": 1, "prompt over 512 tokens": 1} and not hub.skipped
+    summary = hub.summary()
+    assert "6 samples; dropped by the preprocessing 2: 1 multi-image, 1 prompt over 512 tokens" in summary
+    assert "TIGER-Lab/ViRL39K@train row 3:" in summary  # the dropped prompt is named
+    raw = datasets.load_dataset("parquet", data_files=str(virl / "39Krelease.parquet"), split="train")
+    kept = [i for i in range(VIRL_ROWS) if i not in (1, 3)]
+    for sample_index, row_index in enumerate(kept):
+        sample, row = hub[sample_index], raw[row_index]
+        assert sample.answer == row["answer"][len("\\boxed{") : -1]  # the ground truth from \boxed{}
+        assert sample.question_type == row["category"] and sample.extra["qid"] == row["qid"]
+        assert "<image>" not in sample.question and INSTRUCTION not in sample.question
+        assert sample.extra["PassRate_32BTrained"] == 0.5 and len(sample.images) == 1
+    assert hub[1].images[0].size == (47, 28)  # row 2's 20 x 12 image: shorter side upscaled to 28
+    assert hub[2].question == raw[4]["question"][len("<image>") : -len(INSTRUCTION)].strip()
+
+
+def test_a_long_prompt_is_an_error_under_strict_naming_the_row(published, processor):
+    with pytest.raises(
+        DataError, match=r"39Krelease\.parquet row 3: prompt of \d+ tokens .* over max_prompt_length 512"
+    ):
+        open_dataset(published["virl"] / "39Krelease.parquet", strict=True, prep=PAPER, processor=processor)
+    roomy = Preprocessing(max_prompt_length=4096)
+    assert len(open_dataset(published["virl"], strict=True, prep=roomy, processor=processor)) == VIRL_ROWS - 1
+
+
+def test_without_the_preprocessing_every_row_is_kept_as_it_is(published):
+    ds = open_dataset(published["virl"], prep=Preprocessing.none())
+    assert len(ds) == VIRL_ROWS and ds.multi_image == 1 and not ds.dropped
+    assert ds[2].images[0].size == (20, 12)
+    with pytest.raises(ValueError, match="needs the model's processor"):
+        open_dataset(published["virl"], prep=PAPER)
+
+
+def test_geometry3k_bytes_by_split_from_the_folder_and_the_hub_id(published, processor):
+    geo = published["geo"]
+    for split, n in GEO_ROWS.items():
+        hub = open_dataset(f"hiyouga/geometry3k@{split}", prep=PAPER, processor=processor)
+        local = open_dataset(f"{geo}@{split}", prep=PAPER, processor=processor)
+        assert len(hub) == len(local) == n and _rows(hub) == _rows(local)
+        assert hub[0].images[0].size == (112, 112) and hub.source == f"hiyouga/geometry3k@{split}"
+    assert len(open_dataset(geo, split="test", prep=PAPER, processor=processor)) == GEO_ROWS["test"]
+    assert [p.name for p in parquet_files(geo, "validation")] == ["validation-00000-of-00001.parquet"]
+    with pytest.raises(DataError, match=r"Unknown split \"val\".*hiyouga/geometry3k@SPLIT"):
+        open_dataset("hiyouga/geometry3k@val", prep=PAPER, processor=processor)
+    with pytest.raises(DataError, match="no data.jsonl, save_to_disk dataset or val parquet file"):
+        open_dataset(f"{geo}@val")
+
+
+def test_save_to_disk_dataset_dict(published, processor, tmp_path):
+    geo = published["geo"]
+    files = {s: str(geo / "data" / f"{s}-00000-of-00001.parquet") for s in GEO_ROWS}
+    datasets.load_dataset("parquet", data_files=files).save_to_disk(str(tmp_path / "saved"))
+    ds = open_dataset(f"{tmp_path / 'saved'}@test", prep=PAPER, processor=processor)
+    assert len(ds) == GEO_ROWS["test"] and ds.source.endswith("saved@test")
+    assert _rows(ds) == _rows(open_dataset("hiyouga/geometry3k@test", prep=PAPER, processor=processor))
+
+
+def test_columns_can_be_mapped(published, tmp_path):
+    raw = datasets.load_dataset("parquet", data_files=str(published["virl"] / "39Krelease.parquet"))["train"]
+    renamed = raw.rename_columns({"question": "prompt", "answer": "truth", "image": "pictures"})
+    renamed.to_parquet(str(tmp_path / "train.parquet"))
+    with pytest.raises(DataError, match="needs a question/problem column .* --data-columns question=COLUMN"):
+        open_dataset(tmp_path / "train.parquet")
+    ds = open_dataset(
+        tmp_path / "train.parquet",
+        columns="question=prompt,answer=truth,image=pictures",
+        image_root=published["virl"],
+        prep=Preprocessing.none(),
+    )
+    assert _rows(ds) == _rows(open_dataset(published["virl"], prep=Preprocessing.none()))
+    with pytest.raises(DataError, match="maps image to 'pics', which it does not have; it has prompt"):
+        open_dataset(tmp_path / "train.parquet", columns="question=prompt,answer=truth,image=pics")
+    assert parse_columns(" image = images , question=problem ") == {"image": "images", "question": "problem"}
+    for bad, message in (("image", "is not NAME=COLUMN"), ("picture=x", "unknown name 'picture'")):
+        with pytest.raises(ValueError, match=message):
+            parse_columns(bad)
+        with pytest.raises(ConfigError, match=f"data_columns: data columns: .*{message}"):
+            TrainConfig(data_columns=bad)
+
+
+def test_hub_ids_and_their_errors(published, processor, monkeypatch, tmp_path):
+    assert split_spec("hiyouga/geometry3k@test") == ("hiyouga/geometry3k", "test")
+    assert split_spec("TIGER-Lab/ViRL39K") == ("TIGER-Lab/ViRL39K", None)
+    odd = tmp_path / "a@b"
+    odd.mkdir()
+    assert split_spec(str(odd)) == (str(odd), None)  # a path that exists is never split
+    assert (
+        is_hub_id("TIGER-Lab/ViRL39K") and not is_hub_id(str(tmp_path / "x")) and not is_hub_id("a/b.jsonl")
+    )
+    with pytest.raises(
+        DataError, match=r"^nobody/nothing: not a local path, .*OfflineModeIsEnabled.*hf download"
+    ):
+        open_dataset("nobody/nothing")
+    with pytest.raises(DataError, match="does not exist .*not a hub id"):
+        open_dataset(tmp_path / "typo.parquet")
+    with pytest.raises(DataError, match=r"row 0: image path 'images/.*--data-image-root DIR"):
+        open_dataset("TIGER-Lab/ViRL39K", prep=PAPER, processor=processor)  # relative paths, no folder
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the data extra were not installed
+    with pytest.raises(DataError, match=r"needs the datasets package: pip install 'cppo\[data\]'"):
+        open_dataset("TIGER-Lab/ViRL39K")
+    with pytest.raises(DataError, match=r"needs the datasets package: pip install 'cppo\[data\]'"):
+        open_dataset(published["virl"])
+
+
+def test_epochs_set_max_steps_from_the_data():
+    assert TrainConfig().max_steps == 60 and TrainConfig(max_steps=5, epochs=2).max_steps == 5
+    cfg = TrainConfig(epochs=2, prompts_per_step=4)
+    assert cfg.max_steps is None
+    assert resolve_max_steps(cfg, 10) and cfg.max_steps == 5  # 20 prompts, 4 a step
+    assert not resolve_max_steps(cfg, 1000) and cfg.max_steps == 5  # set once, never again
+    paper = TrainConfig(epochs=2, prompts_per_step=512, group_size=5, mini_batch_size=320, micro_batch_size=8)
+    resolve_max_steps(paper, 38870)
+    assert paper.max_steps == 152  # 77,740 prompts / 512 = 151.8
+    for kwargs, message in (
+        (dict(epochs=0), "epochs must be > 0"),
+        (dict(min_pixels=5000, max_pixels=4000), "min_pixels 5000 is over max_pixels 4000"),
+        (dict(max_prompt_length=0), "max_prompt_length must be >= 1"),
+        (dict(min_image_side=-1), "min_image_side must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**kwargs)
+
+
+def test_preprocessing_of_a_config_is_its_fields():
+    cfg = TrainConfig(drop_multi_image=False, max_prompt_length=None)
+    assert Preprocessing.of(cfg) == Preprocessing(drop_multi_image=False, max_prompt_length=None)
+    assert Preprocessing.of(TrainConfig()) == PAPER  # the paper's, by default
+
+
+def test_the_dataset_folder_of_parquet_files_takes_the_split_names_as_the_hub_does(tmp_path):
+    for name in ("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "test/x.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "train-old.parquet").write_bytes(b"")
+    assert [p.name for p in parquet_files(tmp_path, "train")] == [
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
+    assert parquet_files(tmp_path, "test") == [tmp_path / "test" / "x.parquet"]
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "39Krelease.parquet").write_bytes(b"")
+    assert parquet_files(single, "train") == [single / "39Krelease.parquet"] and not parquet_files(
+        single, "val"
+    )
+
+
+def test_data_path_resolution_keeps_jsonl_relative_paths(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (30, 30)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "data.jsonl").write_text(
+        '{"image": "images/a.png", "question": "q", "answer": "\\\\boxed{2}"}\n'
+    )
+    ds = open_dataset(tmp_path, prep=Preprocessing(boxed_answer=False, max_prompt_length=None))
+    assert ds[0].answer == "\\boxed{2}" and ds[0].images[0].size == (30, 30)
+    assert Path(ds.base) == tmp_path
+
+
+# --- each source end to end: cppo-train --max-steps 2 on the demo model, the paper's preprocessing
+def _train(out, *flags):
+    from cli.train import main
+
+    tiny = "--max-steps 2 --prompts-per-step 2 --group-size 2 --micro-batch-size 2 --max-new-tokens 16"
+    return main([*map(str, flags), "--output-dir", str(out), *tiny.split(), "--no-tensorboard"])
+
+
+def _sources(published, tmp_path):
+    geo = published["geo"]
+    files = {s: str(geo / "data" / f"{s}-00000-of-00001.parquet") for s in GEO_ROWS}
+    datasets.load_dataset("parquet", data_files=files).save_to_disk(str(tmp_path / "saved"))
+    return {
+        "hub id": ["--data", "TIGER-Lab/ViRL39K", "--data-image-root", published["virl"]],
+        "parquet with paths": ["--data", published["virl"] / "39Krelease.parquet"],
+        "parquet with bytes": ["--data", f"{geo}@train"],
+        "save_to_disk": ["--data", f"{tmp_path / 'saved'}@train"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["hub id", "parquet with paths", "parquet with bytes", "save_to_disk"])
+def test_each_source_trains_two_steps_with_the_papers_preprocessing(published, tmp_path, capsys, source):
+    import json
+
+    import yaml
+
+    flags = _sources(published, tmp_path)[source]
+    if source == "hub id":  # and the validation set as the paper's: Geometry3K's test split, by hub id
+        flags += ["--eval-data", "hiyouga/geometry3k@test", "--eval-every", "2"]
+    assert _train(tmp_path / "run", *flags) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["max_prompt_length"], config["drop_multi_image"], config["min_image_side"]) == (
+        512,
+        True,
+        28,
+    )
+    questions = {
+        r.question for r in open_dataset(flags[1], image_root=flags[3] if len(flags) > 3 else None).records
+    }
+    rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert rollouts and {r["question"] for r in rollouts} <= questions
+    if "ViRL39K" in str(flags[1]):
+        assert "6 samples; dropped by the preprocessing 2: 1 multi-image, 1 prompt over 512 tokens" in out
+    if source == "hub id":
+        assert "[cppo] eval data hiyouga/geometry3k@test: 3 samples" in out and "eval/accuracy" in metrics[-1]
+
+
+@pytest.mark.slow
+def test_epochs_set_the_run_length_from_the_data(published, tmp_path, capsys):
+    from cli.train import main
+
+    geo = published["geo"]
+    flags = ["--data", f"{geo}@train", "--epochs", "1", "--prompts-per-step", "2", "--group-size", "2"]
+    assert (
+        main([*flags, "--micro-batch-size", "2", "--max-new-tokens", "8", "--output-dir", str(tmp_path)]) == 0
+    )
+    assert "[cppo] 1 epochs of 4 samples = 2 steps" in capsys.readouterr().out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
