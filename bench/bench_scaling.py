@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402
 
-from cppo.batching import take_rows  # noqa: E402
-from cppo.models import append_responses, encode_images, encode_prompts  # noqa: E402
+from cppo.batching import ROW_KEYS, take_rows  # noqa: E402
+from cppo.models import append_responses  # noqa: E402
 from cppo.perturb import get_preset  # noqa: E402
-from cppo.rl.rollout import Rollouts, draw_views  # noqa: E402
+from cppo.rl.rollout import Rollouts, prepare_prompts  # noqa: E402
 
 SWEEPS = {
     "length": ("max_new_tokens", [256, 512, 1024, 2048, 4096], dict(group=4, vocab=16384)),
@@ -51,31 +51,29 @@ def synthetic_rollouts(processor, samples, group: int, length: int, image_token_
     tok = processor.tokenizer
     special = set(tok.all_special_ids)
     ordinary = torch.tensor([i for i in range(len(tok)) if i not in special])
-    batch_b = encode_prompts(processor, [s.question for s in samples], [s.images for s in samples])
+    prompts = prepare_prompts(
+        processor, samples, [1000 + i for i in range(len(samples))], "cppo", get_preset("paper")
+    )
     rows = [b for b in range(len(samples)) for _ in range(group)]
-    batch_n = take_rows(batch_b, rows, image_token_id)
-    pos, neg, records = draw_views(samples, [1000 + i for i in range(len(samples))], get_preset("paper"))
-    views = {
-        name: take_rows({**batch_b, "pixel_values": encode_images(processor, imgs)[0]}, rows, image_token_id)[
-            "pixel_values"
-        ]
-        for name, imgs in (("positive", pos), ("negative", neg))
-    }
+    text_n = take_rows({k: v for k, v in prompts.batch.items() if k in ROW_KEYS}, rows, image_token_id)
     g = torch.Generator().manual_seed(seed)
     ids = ordinary[torch.randint(len(ordinary), (len(rows), length), generator=g)]
     mask = torch.ones(len(rows), length, dtype=torch.bool)
     ro = Rollouts(
-        inputs=append_responses(batch_n, ids, mask),
+        inputs=append_responses(text_n, ids, mask),
         response_ids=ids,
         response_mask=mask,
         has_image=torch.ones(len(rows), dtype=torch.bool),
         truncated=torch.ones(len(rows), dtype=torch.bool),
-        views=views,
+        pixel_values=prompts.batch["pixel_values"],
+        image_grid_thw=prompts.batch["image_grid_thw"],
+        images_per_prompt=prompts.images_per_prompt,
+        views=prompts.views,
         rewards=torch.zeros(len(rows)),
         advantages=torch.zeros(len(rows)),
         texts=[""] * len(rows),
         samples=samples,
-        view_records=records,
+        view_records=prompts.view_records,
         reward_result=None,
     )
     bench_step.fake_advantages(ro, group, seed)

@@ -6,6 +6,9 @@ Micro-batching, and running a view only on the rows that need it (docs/method.md
 cut those tensors by row. A row's images are found from its ``<|image_pad|>`` tokens: an image of
 grid ``(t, h, w)`` has ``t·h·w`` patches and ``t·h·w / merge²`` pad tokens.
 
+A sub-batch keeps the columns of the whole batch; `trim_prompt` and `trim_padding` cut it to its own
+rows' longest prompt and response (micro-batches of the update, generation batches).
+
 Letters: N rows, L sequence length, P patches, I images, D = 1176 (3·2·14·14) patch features.
 """
 
@@ -93,3 +96,33 @@ def take_rows(batch: dict, rows: list[int] | torch.Tensor, image_token_id: int, 
         if pix is not None:
             out["pixel_values"], out["image_grid_thw"] = pix, grid
     return out
+
+
+def trim_prompt(batch: dict) -> dict:
+    """A left-padded batch without its leading columns that are padding in every row.
+
+    The row keys (`ROW_KEYS`) lose those columns; images and everything else pass through. Qwen2.5-VL
+    computes its (M-RoPE) positions from the attention mask, so the kept tokens keep their
+    positions, and no image token is ever padding."""
+    first = int(batch["attention_mask"].any(0).long().argmax())  # first column some row attends to
+    if first == 0:
+        return dict(batch)
+    return {k: v[:, first:] if k in ROW_KEYS and torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def trim_padding(inputs: dict, response_mask: torch.Tensor) -> tuple[dict, int]:
+    """(inputs, T'): teacher-forcing inputs (prompt + response, `prompt_length` L) cut to their own
+    rows' tokens, and the response columns kept.
+
+    Drops the leading prompt columns that are padding in every row (as `trim_prompt`, L shrinks by
+    as many) and the response columns after the last one any row's `response_mask` (n, T) keeps:
+    those are padding in every row (the attention mask ends at each row's last kept token), and
+    under causal attention no later column changes an earlier one. At least one response column
+    is kept."""
+    L = inputs["prompt_length"]
+    kept = response_mask.any(0).nonzero()
+    t = max(1, int(kept[-1]) + 1) if kept.numel() else 1
+    first = int(inputs["attention_mask"][:, :L].any(0).long().argmax())
+    out = {k: v[:, first : L + t] if k in ROW_KEYS and torch.is_tensor(v) else v for k, v in inputs.items()}
+    out["prompt_length"] = L - first
+    return out, t

@@ -51,6 +51,6 @@ def test_scaling_rollouts_have_fixed_length_and_views(bench_step):
     samples = bench_step.make_samples(1, 112, 0)
     ro = scaling.synthetic_rollouts(processor, samples, 4, 16, model.config.image_token_id, seed=0)
     assert ro.response_ids.shape == (4, 16) and bool(ro.response_mask.all())
-    assert ro.views["negative"].shape == ro.inputs["pixel_values"].shape
-    assert not torch.equal(ro.views["negative"], ro.inputs["pixel_values"])
+    assert ro.views["negative"].shape == ro.pixel_values.shape  # held once per prompt, as the images
+    assert not torch.equal(ro.views["negative"], ro.pixel_values)
     assert 0 < int((ro.advantages > 0).sum()) < 4

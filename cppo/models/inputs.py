@@ -17,8 +17,10 @@ import contextlib
 
 import torch
 from PIL import Image
+from transformers.generation.logits_process import LogitsProcessorList
 
 from cppo.models.processor import flatten_images
+from cppo.models.sampling import BlockSampler
 from cppo.prompt import INSTRUCTION, build_messages
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -95,6 +97,7 @@ def generate_responses(
     top_k: int = 0,
     repetition_penalty: float = 1.0,
     return_logprobs: bool = False,
+    seeds: list[int] | None = None,
 ):
     """(response_ids (N, T) long, response_mask (N, T) bool) from `model.generate` on a left-padded batch.
 
@@ -109,6 +112,11 @@ def generate_responses(
     `return_logprobs`: also the (N, T) float32 log-probability of each sampled token under the
     distribution it was drawn from (0 outside the mask), for checking that sampling and training
     see the same policy.
+
+    `seeds`: one seed per block of N / len(seeds) adjacent rows (e.g. one per prompt's group); each
+    block samples from its own generator (`cppo.models.sampling.BlockSampler`), so what it samples
+    does not depend on the other rows of the call. `generator_seed` is then not used, and
+    `return_logprobs` is not available (the sampler hands `generate` its draws, not its scores).
     """
     tok = processor.tokenizer
     end_ids = _token_ids(tok, END_TOKENS)
@@ -122,11 +130,19 @@ def generate_responses(
         pad_token_id=pad_id,
         repetition_penalty=repetition_penalty,
     )
-    if do_sample:
+    if seeds is not None:
+        if return_logprobs or not do_sample:
+            raise ValueError("seeds samples each block itself: it needs do_sample and no return_logprobs")
+        rows = inputs["input_ids"].shape[0]
+        if rows % len(seeds):
+            raise ValueError(f"{rows} rows cannot be split into {len(seeds)} equal blocks, one per seed")
+        sampler = BlockSampler(seeds, rows // len(seeds), device, temperature, top_k, top_p)
+        kwargs.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+    elif do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if return_logprobs:
         kwargs.update(output_scores=True, return_dict_in_generate=True)
-    if generator_seed is not None:
+    if generator_seed is not None and seeds is None:
         torch.manual_seed(generator_seed)
     with _only_given_settings(model):
         out = model.generate(**inputs, **kwargs)  # (N, L + T), or a dict holding it

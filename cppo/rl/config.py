@@ -207,6 +207,15 @@ class TrainConfig:
         "sample each prompt's group from its own seed (one generate call per prompt): rollouts then do "
         "not depend on the rest of the batch or on the number of processes",
     )
+    generation_batch_size: int | None = _f(
+        None,
+        "rollout rows per generate call, rounded down to whole groups (at least one), so that one call's "
+        "KV cache stays bounded; none = sized from memory on CUDA (half the free memory over one row's "
+        "KV cache for prompt + max_new_tokens tokens, at most 256 rows), 64 on the CPU. With "
+        "--seed-per-prompt the samples do not depend on it; without, one random stream runs through "
+        "the calls, so another size draws other samples (docs/training.md)",
+        resume_safe=True,
+    )
     # --- CPPO
     cpl_lambda: float = _f(0.01, "lambda, weight of the Contrastive Perception Loss (paper: 0.01)")
     cpl_tau: float = _f(0.1, "tau, temperature of the CPL softplus (paper: 0.1)")
@@ -369,6 +378,8 @@ class TrainConfig:
             errors.append(f"temperature must be > 0 (logits are divided by it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             errors.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if (rows := self.generation_batch_size) is not None and rows < 1:
+            errors.append(f"generation_batch_size must be >= 1 (or none = sized from memory), got {rows}")
         if self.top_k < 0:
             errors.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not self.repetition_penalty > 0:

@@ -5,7 +5,13 @@ preset, drawn from the sample's own seed (so a resumed or re-sharded run draws t
 shared by its G rollouts and by every update of the step. A multi-image prompt has each of its
 images perturbed (seed + image index); a text-only prompt has no views and no CPL (§5.9).
 
-Letters: B prompts on this process, G group, N = B·G rows, T response tokens.
+Two halves: `prepare_prompts` is the host's work (encode the prompts and their images, draw and
+encode the views), made without the model, so that the loop can run it for the next step in a
+background thread (cppo.rl.prefetch); `collect_rollouts` generates (cppo.rl.generation), scores
+and computes the advantages. Images, original and views, are held once per prompt (B-prompt
+`pixel_values`), not once per row: `select_rows` expands a pass's rows when it runs.
+
+Letters: B prompts on this process, G group, N = B·G rows, T response tokens, P patches, D = 1176.
 """
 
 from __future__ import annotations
@@ -15,27 +21,42 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cppo.batching import take_rows
+from cppo.batching import ROW_KEYS, images_per_row, join_images, split_images, take_rows
 from cppo.loss import group_advantages
-from cppo.models import append_responses, encode_images, encode_prompts, generate_responses
+from cppo.models import append_responses, encode_images, encode_prompts
 from cppo.models.inputs import END_TOKENS
 from cppo.precision import autocast, resolve_dtype
 from cppo.rl.data import Sample
 from cppo.rl.fsdp import gathered
+from cppo.rl.generation import generate_groups, generation_rows
 from cppo.rl.perception import get_perception_term
 from cppo.rl.rewards import RewardResult, RewardScorer
+
+
+@dataclass
+class Prompts:
+    """A step's B prompts as the host prepares them (`prepare_prompts`), before the model runs."""
+
+    samples: list[Sample]  # B
+    batch: dict  # the B prompts, left-padded (encode_prompts), with their images when any
+    images_per_prompt: list[int]  # (B,) images of each prompt, in `batch`'s image order
+    views: dict[str, torch.Tensor]  # "positive"/"negative" -> (P, D) pixel_values of the B prompts
+    view_records: list[list[dict]]  # B: one record per image of the prompt
 
 
 @dataclass
 class Rollouts:
     """Everything the update needs about one step's N responses (rows of a group are adjacent)."""
 
-    inputs: dict  # teacher-forcing inputs of the N rows (append_responses), incl. "prompt_length"
+    inputs: dict  # N rows' prompt + response ids, attention and mm_token_type_ids; "prompt_length"; no images
     response_ids: torch.Tensor  # (N, T) long
     response_mask: torch.Tensor  # (N, T) bool
     has_image: torch.Tensor  # (N,) bool: rows whose prompt has at least one image
     truncated: torch.Tensor  # (N,) bool: rows cut at max_new_tokens before any end token
-    views: dict[str, torch.Tensor]  # "positive"/"negative" -> pixel_values of the N rows, like inputs'
+    pixel_values: torch.Tensor | None  # (P, D) the B prompts' own images, once per prompt; None: no image
+    image_grid_thw: torch.Tensor | None  # (I, 3), of the images in prompt order
+    images_per_prompt: list[int]  # (B,)
+    views: dict[str, torch.Tensor]  # "positive"/"negative" -> (P, D) of the B prompts, like pixel_values
     rewards: torch.Tensor  # (N,)
     advantages: torch.Tensor  # (N,)
     texts: list[str]  # N decoded responses
@@ -49,6 +70,10 @@ class Rollouts:
     @property
     def num_rows(self) -> int:
         return self.response_ids.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.num_rows // max(1, len(self.samples))
 
 
 def draw_views(samples: list[Sample], view_seeds: list[int], preset) -> tuple[list, list, list]:
@@ -67,38 +92,31 @@ def draw_views(samples: list[Sample], view_seeds: list[int], preset) -> tuple[li
     return pos, neg, records
 
 
-def _row_pixels(batch_b: dict, pixel_values: torch.Tensor, rows: list[int], image_token_id: int):
-    """The N-row pixel_values of a view, given the view's B-prompt pixel_values (same grids)."""
-    return take_rows({**batch_b, "pixel_values": pixel_values}, rows, image_token_id)["pixel_values"]
+def prepare_prompts(processor, samples: list[Sample], view_seeds: list[int], algo: str, preset) -> Prompts:
+    """The host's part of a step's rollouts: the B prompts encoded with their images, and the views
+    the perception term of `algo` names (CPPO both, PAPO the removing one, GRPO none) drawn from
+    each prompt's view seed and encoded. Uses no global random state and no model."""
+    images = [s.images for s in samples]
+    batch = encode_prompts(processor, [s.question for s in samples], images)  # B rows
+    counts = [0] * len(samples)
+    if batch.get("pixel_values") is not None:
+        counts = images_per_row(batch["input_ids"], batch["image_grid_thw"], image_token_id(processor))
+    views: dict[str, torch.Tensor] = {}
+    records: list[list[dict]] = [[] for _ in samples]
+    needed = get_perception_term(algo).views
+    if needed and any(images):
+        pos, neg, records = draw_views(samples, view_seeds, preset)
+        drawn = {"positive": pos, "negative": neg}
+        for view in needed:
+            pixels, grids = encode_images(processor, drawn[view])
+            if not torch.equal(grids, batch["image_grid_thw"]):
+                raise ValueError(f"the {view} view changed an image's size: views must keep the grid")
+            views[view] = pixels
+    return Prompts(samples, batch, counts, views, records)
 
 
-def _generate(model, processor, batch_n: dict, cfg, generator_seed: int, per_prompt_seeds, image_token_id):
-    """(ids (N, T), mask (N, T)): one generate call for the batch, or one per prompt's group when
-    `per_prompt_seeds` is given, so that a group's samples do not depend on the rest of the batch
-    (nor on how prompts are shared among processes)."""
-    kw = dict(  # exactly the configured sampler, nothing from the checkpoint's generation_config
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        repetition_penalty=cfg.repetition_penalty,
-        do_sample=cfg.temperature > 0,
-    )
-    if per_prompt_seeds is None:
-        return generate_responses(model, processor, batch_n, generator_seed=generator_seed, **kw)
-    G = cfg.group_size
-    pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    parts = []
-    for b, seed in enumerate(per_prompt_seeds):
-        group = take_rows(batch_n, list(range(b * G, (b + 1) * G)), image_token_id)
-        parts.append(generate_responses(model, processor, group, generator_seed=seed, **kw))
-    T = max(ids.shape[1] for ids, _ in parts)
-    ids = torch.full((len(parts) * G, T), pad, dtype=torch.long)
-    mask = torch.zeros(len(parts) * G, T, dtype=torch.bool)
-    for b, (i, m) in enumerate(parts):
-        ids[b * G : (b + 1) * G, : i.shape[1]] = i
-        mask[b * G : (b + 1) * G, : m.shape[1]] = m
-    return ids, mask
+def image_token_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
 
 def collect_rollouts(
@@ -112,34 +130,29 @@ def collect_rollouts(
     generator_seed: int,
     timer=None,
     per_prompt_seeds: list[int] | None = None,
+    prompts: Prompts | None = None,
 ) -> Rollouts:
     """Generate G responses per prompt with the current policy and score them.
 
-    `cfg` supplies group_size, the sampler's settings, adv_std_scale and algo (whose perception term
-    says which views to draw: cppo.rl.perception);
-    `timer` (cppo.rl.update.Timer) receives the reward phase's seconds.
+    `cfg` supplies group_size, the sampler's settings, generation_batch_size, adv_std_scale and algo
+    (whose perception term says which views to draw: cppo.rl.perception); `prompts`: the step's
+    `prepare_prompts` when already made (by the loop's background worker), else it is made here
+    from `samples` and `view_seeds`; `per_prompt_seeds`: each group samples from its own seed
+    (cppo.rl.generation); `timer` (cppo.rl.update.Timer) receives the reward phase's seconds.
     """
+    if prompts is None:
+        prompts = prepare_prompts(processor, samples, view_seeds, cfg.algo, preset)
+    samples = prompts.samples
     G = cfg.group_size
-    image_token_id = model.config.image_token_id
-    images = [s.images for s in samples]
-    batch_b = encode_prompts(processor, [s.question for s in samples], images)  # B rows
+    token_id = model.config.image_token_id
+    batch_b = prompts.batch
     rows = [b for b in range(len(samples)) for _ in range(G)]  # (N,) prompt of each row
-    batch_n = take_rows(batch_b, rows, image_token_id)  # N rows, left-padded
-
-    views: dict[str, torch.Tensor] = {}
-    records: list[list[dict]] = [[] for _ in samples]
-    needed = get_perception_term(cfg.algo).views  # CPPO both, PAPO the removing one, GRPO none
-    if needed and any(images):
-        pos, neg, records = draw_views(samples, view_seeds, preset)
-        drawn = {"positive": pos, "negative": neg}
-        for view in needed:
-            views[view] = _row_pixels(batch_b, encode_images(processor, drawn[view])[0], rows, image_token_id)
-
     device = next(model.parameters()).device
     # FSDP: one all-gather for the whole generation; bf16 compute under --dtype bfloat16
     with gathered(model), autocast(device, resolve_dtype(cfg.dtype, device)):
-        ids, mask = _generate(
-            model, processor, batch_n, cfg, generator_seed, per_prompt_seeds, image_token_id
+        per_call = generation_rows(model, cfg, batch_b["input_ids"].shape[1])
+        ids, mask = generate_groups(
+            model, processor, batch_b, cfg, generator_seed, per_prompt_seeds, token_id, per_call
         )
     texts = processor.tokenizer.batch_decode(
         [row[m].tolist() for row, m in zip(ids, mask)], skip_special_tokens=True
@@ -153,18 +166,22 @@ def collect_rollouts(
     advantages = group_advantages(rewards, G, scale_by_std=cfg.adv_std_scale)  # (N,)
     has_image = torch.tensor([len(samples[b].images) > 0 for b in rows])  # (N,)
     end_ids = processor.tokenizer.convert_tokens_to_ids(list(END_TOKENS))
+    text_n = take_rows({k: v for k, v in batch_b.items() if k in ROW_KEYS}, rows, token_id)  # no images
     return Rollouts(
-        inputs=append_responses(batch_n, ids, mask),
+        inputs=append_responses(text_n, ids, mask),
         response_ids=ids,
         response_mask=mask,
         has_image=has_image,
         truncated=truncated_rows(ids, mask, end_ids),
-        views=views,
+        pixel_values=batch_b.get("pixel_values"),
+        image_grid_thw=batch_b.get("image_grid_thw"),
+        images_per_prompt=prompts.images_per_prompt,
+        views=prompts.views,
         rewards=rewards,
         advantages=advantages,
         texts=texts,
         samples=samples,
-        view_records=records,
+        view_records=prompts.view_records,
         reward_result=scored,
     )
 
@@ -176,8 +193,30 @@ def truncated_rows(ids: torch.Tensor, mask: torch.Tensor, end_ids: list[int]) ->
 
 
 def select_rows(ro: Rollouts, rows: list[int], image_token_id: int, view: str | None = None) -> dict:
-    """Teacher-forcing inputs of `rows`, with the images of `view` ("positive"/"negative") if given."""
-    inputs = ro.inputs
-    if view is not None:
-        inputs = {**inputs, "pixel_values": ro.views[view]}
-    return take_rows(inputs, rows, image_token_id)  # prompt_length passes through
+    """Teacher-forcing inputs of `rows` (in the order given), with their prompts' original images, or
+    those of `view` ("positive"/"negative") if given: each row's images are its prompt's, expanded
+    here for the pass (rows of one prompt given adjacent stay adjacent, so that
+    cppo.response_stats.shared_image_features encodes them once)."""
+    out = take_rows(ro.inputs, rows, image_token_id)  # prompt_length passes through; no images there
+    pixels = ro.pixel_values if view is None else ro.views[view]
+    if pixels is not None:
+        per_prompt = split_images(pixels, ro.image_grid_thw, ro.images_per_prompt)
+        G = ro.group_size
+        pix, grid = join_images([per_prompt[r // G] for r in rows])
+        if pix is not None:
+            out["pixel_values"], out["image_grid_thw"] = pix, grid
+    return out
+
+
+def micro_batches(ro: Rollouts, rows: list[int], size: int, by_length: bool) -> list[list[int]]:
+    """`rows` cut into micro-batches of `size` rows (the last one may be smaller).
+
+    `by_length`: the rows are first sorted by their own tokens (prompt + response, longest first), so
+    that each micro-batch, trimmed to its longest row, holds little padding; each micro-batch lists
+    its rows in step order (a prompt's rows stay adjacent: its images are encoded once). Either way
+    the number of micro-batches and their sizes are those of the plain cut."""
+    if by_length:
+        tokens = ro.inputs["attention_mask"].sum(1)  # (N,)
+        rows = sorted(rows, key=lambda r: -int(tokens[r]))  # stable: ties keep step order
+    cut = [rows[s : s + size] for s in range(0, len(rows), size)]
+    return [sorted(m) for m in cut] if by_length else cut

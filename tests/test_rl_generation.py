@@ -1,0 +1,111 @@
+"""Rollout generation in batches of rows (cppo/rl/generation.py, cppo/models/sampling.py): the size
+of a call, and samples that do not depend on it when each group has its own seed."""
+
+import pytest
+import torch
+
+from cppo.batching import take_rows
+from cppo.models import encode_prompts, generate_responses
+from cppo.perturb import get_preset
+from cppo.rl.config import ConfigError, TrainConfig
+from cppo.rl.data import open_dataset
+from cppo.rl.generation import CPU_GENERATION_ROWS, generation_rows, memory_sized_rows
+from cppo.rl.memory import SHAPES
+from cppo.rl.rewards import RewardScorer
+from cppo.rl.rollout import collect_rollouts
+from tests.helpers import shapes_batch, shapes_dataset, tiny_model_and_processor
+
+KW = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, top_k=50)
+
+
+def test_a_seeded_block_draws_what_its_group_draws_alone():
+    """Three groups of 3 in one call, each from its own seed, sample exactly what each group samples
+    alone after torch.manual_seed(seed) through transformers' own sampler (the --seed-per-prompt
+    path before generation batches)."""
+    model, processor = tiny_model_and_processor()
+    _, batch = shapes_batch(processor, n=3, seed=3)
+    token = model.config.image_token_id
+    G, seeds = 3, [100, 101, 102]
+    together = take_rows(batch, [b for b in range(3) for _ in range(G)], token)
+    ids, mask = generate_responses(model, processor, together, seeds=seeds, **KW)
+    for b, seed in enumerate(seeds):
+        alone_ids, alone_mask = generate_responses(
+            model, processor, take_rows(batch, [b] * G, token), generator_seed=seed, **KW
+        )
+        t = alone_ids.shape[1]
+        assert torch.equal(mask[b * G : (b + 1) * G, :t], alone_mask)
+        assert not mask[b * G : (b + 1) * G, t:].any()
+        assert torch.equal(ids[b * G : (b + 1) * G, :t][alone_mask], alone_ids[alone_mask])
+    with pytest.raises(ValueError, match="equal blocks"):
+        generate_responses(model, processor, together, seeds=[1, 2], **KW)
+
+
+def _rollouts(model, processor, samples, seeds, **cfg_kw):
+    cfg = TrainConfig(algo="grpo", group_size=2, prompts_per_step=len(samples), max_new_tokens=10, beta=0.0,
+                      micro_batch_size=2, **cfg_kw)  # fmt: skip
+    return collect_rollouts(
+        model, processor, samples, list(range(len(samples))), cfg, get_preset("paper"),
+        RewardScorer(cfg.rewards, cfg.reward_weights), generator_seed=7, per_prompt_seeds=seeds,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    model, processor = tiny_model_and_processor(seed=2)
+    ds = open_dataset(shapes_dataset(tmp_path_factory.mktemp("data"), n=4)["train"])
+    return model, processor, [ds[i] for i in range(4)]
+
+
+def test_samples_with_per_prompt_seeds_do_not_depend_on_the_generation_batch_size(setting):
+    model, processor, samples = setting
+    calls = []
+    generate = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw)
+    try:
+        outs = {
+            rows: _rollouts(model, processor, samples, [11, 12, 13, 14], generation_batch_size=rows)
+            for rows in (2, 5, 8)  # a group per call; 2 groups (5 rounds down); all 4 in one call
+        }
+    finally:
+        model.generate = generate
+    assert [s[0] for s in calls] == [2, 2, 2, 2, 4, 4, 8]
+    lengths = [int(x.sum()) for x in outs[8].inputs["attention_mask"][::2, : outs[8].inputs["prompt_length"]]]
+    assert len(set(lengths)) > 1  # prompts of different lengths: the calls were padded differently
+    assert calls[0][1] == lengths[0] < max(lengths)  # each call cut to its own longest prompt
+    for rows in (2, 5):
+        assert torch.equal(outs[rows].response_mask, outs[8].response_mask)
+        assert torch.equal(outs[rows].response_ids, outs[8].response_ids)
+        assert outs[rows].texts == outs[8].texts
+
+
+def test_one_stream_without_per_prompt_seeds(setting):
+    """Without per-prompt seeds one call is the one-call trainer's sampling (torch.manual_seed of the
+    generator seed, transformers' sampler); smaller calls continue the stream, so they draw other
+    samples from the same policy."""
+    model, processor, samples = setting
+    whole = _rollouts(model, processor, samples, None)  # 8 rows <= 64: one call
+    batch = encode_prompts(processor, [s.question for s in samples], [s.images for s in samples])
+    batch = take_rows(batch, [b for b in range(4) for _ in range(2)], model.config.image_token_id)
+    cfg = TrainConfig(max_new_tokens=10)
+    ids, mask = generate_responses(model, processor, batch, generator_seed=7, max_new_tokens=10,
+                                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # fmt: skip
+    assert torch.equal(whole.response_mask, mask) and torch.equal(whole.response_ids, ids)
+    split = _rollouts(model, processor, samples, None, generation_batch_size=2)
+    assert not torch.equal(split.response_ids[2:], whole.response_ids[2:])
+
+
+def test_generation_rows_is_configured_sized_from_memory_or_the_cpu_default():
+    model, _ = tiny_model_and_processor()
+    cfg = TrainConfig(group_size=5, max_new_tokens=100)
+    assert generation_rows(model, cfg, 50) == CPU_GENERATION_ROWS // 5 * 5  # whole groups
+    cfg.generation_batch_size = 12
+    assert generation_rows(model, cfg, 50) == 10
+    cfg.generation_batch_size = 3
+    assert generation_rows(model, cfg, 50) == 5  # at least one group
+    with pytest.raises(ConfigError, match="generation_batch_size must be >= 1"):
+        TrainConfig(generation_batch_size=0)
+    # 3B in bf16: 36 KiB of KV cache per token, 4,608 tokens a row (162 MiB): 100 GiB free -> capped
+    row = SHAPES["3b"].kv_bytes_per_token(2) * (512 + 4096)
+    assert row == 36 * 1024 * 4608
+    assert memory_sized_rows(100 * 2**30, row) == 256
+    assert memory_sized_rows(20 * 2**30, row) == 63  # 10 GiB for the cache
