@@ -3,6 +3,7 @@
     cppo-train                                   # CPPO, bundled tiny demo model, shapes task, CPU
     cppo-train --config run.yaml --max-steps 200 # a YAML file for defaults, flags on top
     cppo-train --algo grpo --group-size 8 --print-config
+    cppo-train --config examples/configs/cppo-3b.yaml --dry-run --dry-run-gpus 8   # the plan, no model
 
 Every field of ``cppo.rl.config.TrainConfig`` is a flag; ``--help`` lists them with their defaults.
 
@@ -31,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "--print-config" in argv:
         print(cfg.to_yaml(), end="")
+        return 0
+    if "--dry-run" in argv:  # the plan: data, steps, updates, memory per GPU; no model is loaded
+        from cppo.rl.config import build_parser
+        from cppo.rl.plan import describe
+
+        print(f"# resolved config\n{cfg.to_yaml()}", end="")
+        print(f"# plan\n{describe(cfg, build_parser().read_flags(argv).dry_run_gpus)}")
         return 0
     from cppo.rl.checkpoint import RunDirError
     from cppo.rl.data import DataError
