@@ -311,3 +311,25 @@ def test_epochs_set_the_run_length_from_the_data(published, tmp_path, capsys):
     )
     assert "[cppo] 1 epochs of 4 samples = 2 steps" in capsys.readouterr().out
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_cppo_eval_takes_the_same_sources_and_preprocessing(published, tmp_path, capsys):
+    import json
+
+    from cli.eval import main
+
+    out = tmp_path / "eval.json"
+    flags = ["--samples", "2", "--temperature", "1.0", "--max-new-tokens", "16", "--out", str(out)]
+    assert main(["--data", "hiyouga/geometry3k@test", *flags]) == 0
+    report = json.loads(out.read_text())
+    assert report["data"] == "hiyouga/geometry3k@test" and report["n"] == GEO_ROWS["test"]
+    assert main(["--data", str(published["virl"]), "--split", "train", *flags]) == 0
+    report = json.loads(out.read_text())
+    assert report["dropped"] == {"multi-image": 1, "prompt over 512 tokens": 1} and report["n"] == 6
+    capsys.readouterr()
+    assert main(["--data", str(published["virl"]), "--split", "train", "--strict", *flags]) == 2
+    assert "row 3: prompt of" in capsys.readouterr().err
+    args = ["--data", str(published["virl"]), "--split", "train", "--no-drop-multi-image"]
+    assert main([*args, "--max-prompt-length", "none", *flags]) == 0
+    assert json.loads(out.read_text())["n"] == VIRL_ROWS
