@@ -1,17 +1,21 @@
-"""The update's efficiency paths equal the plain path (docs/method.md §5.7–8)."""
+"""The update's efficiency paths equal the plain path (docs/method.md §5.7–8), trimmed micro-batches
+included (cppo.rl.update._stats)."""
 
 import copy
+import types
 
 import pytest
 import torch
 
+from cppo.batching import ROW_KEYS
+from cppo.models import append_responses
 from cppo.perturb import get_preset
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import open_dataset
-from cppo.rl.perception import ContrastivePerception
+from cppo.rl.perception import ContrastivePerception, ImplicitPerception
 from cppo.rl.rewards import RewardScorer
-from cppo.rl.rollout import collect_rollouts
-from cppo.rl.update import Timer, micro_batch_loss
+from cppo.rl.rollout import collect_rollouts, micro_batches
+from cppo.rl.update import Timer, micro_batch_loss, rollout_logprobs
 from tests.helpers import shapes_dataset, tiny_model_and_processor
 
 
@@ -92,8 +96,6 @@ def test_closed_gate_gives_zero_cpl_and_no_view_pass(rollouts):
 def test_one_update_moves_logprobs_the_way_the_advantages_point(rollouts):
     """After one plain-SGD step on the GRPO loss alone, responses with A > 0 gained log-probability
     and responses with A < 0 lost it (a sign error in the policy loss fails this)."""
-    from cppo.rl.update import rollout_logprobs
-
     model, ro, cfg = rollouts
     model = copy.deepcopy(model)  # the fixture's model stays as it was for other tests
     cfg.cpl_lambda, cfg.beta = 0.0, 0.0
@@ -107,3 +109,95 @@ def test_one_update_moves_logprobs_the_way_the_advantages_point(rollouts):
     adv = ro.advantages
     assert bool((delta[adv > 0] > 0).all()), (delta, adv)
     assert bool((delta[adv < 0] < 0).all()), (delta, adv)
+
+
+def _mixed_lengths(ro, lengths):
+    """The rollouts with row i's response cut to lengths[i] tokens (padding after), as in a step whose
+    responses have mixed lengths."""
+    ro = copy.copy(ro)
+    ids, mask = ro.response_ids.clone(), ro.response_mask.clone()
+    cut = torch.arange(ids.shape[1])[None] >= torch.tensor(lengths)[:, None]
+    mask &= ~cut
+    ids[cut] = tiny_model_and_processor()[1].tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    L = ro.inputs["prompt_length"]
+    prompt = {k: ro.inputs[k][:, :L] for k in ROW_KEYS}
+    ro.inputs, ro.response_ids, ro.response_mask = append_responses(prompt, ids, mask), ids, mask
+    return ro
+
+
+@pytest.mark.parametrize("term", ["cppo", "papo"])
+def test_trimmed_sorted_micro_batches_equal_the_padded_path(rollouts, term):
+    """Each micro-batch cut to its own rows' tokens gives the loss and gradients of the same
+    micro-batch padded to the step's longest prompt and response (CPPO's I-/I+ and PAPO's view passes
+    included), with old and reference log-probs and advantages aligned with their rows after sorting."""
+    model, ro, cfg = rollouts
+    ro = _mixed_lengths(ro, [10, 3, 7, 1, 9, 5])
+    cfg.cpl_lambda, cfg.beta = 1.0, 0.05
+    perception = ContrastivePerception() if term == "cppo" else ImplicitPerception()
+    ro.old_logp = rollout_logprobs(model, ro, cfg, trim=False) + 0.01 * torch.randn(ro.response_ids.shape)
+    ro.ref_logp = rollout_logprobs(model, ro, cfg, trim=False) - 0.02
+    cfg.micro_batch_size = 2
+    micro = micro_batches(ro, list(range(ro.num_rows)), 2, by_length=True)
+    assert [len(m) for m in micro] == [2, 2, 2] and sorted(sum(micro, [])) == list(range(6))
+    columns = []
+    hook = model.model.language_model.embed_tokens.register_forward_hook(
+        lambda m, a, o: columns.append(a[0].numel())
+    )
+    out = {}
+    try:
+        for trim in (True, False):
+            model.zero_grad(set_to_none=True)
+            columns.clear()
+            total, metrics = 0.0, []
+            for rows in micro:
+                loss, m = micro_batch_loss(model, ro, rows, cfg, Timer(), term=perception, trim=trim)
+                (loss * len(rows) / ro.num_rows).backward()
+                total, metrics = total + float(loss.detach()) * len(rows) / ro.num_rows, metrics + [m]
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            out[trim] = (total, metrics, grads, sum(columns))
+    finally:
+        hook.remove()
+        cfg.beta, cfg.micro_batch_size = 0.0, 6
+    (loss_t, m_t, g_t, tok_t), (loss_p, m_p, g_p, tok_p) = out[True], out[False]
+    assert tok_t < tok_p, (tok_t, tok_p)  # the trimmed passes ran on fewer token columns
+    assert loss_t == pytest.approx(loss_p, rel=1e-6, abs=1e-7)
+    for a, b in zip(m_t, m_p):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a)
+    assert any(m.get("cpl/rows", 0) > 0 or m.get("papo/kl_prcp", 0) != 0 for m in m_t)  # views ran
+    assert g_t.keys() == g_p.keys()
+    for name in g_t:
+        torch.testing.assert_close(g_t[name], g_p[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_rows_keep_their_own_values_in_any_order(rollouts):
+    """A micro-batch's loss does not depend on the order of its rows: advantages, old and reference
+    log-probs follow each row (as sorting by length reorders rows)."""
+    model, ro, cfg = rollouts
+    ro = _mixed_lengths(ro, [10, 3, 7, 1, 9, 5])
+    ro.old_logp = rollout_logprobs(model, ro, cfg) + 0.01 * torch.randn(ro.response_ids.shape)
+    try:
+        a, _ = micro_batch_loss(model, ro, [0, 1, 2, 3, 4, 5], cfg, Timer())
+        b, _ = micro_batch_loss(model, ro, [5, 3, 0, 4, 1, 2], cfg, Timer())
+    finally:
+        ro.old_logp = None
+    torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_rollout_logprobs_sorted_and_trimmed_equal_the_padded_ones(rollouts):
+    model, ro, cfg = rollouts
+    ro = _mixed_lengths(ro, [2, 10, 4, 8, 1, 6])
+    cfg.micro_batch_size = 4  # 4 + 2 rows: the sorted cut differs from the plain one
+    try:
+        trimmed, padded = rollout_logprobs(model, ro, cfg), rollout_logprobs(model, ro, cfg, trim=False)
+    finally:
+        cfg.micro_batch_size = 6
+    assert bool((padded != 0).any())
+    torch.testing.assert_close(trimmed, padded, atol=1e-6, rtol=1e-5)
+
+
+def test_sorted_micro_batches_keep_their_number_and_sizes():
+    ro = types.SimpleNamespace(inputs={"attention_mask": torch.tensor([[1] * n + [0] * (9 - n) for n in
+                                                                       (3, 9, 1, 5, 7, 2, 8)])})  # fmt: skip
+    rows = list(range(7))
+    assert micro_batches(ro, rows, 3, by_length=False) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert micro_batches(ro, rows, 3, by_length=True) == [[1, 4, 6], [0, 3, 5], [2]]  # 9 8 7 | 5 3 2 | 1

@@ -261,6 +261,14 @@ class TrainConfig:
     logits_chunk_size: int = _f(
         256, "response positions per chunk of the output head (entropy, log-probs)", resume_safe=True
     )
+    sort_by_length: bool = _f(
+        False,
+        "sort each mini-batch's rows by length (prompt + response tokens) into its micro-batches, so "
+        "that each micro-batch, cut to its own longest row, holds less padding. Same number and sizes "
+        "of micro-batches, but other rows share a micro-batch: under token-mean aggregation (and for "
+        "CPL) the update then weighs tokens differently, and K processes no longer equal one",
+        resume_safe=True,
+    )
     dtype: str = _f(
         "auto",
         f"compute precision of the forwards, one of {'|'.join(DTYPES)}; auto = bfloat16 on CUDA, float32 "
@@ -585,19 +593,6 @@ class ConfigParser(HfArgumentParser):
             "--print-config",
             action="store_true",
             help="validate, print the resolved config as YAML and exit without training",
-        )
-        self.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="validate, print the resolved config, the data's steps per epoch, the updates per step "
-            "and the memory estimate per GPU (cppo.rl.plan), and exit without loading a model",
-        )
-        self.add_argument(
-            "--dry-run-gpus",
-            type=int,
-            metavar="N",
-            default=None,
-            help="processes (GPUs) for --dry-run's estimate; default: the launch's (WORLD_SIZE), else 1",
         )
 
     def add_argument(self, *flags, **kw):

@@ -10,9 +10,12 @@ For each mini-batch of rows, for each micro-batch:
   4. backward of the micro-batch's loss scaled by its share of the mini-batch's rows.
 
 Every pass scores its rows with one function, `score` (default cppo.response_stats.response_stats: head on
-response positions only, in chunks; a group's image encoded once). `policy_update` and
-`rollout_logprobs` take another one, and `policy_update` another perception term, for callers that
-measure the official code's way (bench/bench_step.py).
+response positions only, in chunks; a group's image encoded once), on its own rows' tokens: columns
+that are padding in all its rows are cut first (`_stats`, cppo.batching.trim_padding; positions come
+from the attention mask, so the log-probs are the padded pass's: tests/test_rl_update.py).
+`--sort-by-length` sorts a mini-batch's rows by length into micro-batches of the same number and
+sizes. `policy_update` and `rollout_logprobs` take another scoring function, and `policy_update`
+another perception term, for callers that measure the official code's way (bench/bench_step.py).
 
 Departures from the official code, each on purpose:
 - Every loss is aggregated within its micro-batch and scaled by micro rows / mini-batch rows (the
@@ -49,13 +52,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from cppo.batching import trim_padding
 from cppo.loss import grpo_loss
 from cppo.precision import autocast, resolve_dtype
 from cppo.response_stats import response_stats
 from cppo.rl.fsdp import is_sharded
 from cppo.rl.perception import PerceptionTerm, get_perception_term
-from cppo.rl.rollout import Rollouts, select_rows
+from cppo.rl.rollout import Rollouts, micro_batches, select_rows
 
 
 class Timer(defaultdict):
@@ -85,17 +90,34 @@ def _stats(
     view: str | None = None,
     entropy_grad: bool = False,
     score: Callable = response_stats,
+    trim: bool = True,
 ):
-    """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images)."""
+    """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images).
+
+    `trim`: the pass runs on its rows' own tokens only (`cppo.batching.trim_padding`: no column that
+    is padding in every one of its rows) and its results are padded back to the step's T with
+    zeros, which they are outside the response mask anyway; False: on the step's L + T columns."""
     inputs = select_rows(ro, rows, _image_token_id(model), view)
+    ids, mask = ro.response_ids[rows], ro.response_mask[rows]
+    T = ids.shape[1]
+    if trim:
+        inputs, t = trim_padding(inputs, mask)
+        ids, mask = ids[:, :t], mask[:, :t]
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    ids = ro.response_ids[rows].to(device)
-    mask = ro.response_mask[rows].to(device)
     with autocast(device, resolve_dtype(cfg.dtype, device)):
-        return score(
-            model, inputs, ids, mask, cfg.temperature, cfg.logits_chunk_size, entropy_grad=entropy_grad
+        entropy, logp = score(
+            model,
+            inputs,
+            ids.to(device),
+            mask.to(device),
+            cfg.temperature,
+            cfg.logits_chunk_size,
+            entropy_grad=entropy_grad,
         )
+    if entropy.shape[1] < T:
+        entropy, logp = (F.pad(x, (0, T - x.shape[1])) for x in (entropy, logp))
+    return entropy, logp
 
 
 def _collective_device(model) -> torch.device:
@@ -136,10 +158,11 @@ class MicroBatch:
     score: Callable  # scores every pass (cppo.response_stats.response_stats)
     entropy: torch.Tensor  # (n, T) H(I) of the anchor pass (detached unless the term asked)
     logp: torch.Tensor  # (n, T) log-probs under I, with grad
+    trim: bool = True  # every pass runs on its own rows' tokens only (`_stats`)
 
     def stats(self, rows: list[int], view: str | None = None, entropy_grad: bool = False):
         """(entropy, logprob), each (len(rows), T), of `rows` under `view` (None = the original images)."""
-        return _stats(self.model, self.ro, rows, self.cfg, view, entropy_grad, self.score)
+        return _stats(self.model, self.ro, rows, self.cfg, view, entropy_grad, self.score, self.trim)
 
     def rows_in_step(self, n: int) -> int:
         """The row count this process scores in a pass it has `n` rows for (module docstring, FSDP):
@@ -156,12 +179,13 @@ class MicroBatch:
 
 
 @torch.no_grad()
-def rollout_logprobs(model, ro: Rollouts, cfg, score: Callable = response_stats) -> torch.Tensor:
-    """(N, T) log-probs of the responses under `model` (no grad), in micro-batches."""
+def rollout_logprobs(model, ro: Rollouts, cfg, score: Callable = response_stats, trim: bool = True):
+    """(N, T) log-probs of the responses under `model` (no grad), in micro-batches. A row's log-probs
+    do not depend on the rows sharing its pass, so with `trim` the rows are always sorted by length
+    into the micro-batches (`micro_batches`), each trimmed."""
     out = torch.zeros(ro.response_ids.shape, dtype=torch.float32)
-    for s in range(0, ro.num_rows, cfg.micro_batch_size):
-        rows = list(range(s, min(s + cfg.micro_batch_size, ro.num_rows)))
-        _, logp = _stats(model, ro, rows, cfg, score=score)
+    for rows in micro_batches(ro, list(range(ro.num_rows)), cfg.micro_batch_size, by_length=trim):
+        _, logp = _stats(model, ro, rows, cfg, score=score, trim=trim)
         out[rows] = logp.float().cpu()
     return out
 
@@ -174,14 +198,15 @@ def micro_batch_loss(
     timer: Timer,
     score: Callable = response_stats,
     term: PerceptionTerm | None = None,
+    trim: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch (not yet scaled) and its metrics. `term`: the perception term
-    (default: the one `cfg.algo` names)."""
+    (default: the one `cfg.algo` names); `trim`: every pass on its own rows' tokens (`_stats`)."""
     term = get_perception_term(cfg.algo) if term is None else term
     device = next(model.parameters()).device
     mask = ro.response_mask[rows].to(device)  # (n, T)
     adv = ro.advantages[rows].to(device)  # (n,)
-    entropy, logp = _stats(model, ro, rows, cfg, entropy_grad=term.entropy_grad(cfg), score=score)  # anchor
+    entropy, logp = _stats(model, ro, rows, cfg, None, term.entropy_grad(cfg), score, trim)  # anchor
     old = logp.detach() if ro.old_logp is None else ro.old_logp[rows].to(device)
     ref = None if ro.ref_logp is None else ro.ref_logp[rows].to(device)
     loss, metrics = grpo_loss(
@@ -200,7 +225,7 @@ def micro_batch_loss(
     )
     n_tok = mask.sum().clamp(min=1)
     metrics["entropy/mean"] = float((entropy.detach() * mask).sum() / n_tok)
-    extra, term_metrics = term(MicroBatch(model, ro, rows, cfg, timer, score, entropy, logp))
+    extra, term_metrics = term(MicroBatch(model, ro, rows, cfg, timer, score, entropy, logp, trim))
     if extra is not None:
         loss = loss + extra
     metrics.update(term_metrics)
@@ -230,9 +255,12 @@ def policy_update(
     world_size: int = 1,
     score: Callable = response_stats,
     term: PerceptionTerm | None = None,
+    trim: bool = True,
 ) -> dict[str, float]:
     """All optimizer updates of one step over this process's rows; returns mean metrics. `score`
-    scores every pass, `term` is the perception term (default: `cfg.algo`'s)."""
+    scores every pass, `term` is the perception term (default: `cfg.algo`'s); `trim`: every pass on
+    its own rows' tokens (False: the step's L + T columns, the padded path, for comparison).
+    `cfg.sort_by_length` sorts each mini-batch's rows by length into its micro-batches."""
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = is_sharded(model)
     n = ro.num_rows
@@ -245,10 +273,10 @@ def policy_update(
         for m0 in range(0, n, mini):
             mini_rows = list(range(m0, min(m0 + mini, n)))
             optimizer.zero_grad(set_to_none=True)
-            for s in range(0, len(mini_rows), cfg.micro_batch_size):
-                rows = mini_rows[s : s + cfg.micro_batch_size]
+            by_length = trim and cfg.sort_by_length
+            for rows in micro_batches(ro, mini_rows, cfg.micro_batch_size, by_length):
                 with timer("update"):
-                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, score, term)
+                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, score, term, trim)
                     # share of the GLOBAL mini-batch: processes' gradients are summed below
                     (loss * (len(rows) / (len(mini_rows) * world_size))).backward()
                 for k, v in metrics.items():
