@@ -594,6 +594,19 @@ class ConfigParser(HfArgumentParser):
             action="store_true",
             help="validate, print the resolved config as YAML and exit without training",
         )
+        self.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="validate, print the resolved config, the data's steps per epoch, the updates per step "
+            "and the memory estimate per GPU (cppo.rl.plan), and exit without loading a model",
+        )
+        self.add_argument(
+            "--dry-run-gpus",
+            type=int,
+            metavar="N",
+            default=None,
+            help="processes (GPUs) for --dry-run's estimate; default: the launch's (WORLD_SIZE), else 1",
+        )
 
     def add_argument(self, *flags, **kw):
         kw = {k: v for k, v in kw.items() if k in _ARGPARSE_OPTIONS}
