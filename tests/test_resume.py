@@ -19,6 +19,7 @@ SAFE = set(
     force_resume tensorboard output_dir device micro_batch_size logits_chunk_size gradient_checkpointing
     data_strict max_bad_steps epochs eval_data_columns""".split()
 )
+SAFE |= {"generation_batch_size", "sort_by_length", "prefetch"}  # how rollouts and updates are batched
 
 
 def test_resume_safe_fields_are_the_marked_config_fields():

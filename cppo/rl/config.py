@@ -269,6 +269,12 @@ class TrainConfig:
         "CPL) the update then weighs tokens differently, and K processes no longer equal one",
         resume_safe=True,
     )
+    prefetch: bool = _f(
+        True,
+        "prepare the next step's prompts (images, views, processor outputs) in a background thread "
+        "while the current step runs; same results as preparing them in turn",
+        resume_safe=True,
+    )
     dtype: str = _f(
         "auto",
         f"compute precision of the forwards, one of {'|'.join(DTYPES)}; auto = bfloat16 on CUDA, float32 "

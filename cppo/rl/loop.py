@@ -7,7 +7,9 @@
 One step: B prompts -> G rollouts each (current policy, temperature) -> rewards (0.9 accuracy +
 0.1 format) -> group advantages -> [old/ref log-probs when needed] -> optimizer updates over
 mini-batches of micro-batches, each with PPO-clip + beta·KL(ref) + the perception term
-(cppo/rl/update.py) -> log the step, checkpoint it when due. `--algo` names the perception term
+(cppo/rl/update.py) -> log the step, checkpoint it when due. The host's work of the next step (its
+images, views and processor outputs) is prepared in a background thread while this one runs
+(cppo/rl/prefetch.py, `--no-prefetch` to do it in turn). `--algo` names the perception term
 (cppo/rl/perception.py): none for GRPO, lambda·CPL for CPPO, PAPO's masked-view KL; the rollouts
 draw the views it needs, so GRPO, CPPO and PAPO are the same loop. Everything the loop holds (the
 processes, the policy, the reference, the optimizer, the sampler, the logger, the checkpointer) is
@@ -38,8 +40,10 @@ Faults (docs/reliability.md has the table of what was tried):
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +54,9 @@ from cppo.rl.checkpoint import write_best
 from cppo.rl.config import TrainConfig
 from cppo.rl.fsdp import gathered
 from cppo.rl.logfiles import plot_curves
+from cppo.rl.prefetch import Prefetcher
 from cppo.rl.reporting import bad_steps_message, reset_peak_memory, step_metrics
-from cppo.rl.rollout import collect_rollouts
+from cppo.rl.rollout import Prompts, collect_rollouts, prepare_prompts
 from cppo.rl.run import compute_dtype, seed_everything, setup_run
 from cppo.rl.signals import AbortStep, StopSignals
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
@@ -76,7 +81,13 @@ def run_training(cfg: TrainConfig):
     model, rank, world, device = run.model, run.rank, run.world, run.device
     counters, checkpoints, sampler = run.counters, run.checkpointer, run.sampler
     B = cfg.prompts_per_step
-    with closing(run.logger), StopSignals() as stops:
+
+    def mine(draws):  # this process's share of the step's prompts
+        return draws[rank * B // world :][: B // world]
+
+    # the host's work (images, views, processor) for the next step runs while this one runs
+    prefetch = Prefetcher(partial(_prepare, run, copy.deepcopy(run.processor)), enabled=cfg.prefetch)
+    with closing(run.logger), closing(prefetch), StopSignals() as stops:
         for step in range(run.start, cfg.max_steps):
             seed_everything(_rollout_seed(cfg.seed, step, rank))
             sampler_at_start = sampler.state_dict()
@@ -85,14 +96,16 @@ def run_training(cfg: TrainConfig):
             t0 = time.perf_counter()
             try:
                 with stops.abortable(world == 1):  # nothing below changes weights or optimizer
-                    draws = sampler.next_batch()[rank * B // world :][: B // world]  # this process's
-                    samples = [run.dataset[d.index] for d in draws]
+                    draws = mine(sampler.next_batch())
                     group_seeds = [d.view_seed + step for d in draws] if cfg.seed_per_prompt else None
                     with timer("rollout"):
+                        prompts = prefetch.get(draws)
+                        if step + 1 < cfg.max_steps:
+                            prefetch.submit(mine(sampler.peek()))
                         ro = collect_rollouts(
                             model,
                             run.processor,
-                            samples,
+                            prompts.samples,
                             [d.view_seed for d in draws],
                             cfg,
                             run.preset,
@@ -100,6 +113,7 @@ def run_training(cfg: TrainConfig):
                             generator_seed=_rollout_seed(cfg.seed, step, rank),
                             timer=timer,
                             per_prompt_seeds=group_seeds,
+                            prompts=prompts,
                         )
                     with timer("old_ref_logprobs"):
                         if run.updates_per_step > 1:
@@ -133,6 +147,13 @@ def run_training(cfg: TrainConfig):
     if rank == 0 and (run.run_dir / "metrics.jsonl").is_file():
         plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     return run.run_dir, model
+
+
+def _prepare(run, processor, draws) -> Prompts:
+    """The host's part of a step's rollouts (cppo.rl.rollout.prepare_prompts): the draws' samples
+    loaded, their prompts and views encoded, with `processor` (the background thread's own copy)."""
+    samples = [run.dataset[d.index] for d in draws]
+    return prepare_prompts(processor, samples, [d.view_seed for d in draws], run.cfg.algo, run.preset)
 
 
 def _evaluate(model, processor, dataset, cfg: TrainConfig) -> dict[str, float]:

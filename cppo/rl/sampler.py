@@ -2,6 +2,7 @@
 
     sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed)
     draws = sampler.next_batch()                 # B Draw(index, epoch, view_seed)
+    upcoming = sampler.peek()                    # the next batch's draws, without moving on
     state = sampler.state_dict()                 # into the checkpoint; load_state_dict on resume
 
 The permutation of an epoch is fixed by (seed, epoch); a step that crosses an epoch boundary finishes
@@ -57,6 +58,15 @@ class PromptSampler:
             if self.offset == self.num_samples:
                 self.epoch, self.offset = self.epoch + 1, 0
         return draws
+
+    def peek(self) -> list[Draw]:
+        """The draws the next `next_batch` will return, leaving the position where it is (the loop
+        prepares the next step's prompts ahead, cppo.rl.prefetch)."""
+        epoch, offset = self.epoch, self.offset
+        try:
+            return self.next_batch()
+        finally:
+            self.epoch, self.offset = epoch, offset
 
     def __iter__(self):
         while True:
