@@ -2,9 +2,11 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
 from cli.train import main
 from cppo.rl.config import ALGOS, ConfigError, TrainConfig, build_parser, check_launch, parse_args
+from cppo.rl.run import use_gradient_checkpointing
 
 
 def test_defaults_are_valid_and_match_the_paper_where_the_demo_allows():
@@ -224,3 +226,25 @@ def test_check_launch_lists_what_the_loop_cannot_run():
     with pytest.raises(ConfigError) as e:
         check_launch(TrainConfig(cpl_divergence="full", selector="kl_shift"))
     assert "set --cpl-divergence k3" in str(e.value) and "set --selector relative" in str(e.value)
+
+
+def test_gradient_checkpointing_is_auto_by_default_on_with_cuda_and_keeps_its_switches(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = parse_args([])
+    assert cfg.gradient_checkpointing == "auto"
+    assert use_gradient_checkpointing(cfg, cuda) and not use_gradient_checkpointing(cfg, cpu)
+    for flags, want in [
+        (["--gradient-checkpointing"], True),
+        (["--no-gradient-checkpointing"], False),
+        (["--gradient-checkpointing", "false"], False),
+        (["--gradient_checkpointing", "auto"], "auto"),
+    ]:
+        assert parse_args(flags).gradient_checkpointing == want, flags
+    for text, want in [("true", True), ("false", False), ("auto", "auto")]:
+        cfg = parse_args(["--config", _yaml(tmp_path, f"gradient_checkpointing: {text}\n")])
+        assert cfg.gradient_checkpointing == want, text
+        assert TrainConfig.from_yaml(_yaml(tmp_path, cfg.to_yaml())).gradient_checkpointing == want
+    assert use_gradient_checkpointing(parse_args(["--gradient-checkpointing"]), cpu)
+    assert not use_gradient_checkpointing(parse_args(["--no-gradient-checkpointing"]), cuda)
+    with pytest.raises(ConfigError, match="gradient_checkpointing expects bool, got 'sometimes'"):
+        parse_args(["--config", _yaml(tmp_path, "gradient_checkpointing: sometimes\n")])

@@ -1,11 +1,13 @@
 """Data sources as published (ViRL39K with image paths, Geometry3K with image bytes), read through
 datasets.load_dataset as a hub id is, and the paper's preprocessing (cppo.rl.sources, cppo.rl.data)."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 datasets = pytest.importorskip("datasets")
@@ -256,26 +258,24 @@ def _train(out, *flags):
     return main([*map(str, flags), "--output-dir", str(out), *tiny.split(), "--no-tensorboard"])
 
 
-def _sources(published, tmp_path):
+def _sources(published, tmp_path) -> dict[str, tuple[str, Path | None]]:
+    """{name: (--data, --data-image-root)} of the four kinds of source, ViRL39K- or Geometry3K-shaped."""
     geo = published["geo"]
     files = {s: str(geo / "data" / f"{s}-00000-of-00001.parquet") for s in GEO_ROWS}
     datasets.load_dataset("parquet", data_files=files).save_to_disk(str(tmp_path / "saved"))
     return {
-        "hub id": ["--data", "TIGER-Lab/ViRL39K", "--data-image-root", published["virl"]],
-        "parquet with paths": ["--data", published["virl"] / "39Krelease.parquet"],
-        "parquet with bytes": ["--data", f"{geo}@train"],
-        "save_to_disk": ["--data", f"{tmp_path / 'saved'}@train"],
+        "hub id": ("TIGER-Lab/ViRL39K", published["virl"]),  # its image paths need the unpacked folder
+        "parquet with paths": (str(published["virl"] / "39Krelease.parquet"), None),
+        "parquet with bytes": (f"{geo}@train", None),
+        "save_to_disk": (f"{tmp_path / 'saved'}@train", None),
     }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["hub id", "parquet with paths", "parquet with bytes", "save_to_disk"])
 def test_each_source_trains_two_steps_with_the_papers_preprocessing(published, tmp_path, capsys, source):
-    import json
-
-    import yaml
-
-    flags = _sources(published, tmp_path)[source]
+    data, image_root = _sources(published, tmp_path)[source]
+    flags = ["--data", data] + (["--data-image-root", image_root] if image_root else [])
     if source == "hub id":  # and the validation set as the paper's: Geometry3K's test split, by hub id
         flags += ["--eval-data", "hiyouga/geometry3k@test", "--eval-every", "2"]
     assert _train(tmp_path / "run", *flags) == 0
@@ -284,17 +284,12 @@ def test_each_source_trains_two_steps_with_the_papers_preprocessing(published, t
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert (config["max_prompt_length"], config["drop_multi_image"], config["min_image_side"]) == (
-        512,
-        True,
-        28,
-    )
-    questions = {
-        r.question for r in open_dataset(flags[1], image_root=flags[3] if len(flags) > 3 else None).records
-    }
+    paper = {"max_prompt_length": 512, "drop_multi_image": True, "min_image_side": 28, "boxed_answer": True}
+    assert {k: config[k] for k in paper} == paper  # the defaults are the paper's preprocessing
+    questions = {r.question for r in open_dataset(data, image_root=image_root).records}
     rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     assert rollouts and {r["question"] for r in rollouts} <= questions
-    if "ViRL39K" in str(flags[1]):
+    if "ViRL39K" in data:
         assert "6 samples; dropped by the preprocessing 2: 1 multi-image, 1 prompt over 512 tokens" in out
     if source == "hub id":
         assert "[cppo] eval data hiyouga/geometry3k@test: 3 samples" in out and "eval/accuracy" in metrics[-1]
@@ -315,8 +310,6 @@ def test_epochs_set_the_run_length_from_the_data(published, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cppo_eval_takes_the_same_sources_and_preprocessing(published, tmp_path, capsys):
-    import json
-
     from cli.eval import main
 
     out = tmp_path / "eval.json"

@@ -289,8 +289,11 @@ class TrainConfig:
     device: str = _f(
         "auto", "auto = what accelerate picks (CUDA when present), or cpu / cuda", resume_safe=True
     )
-    gradient_checkpointing: bool = _f(
-        False, "recompute activations in backward (paper: on)", resume_safe=True
+    gradient_checkpointing: bool | str = _f(
+        "auto",
+        "recompute activations in backward: true | false | auto (on with CUDA, off on the CPU: "
+        "docs/benchmarks.md measures the trade). Paper: on",
+        resume_safe=True,
     )
     freeze_vision: bool = _f(False, "freeze the vision tower and its merger; train only the language model")
     lora_r: int = _f(0, "LoRA rank; 0 = full finetuning (LoRA needs peft installed)")
@@ -627,11 +630,12 @@ class ConfigParser(HfArgumentParser):
             scalar, nargs = typing.get_args(scalar)[0], len(typing.get_args(scalar))
         scalar = bool if scalar is string_to_bool else scalar
         if scalar in (bool, int, float, str):
-            optional = "|none" if name in _OPTIONAL else ""
+            optional = "|none" if name in _OPTIONAL else "|auto" if _auto_switch(name) else ""
             kw.update(type=_converter(name, scalar), nargs=nargs, metavar=scalar.__name__.upper() + optional)
         self.converters[name] = (kw["type"], nargs)
         action = super().add_argument(*flags, **kw)
-        if scalar is bool and FIELDS[name].default is False:  # HfArgumentParser adds --no-x when x is True
+        # HfArgumentParser adds --no-x when x defaults to True; here when False or auto
+        if scalar is bool and (FIELDS[name].default is False or _auto_switch(name)):
             no = f"--no-{name.replace('_', '-')}"
             self.add_argument(f"--no_{name}", no, action="store_false", dest=name)
         return action
@@ -671,11 +675,20 @@ class ConfigParser(HfArgumentParser):
         return out
 
 
+def _auto_switch(name: str) -> bool:
+    """A boolean field whose default is "auto" (decided by the run, e.g. gradient_checkpointing):
+    it takes true / false / auto, and has --x and --no-x like any boolean."""
+    return FIELDS[name].default == "auto" and bool in typing.get_args(_HINTS[name])
+
+
 def _converter(name: str, scalar: type):
     """The argparse type of a field, applied to YAML values too: ints are floats, '1e-6' strings are
-    numbers (YAML 1.1 reads 1e-6 without a dot as a string), none/null is None where the field allows it."""
+    numbers (YAML 1.1 reads 1e-6 without a dot as a string), none/null is None where the field allows
+    it, auto where the field is an auto switch."""
 
     def convert(value):
+        if _auto_switch(name) and str(value).lower() == "auto":
+            return "auto"
         if name in _OPTIONAL and (value is None or str(value).lower() in ("none", "null")):
             return None
         if value is None:

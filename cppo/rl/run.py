@@ -102,7 +102,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     if fsdp is not None and not sharded and rank == 0:
         print("[cppo] the FSDP config has one process to shard over: training unsharded", flush=True)
     if sharded:
-        if fsdp.activation_checkpointing and not cfg.gradient_checkpointing:
+        if fsdp.activation_checkpointing and not use_gradient_checkpointing(cfg, device):
             enable_gradient_checkpointing(model)
         model = shard_policy(model, fsdp, device, compute_dtype(cfg, device))
     n_local = cfg.rollouts // world
@@ -169,6 +169,14 @@ def process_info(cfg: TrainConfig):
     return state.process_index, state.num_processes, device
 
 
+def use_gradient_checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
+    """`--gradient-checkpointing` resolved: auto is on with CUDA, off on the CPU (the memory it
+    saves matters on a GPU; on the CPU it costs time for memory there is: docs/benchmarks.md)."""
+    if cfg.gradient_checkpointing == "auto":
+        return device.type == "cuda"
+    return bool(cfg.gradient_checkpointing)
+
+
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """The precision the forwards run in (`--dtype`; auto = bf16 on CUDA, fp32 on the CPU)."""
     return resolve_dtype(cfg.dtype, device)
@@ -213,7 +221,7 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
     if cfg.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    if use_gradient_checkpointing(cfg, device):
         enable_gradient_checkpointing(model)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -233,8 +241,13 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Recompute activations in backward (non-reentrant: works with FSDP2 and several forwards)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute activations in backward (non-reentrant: works with FSDP2 and several forwards).
+    transformers 5.x names it activation_checkpointing_enable (the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _load_adapter(model, ckpt: Path) -> None:
