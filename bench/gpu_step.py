@@ -12,12 +12,23 @@ same prompts. A random model earns no reward, so rewards are redrawn from a fixe
 prints the trainer's own metrics: seconds per phase (rollout, old/ref log-probs, update, the
 I-/I+ forwards), tokens/s over prompt and response tokens, and this step's peak memory
 (`torch.cuda.max_memory_allocated`, reset at the step's start).
+
+Generation runs in batches of `--generation-batch-size` rows (default: sized from free memory,
+cppo.rl.generation), each group from its own seed (cppo.models.sampling.BlockSampler on the
+device's generators); each step reports its generate calls and rows per call, and the padding
+share of the update's passes (token slots the backbone was given that are padding, after each
+pass is cut to its own rows). A random model almost never samples an end token, so every response
+runs to `--max-new-tokens`; `--mixed-lengths` then cuts them to long-tailed lengths (as
+bench/bench_padding.py), and `--padding` adds one CPPO step's old/ref + update on such rollouts,
+padded to the step's longest row against trimmed (and sorted by length), with its tokens/s and peak
+memory, and whether two generation batch sizes sampled the same responses.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -27,12 +38,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_step  # noqa: E402  (bench/ is not a package)
+import bench_padding  # noqa: E402  (bench/ is not a package)
+import bench_step  # noqa: E402
 
 from cppo.models import TinyVLMConfig, build_tiny_model  # noqa: E402
 from cppo.perturb import get_preset  # noqa: E402
 from cppo.precision import resolve_dtype  # noqa: E402
 from cppo.rl.config import TrainConfig  # noqa: E402
+from cppo.rl.generation import generation_rows  # noqa: E402
 from cppo.rl.reporting import reset_peak_memory, step_metrics  # noqa: E402
 from cppo.rl.rewards import RewardScorer  # noqa: E402
 from cppo.rl.rollout import collect_rollouts  # noqa: E402
@@ -48,6 +61,9 @@ REPORTED = (
     "throughput/tokens_per_s",
     "memory/peak_mb",
     "response/length",
+    "generate/calls",
+    "generate/rows_per_call",
+    "update/padding_share",
 )
 
 
@@ -79,42 +95,116 @@ def train_config(args, algo: str) -> TrainConfig:
         warmup_steps=0,
         dtype=args.dtype,
         gradient_checkpointing=True,
+        generation_batch_size=args.generation_batch_size,
     )
 
 
-def one_step(model, processor, ref, optimizer, scheduler, samples, cfg, seed: int) -> dict[str, float]:
+def rollout(model, processor, samples, cfg, seed: int, args, timer: Timer):
+    """The step's rollouts, each group from its own seed; (rollouts, rows of each generate call)."""
+    calls = []
+    generate = model.generate
+    model.generate = lambda *a, **kw: calls.append(kw["input_ids"].shape[0]) or generate(*a, **kw)
+    try:
+        with timer("rollout"):
+            ro = collect_rollouts(
+                model, processor, samples, [1000 + i for i in range(len(samples))], cfg, get_preset("paper"),
+                RewardScorer(["format"], [1.0]), generator_seed=seed, timer=timer,
+                per_prompt_seeds=[seed * 1000 + i for i in range(len(samples))],
+            )  # fmt: skip
+    finally:
+        model.generate = generate
+    if args.mixed_lengths:
+        ro = bench_padding.mixed_lengths(ro, args, processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    bench_step.fake_advantages(ro, cfg.group_size, seed)
+    return ro, calls
+
+
+def update(model, ref, optimizer, scheduler, ro, cfg, timer: Timer, trim: bool = True) -> dict[str, float]:
+    """Old/ref log-probs and the policy update; the update's metrics, its padding share and tokens/s."""
+    slots = bench_padding.SlotCounter(model, ref)
+    with timer("old_ref_logprobs"):
+        ro.old_logp = rollout_logprobs(model, ro, cfg, trim=trim)
+        ro.ref_logp = rollout_logprobs(ref, ro, cfg, trim=trim)
+    metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, trim=trim)
+    slots.close()
+    _sync(model)
+    metrics["update/padding_share"] = 1 - slots.real / slots.slots
+    seconds = timer["old_ref_logprobs"] + timer["update"]
+    metrics["update/tokens_per_s"] = bench_step.tokens_of(ro) / seconds
+    return metrics
+
+
+def one_step(model, processor, ref, optimizer, scheduler, samples, cfg, seed: int, args) -> dict[str, float]:
     """One training step as the loop runs it (rollout, old/ref log-probs, update); its metrics."""
     device = next(model.parameters()).device
     reset_peak_memory(device)
     timer = Timer()
     t0 = time.perf_counter()
-    with timer("rollout"):
-        ro = collect_rollouts(
-            model, processor, samples, [1000 + i for i in range(len(samples))], cfg, get_preset("paper"),
-            RewardScorer(["format"], [1.0]), generator_seed=seed, timer=timer,
-        )  # fmt: skip
-    bench_step.fake_advantages(ro, cfg.group_size, seed)
-    with timer("old_ref_logprobs"):
-        ro.old_logp = rollout_logprobs(model, ro, cfg)
-        ro.ref_logp = rollout_logprobs(ref, ro, cfg)
-    metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer)
+    ro, calls = rollout(model, processor, samples, cfg, seed, args, timer)
+    metrics = update(model, ref, optimizer, scheduler, ro, cfg, timer)
+    metrics.update(step_metrics(ro, timer, time.perf_counter() - t0, device, 1))
+    metrics["generate/calls"] = float(len(calls))
+    metrics["generate/rows_per_call"] = float(max(calls))
+    return metrics
+
+
+def padding_check(model, processor, ref, optimizer, scheduler, samples, cfg, args) -> dict:
+    """On one CPPO rollout cut to mixed lengths: old/ref + update padded to the step's longest row,
+    trimmed, and sorted by length, from the same weights (after a warm-up); and whether one group
+    per generate call samples what the configured generation batch sampled."""
+    args = argparse.Namespace(**{**vars(args), "mixed_lengths": True})
+    device = next(model.parameters()).device
+    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    ro, calls = rollout(model, processor, samples, cfg, args.seed, args, Timer())
+    out = {}
+    for name in ("warm-up", "padded", "trimmed", "sorted"):
+        model.load_state_dict(start)
+        cfg.sort_by_length = name == "sorted"
+        reset_peak_memory(device)
+        fresh = dataclasses.replace(ro, old_logp=None, ref_logp=None)
+        m = update(model, ref, optimizer, scheduler, fresh, cfg, Timer(), trim=name != "padded")
+        m.update(step_metrics(fresh, Timer(), 1.0, device, 1))
+        out[name] = {
+            k: m[k] for k in ("update/tokens_per_s", "update/padding_share", "memory/peak_mb") if k in m
+        }
+    del out["warm-up"]
+    cfg.sort_by_length = False
+    base = out["padded"]["update/tokens_per_s"]
+    for name, v in out.items():
+        v["tokens_per_s_ratio"] = v["update/tokens_per_s"] / base
+        print(f"[gpu_step] padding {name}: " + ", ".join(f"{k} {x:.4g}" for k, x in v.items()), flush=True)
+    cfg.generation_batch_size, configured = cfg.group_size, cfg.generation_batch_size
+    model.load_state_dict(start)
+    alone, one_calls = rollout(model, processor, samples, cfg, args.seed, args, Timer())
+    cfg.generation_batch_size = configured
+    same = sum(torch.equal(a, b) for a, b in zip(alone.response_ids, ro.response_ids))
+    print(f"[gpu_step] {max(one_calls)} rows per generate call vs {max(calls)}: {same} of {ro.num_rows} rows "
+          "sampled the same response", flush=True)  # fmt: skip
+    out["same_samples_rows"] = [same, ro.num_rows]
+    out["rows_per_call"] = [max(one_calls), max(calls)]
+    return out
+
+
+def _sync(model) -> None:
+    device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    metrics.update(step_metrics(ro, timer, time.perf_counter() - t0, device, 1))
-    return metrics
 
 
 def run(args) -> dict:
     samples = bench_step.make_samples(args.prompts, args.image_size, args.seed)
-    results = {}
+    results, out = {}, {"settings": vars(args)}
     for algo in ("grpo", "cppo"):
         model, processor, ref = build(args)
         cfg = train_config(args, algo)
-        updates = math.ceil(cfg.rollouts / cfg.mini_batch_size) * (args.steps + 1)
+        updates = math.ceil(cfg.rollouts / cfg.mini_batch_size) * (args.steps + 6)
         optimizer, scheduler = build_optimizer(model, cfg, updates)
         steps = []
+        if algo == "grpo":
+            rows = generation_rows(model, cfg, 512)
+            print(f"[gpu_step] default generation batch for 512-token prompts: {rows} rows", flush=True)
         for s in range(args.steps + 1):  # the first is a warm-up
-            m = one_step(model, processor, ref, optimizer, scheduler, samples, cfg, seed=args.seed + s)
+            m = one_step(model, processor, ref, optimizer, scheduler, samples, cfg, args.seed + s, args)
             if s > 0:
                 steps.append({k: m[k] for k in REPORTED if k in m})
                 line = ", ".join(f"{k} {m[k]:.4g}" for k in REPORTED if k in m)
@@ -122,12 +212,15 @@ def run(args) -> dict:
             if not all(math.isfinite(v) for v in (m["grad_norm"], m["grpo/pg_loss"])):
                 raise SystemExit(f"[gpu_step] {algo} step {s}: non-finite loss or gradient norm")
         results[algo] = steps
+        if algo == "cppo" and args.padding:
+            out["padding"] = padding_check(model, processor, ref, optimizer, scheduler, samples, cfg, args)
         del model, ref, optimizer
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()
     ratio = results["cppo"][-1]["time/step"] / results["grpo"][-1]["time/step"]
     print(f"[gpu_step] CPPO / GRPO step time: {ratio:.2f}x (last measured step)", flush=True)
-    return {"settings": vars(args), "steps": results, "cppo_over_grpo": ratio}
+    out.update(steps=results, cppo_over_grpo=ratio)
+    return out
 
 
 def main(argv=None) -> int:
@@ -143,6 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("--mini", type=int, default=10, help="rollouts per optimizer update")
     p.add_argument("--steps", type=int, default=1, help="measured steps per algorithm, after a warm-up")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation-batch-size", type=int, default=None, help="rows per generate call")
+    p.add_argument("--mixed-lengths", action="store_true", help="cut responses to long-tailed lengths")
+    p.add_argument("--mean-share", type=float, default=0.2, help="--mixed-lengths: typical length / max")
+    p.add_argument("--padding", action="store_true", help="add the padded/trimmed/sorted CPPO step")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     result = run(args)

@@ -82,7 +82,8 @@ def test_cuda_peak_memory_is_this_steps():
 
 def test_gpu_check_script_parses_and_its_step_benchmark_runs_on_cpu(tmp_path):
     """bench/gpu_check.sh is valid bash; bench/gpu_step.py (its benchmark) runs a tiny CPU setting and
-    reports every phase, tokens/s and a memory peak for GRPO and CPPO."""
+    reports every phase, tokens/s and a memory peak for GRPO and CPPO, its generate calls, and the
+    padded/trimmed update on mixed response lengths."""
     assert subprocess.run(["bash", "-n", str(REPO / "bench/gpu_check.sh")]).returncode == 0
     spec = importlib.util.spec_from_file_location("gpu_step", REPO / "bench/gpu_step.py")
     gpu_step = importlib.util.module_from_spec(spec)
@@ -90,11 +91,16 @@ def test_gpu_check_script_parses_and_its_step_benchmark_runs_on_cpu(tmp_path):
     spec.loader.exec_module(gpu_step)
     out = tmp_path / "gpu_step.json"
     argv = ["--size", "tiny", "--device", "cpu", "--max-new-tokens", "6", "--image-size", "56"]
-    assert gpu_step.main([*argv, "--prompts", "2", "--group", "2", "--micro", "2", "--mini", "2",
-                          "--json", str(out)]) == 0  # fmt: skip
+    assert gpu_step.main([*argv, "--prompts", "3", "--group", "2", "--micro", "2", "--mini", "2",
+                          "--generation-batch-size", "4", "--padding", "--json", str(out)]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     for algo in ("grpo", "cppo"):
         (step,) = result["steps"][algo]
         assert set(gpu_step.REPORTED) <= set(step), set(gpu_step.REPORTED) - set(step)
         assert step["throughput/tokens_per_s"] > 0
+        assert step["generate/calls"] == 2 and step["generate/rows_per_call"] == 4  # 2 groups, then 1
     assert result["steps"]["cppo"][0]["time/perception"] > 0  # the view passes ran
+    padding = result["padding"]  # mixed response lengths: padded, trimmed, sorted by length
+    assert padding["padded"]["update/padding_share"] > padding["trimmed"]["update/padding_share"]
+    assert all(padding[v]["update/tokens_per_s"] > 0 for v in ("padded", "trimmed", "sorted"))
+    assert padding["rows_per_call"] == [2, 4] and padding["same_samples_rows"] == [6, 6]
