@@ -43,7 +43,7 @@ from cppo.perturb.base import (
     register_perturbation,
 )
 from cppo.perturb.image import image_size, to_rgb
-from cppo.perturb.load import ImageError, load_image
+from cppo.perturb.load import ImageError, image_size_of, load_image
 from cppo.perturb.presets import (
     PRESETS,
     Preset,
@@ -65,6 +65,7 @@ __all__ = [
     "get_perturbation",
     "get_preset",
     "image_size",
+    "image_size_of",
     "list_perturbations",
     "list_presets",
     "load_image",

@@ -53,6 +53,29 @@ def _open_source(source, base: Path | None):
     return path
 
 
+_TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def image_size_of(source, base: str | Path | None = None) -> tuple[int, int]:
+    """(width, height) as `load_image` would return it (EXIF orientation applied), from the file's
+    header alone: no pixel is decoded. Raises ImageError like `load_image`."""
+    if isinstance(source, Image.Image):
+        return load_image(source).size
+    fp = _open_source(source, Path(base) if base is not None else None)
+    where = str(fp) if isinstance(fp, Path) else "image bytes"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fp) as image:
+                w, h = image.size
+                turned = image.getexif().get(0x0112) in _TURNED  # 0x0112: Orientation
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError("image too large (decompression bomb)", f"{where}: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError("cannot read image", f"{where}: {e}") from None
+    return (h, w) if turned else (w, h)
+
+
 def load_image(source, base: str | Path | None = None) -> Image.Image:
     """A decoded RGB PIL image from a path (relative to `base` if given), bytes, a
     ``{"bytes", "path"}`` dict or a PIL image; raises ImageError."""

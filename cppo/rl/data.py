@@ -52,10 +52,8 @@ happens to one that is not.
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +63,7 @@ from PIL import Image
 from cppo.grading import last_boxed
 from cppo.models import demo_model_path, load_processor
 from cppo.models.prompt_tokens import prompt_lengths, set_pixel_bounds
+from cppo.perturb import ImageError, image_size_of, load_image, to_rgb
 from cppo.prompt import INSTRUCTION
 from cppo.rl.config import ConfigError
 from cppo.rl.sources import DataError, Rows, find_split, parse_columns, read_source
@@ -153,47 +152,25 @@ class _Record:
 
 
 def open_image(ref, base: Path | None = None, min_side: int = 0) -> Image.Image:
-    """A PIL image from a path, bytes, ``{"bytes", "path"}`` or PIL image, decoded, in RGB, and
-    upscaled so that its shorter side is at least ``min_side`` pixels."""
-    return upscale(to_rgb(_read(ref, base, decode=True)), min_side)
+    """A PIL image from a path, bytes, ``{"bytes", "path"}`` or PIL image, decoded and in RGB by the
+    one loader every command uses (``cppo.perturb.load_image``: EXIF orientation, 16-bit scaled,
+    bombs refused), and upscaled so that its shorter side is at least ``min_side`` pixels."""
+    try:
+        return upscale(load_image(ref, base), min_side)
+    except ImageError as e:
+        raise _skip_for(e) from None
 
 
-def _read(ref, base: Path | None, decode: bool) -> Image.Image:
-    """The image (pixels decoded, or only its header read), every failure a counted skip."""
-    if isinstance(ref, Image.Image):
-        return ref
-    if isinstance(ref, dict):
-        ref = ref.get("bytes") or ref.get("path")
-    if isinstance(ref, (bytes, bytearray)):
-        fp = io.BytesIO(ref)
-    elif isinstance(ref, (str, Path)):
-        fp = Path(ref) if base is None or Path(ref).is_absolute() else base / ref
-        if not fp.is_file():
-            raise _Skip("missing image file", str(fp))
-    else:
-        raise _Skip("unsupported image value", type(ref).__name__)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(fp)
-            if decode:
-                image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise _Skip("image too large", str(e)) from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise _Skip("unreadable image", f"{fp}: {e}" if isinstance(fp, Path) else str(e)) from None
-    return image
+# The loader's reasons, as the counted skips name them.
+_SKIP_REASONS = {
+    "image not found": "missing image file",
+    "cannot read image": "unreadable image",
+    "image too large (decompression bomb)": "image too large",
+}
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+def _skip_for(error: ImageError) -> _Skip:
+    return _Skip(_SKIP_REASONS.get(error.reason, error.reason), error.detail)
 
 
 def upscaled_size(width: int, height: int, min_side: int) -> tuple[int, int]:
@@ -222,10 +199,10 @@ class _Dropped(Exception):
 def _image_size(ref, base: Path | None, verify: bool) -> tuple[int, int]:
     """Up-front check of one image: it exists, opens (``verify``: decodes), is not a bomb and has an
     aspect ratio Qwen accepts; its (width, height)."""
-    image = _read(ref, base, decode=verify)
-    w, h = image.size
-    if image is not ref:
-        image.close()
+    try:
+        w, h = load_image(ref, base).size if verify else image_size_of(ref, base)
+    except ImageError as e:
+        raise _skip_for(e) from None
     if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
         raise _Skip(f"aspect ratio over {MAX_ASPECT_RATIO}", f"{w}x{h}")
     return w, h
