@@ -295,6 +295,13 @@ class TrainConfig:
         "docs/benchmarks.md measures the trade). Paper: on",
         resume_safe=True,
     )
+    ref_offload: bool = _f(
+        False,
+        "keep the frozen reference's weights in CPU memory on a CUDA run; its passes still run on the "
+        "GPU (unsharded: copied there for each step's reference pass; under FSDP: each unit's shard "
+        "when gathered). No effect on the CPU",
+        resume_safe=True,
+    )
     freeze_vision: bool = _f(False, "freeze the vision tower and its merger; train only the language model")
     lora_r: int = _f(0, "LoRA rank; 0 = full finetuning (LoRA needs peft installed)")
     lora_alpha: int = _f(32, "LoRA alpha")

@@ -28,7 +28,8 @@ What changes in the loop, and why:
   all-gather per layer per new token.
 - Checkpoints hold full (unsharded) weights and optimizer state, gathered on every process and
   written by rank 0: a run can resume with another number of processes, or without FSDP.
-- The frozen reference model is not sharded (a full copy per process).
+- The frozen reference model (beta > 0) is sharded the same way (`shard_reference`; where it lives
+  and how its passes keep the ranks in step: cppo.rl.reference).
 - LoRA is not supported together with FSDP here (the trainer says so).
 """
 
@@ -96,6 +97,32 @@ def shard_policy(
     Parameters keep their dtype in the shards (float32 master weights); `compute_dtype` other than
     float32 all-gathers them in that dtype and reduces gradients in float32. Call before building
     the optimizer (its parameters become DTensor shards)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if settings.offload_params and device.type != "cuda":
+        raise ConfigError("fsdp_offload_params needs CUDA: set fsdp_offload_params: false in the config")
+    _shard(model, settings.reshard_after_forward, settings.offload_params, device, compute_dtype)
+    for unit in [*_units(model), model]:  # each unit's own setting
+        unit.set_gradient_divide_factor(1.0)  # a sum over processes, as the loop's own all-reduce
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
+    register_fsdp_forward_method(model, "generate")
+    return model
+
+
+def shard_reference(
+    ref, device: torch.device, compute_dtype: torch.dtype = torch.float32, offload: bool = False
+):
+    """Shard the frozen reference in place as `shard_policy` shards the policy (the same units, the
+    same MixedPrecisionPolicy); returns it. It is resharded after every forward whatever the
+    policy's setting: it has no backward, which is where a unit kept gathered would be freed.
+    `offload` (CUDA only; ignored on the CPU, where everything is in CPU memory already) keeps the
+    shards in CPU memory and copies each unit to the device when it is gathered."""
+    _shard(ref, True, offload and device.type == "cuda", device, compute_dtype)
+    return ref
+
+
+def _shard(model, reshard_after_forward: bool, offload: bool, device, compute_dtype) -> None:
+    """fully_shard every unit, then the root; register the trainer's forward (response_stats)."""
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
         MixedPrecisionPolicy,
@@ -103,25 +130,25 @@ def shard_policy(
         register_fsdp_forward_method,
     )
 
-    if settings.offload_params and device.type != "cuda":
-        raise ConfigError("fsdp_offload_params needs CUDA: set fsdp_offload_params: false in the config")
-    kw = {"reshard_after_forward": settings.reshard_after_forward}
+    kw = {"reshard_after_forward": reshard_after_forward}
     if compute_dtype != torch.float32:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    if settings.offload_params:
+    if offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for unit in _units(model):
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
-    model._cppo_reshard_after_forward = settings.reshard_after_forward
-    for unit in [*_units(model), model]:  # each unit's own setting
-        unit.set_gradient_divide_factor(1.0)  # a sum over processes, as the loop's own all-reduce
-        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
-
+    model._cppo_reshard_after_forward = reshard_after_forward
+    model._cppo_device = device  # where it computes: its shards may sit in CPU memory (offload)
     model.cppo_response_stats = types.MethodType(plain_response_stats, model)
     register_fsdp_forward_method(model, "cppo_response_stats")
-    register_fsdp_forward_method(model, "generate")
-    return model
+
+
+def compute_device(model) -> torch.device:
+    """The device `model`'s forwards run on: the FSDP device of a sharded model (its parameters may
+    be offloaded to the CPU), else its parameters' device."""
+    device = getattr(model, "_cppo_device", None)
+    return device if device is not None else next(model.parameters()).device
 
 
 @contextlib.contextmanager

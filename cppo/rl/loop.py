@@ -55,6 +55,7 @@ from cppo.rl.config import TrainConfig
 from cppo.rl.fsdp import gathered
 from cppo.rl.logfiles import plot_curves
 from cppo.rl.prefetch import Prefetcher
+from cppo.rl.reference import reference_on
 from cppo.rl.reporting import bad_steps_message, reset_peak_memory, step_metrics
 from cppo.rl.rollout import Prompts, collect_rollouts, prepare_prompts
 from cppo.rl.run import compute_dtype, seed_everything, setup_run
@@ -118,8 +119,9 @@ def run_training(cfg: TrainConfig):
                     with timer("old_ref_logprobs"):
                         if run.updates_per_step > 1:
                             ro.old_logp = rollout_logprobs(model, ro, cfg)
-                        if run.ref is not None:
-                            ro.ref_logp = rollout_logprobs(run.ref, ro, cfg)
+                        if run.ref is not None:  # on the device for its pass (--ref-offload)
+                            with reference_on(run.ref, device):
+                                ro.ref_logp = rollout_logprobs(run.ref, ro, cfg)
             except AbortStep:  # the state is the end of step `step`: save that, unless it is saved
                 raise stops.interrupted(step, checkpoints.save_unless_saved(step, sampler_at_start)) from None
             metrics = policy_update(model, run.optimizer, run.scheduler, ro, cfg, timer, world_size=world)

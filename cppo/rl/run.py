@@ -9,7 +9,6 @@ Split from cppo/rl/loop.py so that the loop reads top to bottom on its own.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import sys
@@ -30,6 +29,7 @@ from cppo.rl.config import ConfigError, TrainConfig, check_launch, resolve_max_s
 from cppo.rl.data import PromptDataset, data_processor, find_split, open_config_data, shapes_data
 from cppo.rl.fsdp import fsdp_settings, shard_policy
 from cppo.rl.perception import get_perception_term
+from cppo.rl.reference import build_reference, place_reference
 from cppo.rl.reporting import Counters, StepLogger
 from cppo.rl.resume import Checkpointer, data_fingerprint, restore, resume_point
 from cppo.rl.rewards import RewardScorer
@@ -50,7 +50,7 @@ class Run:
     eval_set: PromptDataset | None  # held-out data when eval_every is set
     model: Any  # the policy: float32 master weights (peft-wrapped with LoRA, FSDP-sharded)
     processor: Any
-    ref: Any  # the frozen reference in the compute dtype, or None when beta == 0
+    ref: Any  # the frozen reference in the compute dtype (sharded under FSDP), or None when beta == 0
     optimizer: torch.optim.Optimizer
     scheduler: Any
     updates_per_step: int  # optimizer updates per step (> 1: old log-probs are computed)
@@ -105,6 +105,9 @@ def setup_run(cfg: TrainConfig) -> Run:
         if fsdp.activation_checkpointing and not use_gradient_checkpointing(cfg, device):
             enable_gradient_checkpointing(model)
         model = shard_policy(model, fsdp, device, compute_dtype(cfg, device))
+    if ref is not None:  # sharded like the policy, or kept in CPU memory (cppo.rl.reference)
+        offload = cfg.ref_offload or (sharded and fsdp.offload_params)
+        ref = place_reference(ref, device, sharded, compute_dtype(cfg, device), offload)
     n_local = cfg.rollouts // world
     mini_local = (cfg.mini_batch_size or cfg.rollouts) // world
     updates_per_step = cfg.ppo_epochs * math.ceil(n_local / mini_local)
@@ -206,18 +209,12 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
     and a LoRA run builds the same adapter on the base model, then loads `resume_from/adapter`."""
     base = cfg.model or demo_model_path()
     full_resume = resume_from is not None and not cfg.lora_r
-    compute = compute_dtype(cfg, device)
     model, processor = load_model_and_processor(
         resume_from if full_resume else base, device, master_dtype(cfg, device)
     )
     ref = None
     if cfg.beta > 0:  # a frozen copy of the starting policy (docs/method.md §3: k3 to a frozen reference)
-        ref = (
-            load_model_and_processor(base, device, compute)[0]
-            if full_resume
-            else copy.deepcopy(model).to(compute)
-        )
-        ref.eval().requires_grad_(False)
+        ref = build_reference(model, compute_dtype(cfg, device), base=base if full_resume else None)
     if cfg.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)

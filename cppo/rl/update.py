@@ -58,7 +58,7 @@ from cppo.batching import trim_padding
 from cppo.loss import grpo_loss
 from cppo.precision import autocast, resolve_dtype
 from cppo.response_stats import response_stats
-from cppo.rl.fsdp import is_sharded
+from cppo.rl.fsdp import compute_device, is_sharded
 from cppo.rl.perception import PerceptionTerm, get_perception_term
 from cppo.rl.rollout import Rollouts, micro_batches, select_rows
 
@@ -103,7 +103,7 @@ def _stats(
     if trim:
         inputs, t = trim_padding(inputs, mask)
         ids, mask = ids[:, :t], mask[:, :t]
-    device = next(model.parameters()).device
+    device = compute_device(model)  # not its parameters' device when FSDP keeps them on the CPU
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     with autocast(device, resolve_dtype(cfg.dtype, device)):
         entropy, logp = score(
@@ -203,7 +203,7 @@ def micro_batch_loss(
     """The loss of one micro-batch (not yet scaled) and its metrics. `term`: the perception term
     (default: the one `cfg.algo` names); `trim`: every pass on its own rows' tokens (`_stats`)."""
     term = get_perception_term(cfg.algo) if term is None else term
-    device = next(model.parameters()).device
+    device = compute_device(model)
     mask = ro.response_mask[rows].to(device)  # (n, T)
     adv = ro.advantages[rows].to(device)  # (n,)
     entropy, logp = _stats(model, ro, rows, cfg, None, term.entropy_grad(cfg), score, trim)  # anchor
