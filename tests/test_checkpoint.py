@@ -1,4 +1,5 @@
-"""cppo.rl.checkpoint: atomic save/load of a tiny model, pruning, failed saves."""
+"""cppo.rl.checkpoint: atomic save/load of a tiny model, pruning, failed saves; the sharded layout
+(cppo.rl.sharded) in one process (two processes: tests/test_rl_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cppo.rl.checkpoint import (
     load_trainer_state,
     save_checkpoint,
 )
+from cppo.rl.sharded import export_sharded, is_sharded_checkpoint, load_shards, save_sharded_checkpoint
 from tests.helpers import shapes_batch, tiny_model_and_processor
 
 
@@ -168,3 +170,47 @@ def test_peft_model_saves_merged_weights_and_its_adapter(tmp_path):
         base = tiny_model_and_processor()[0](**batch).logits
     assert not torch.allclose(want, base, atol=1e-3)  # the adapter changed the outputs...
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)  # ...and the merged weights carry it
+
+
+# ------------------------------------------------- sharded checkpoints (cppo.rl.sharded), one process
+
+
+def test_sharded_checkpoint_round_trip_and_export(tmp_path):
+    """The sharded layout written by one process (no torch.distributed): complete, listed, loaded
+    back into another model and optimizer, and exported as a from_pretrained folder."""
+    model, processor, opt, sched = _tiny_training_state()
+    state = {"step": 3, "sampler": {"epoch": 0, "offset": 3}}
+    ckpt = save_sharded_checkpoint(tmp_path, 3, model, processor, opt, sched, state)
+    assert latest_checkpoint(tmp_path) == ckpt and is_sharded_checkpoint(ckpt)
+    assert not list(ckpt.glob("*.safetensors")) and load_trainer_state(ckpt)["optimizer"] is None
+    other, _ = tiny_model_and_processor(seed=1)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    load_shards(ckpt, other, other_opt)
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(opt.state.values(), other_opt.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert int(b["step"]) == 1
+    exported, _ = load_model_and_processor(export_sharded(ckpt, tmp_path / "export"))
+    _, batch = shapes_batch(processor, n=2)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, exported(**batch).logits)
+    with_export = save_sharded_checkpoint(tmp_path, 4, model, processor, opt, sched, state, export=True)
+    loaded, _ = load_model_and_processor(with_export)  # the gathered weights beside the shards
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_sharded_save_that_fails_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, processor, opt, sched = _tiny_training_state()
+    state = {"step": 1, "sampler": {"epoch": 0, "offset": 1}}
+    good = save_sharded_checkpoint(tmp_path, 1, model, processor, opt, sched, state)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(processor, "save_pretrained", disk_full)  # after the shards are written
+    with pytest.raises(RunDirError, match=r"step-000002.*No space left.*step-000001 is intact"):
+        save_sharded_checkpoint(tmp_path, 2, model, processor, opt, sched, {**state, "step": 2})
+    assert latest_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]  # no temporary left

@@ -17,9 +17,10 @@ from cppo.rl.resume import check_gpu_count, config_changes
 SAFE = set(
     """max_steps save_every keep_last keep_best eval_every eval_samples eval_data log_rollouts resume
     force_resume tensorboard output_dir device micro_batch_size logits_chunk_size gradient_checkpointing
-    data_strict max_bad_steps epochs eval_data_columns ref_offload""".split()
+    data_strict max_bad_steps epochs eval_data_columns ref_offload export_pretrained""".split()
 )
 SAFE |= {"generation_batch_size", "sort_by_length", "prefetch"}  # how rollouts and updates are batched
+SAFE |= {"reward_timeout"}  # a reward call's time limit
 
 
 def test_resume_safe_fields_are_the_marked_config_fields():

@@ -4,11 +4,14 @@
     atomic_write(run_dir / "config.yaml", cfg.to_yaml())          # text (UTF-8) or bytes
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
     atomic_write(final, write_checkpoint_folder, tmp=root / ".tmp-step-000007")   # a whole folder
+    atomic_write(final, write_the_rest, tmp=shared_tmp, fresh=False)   # a folder others wrote into
 
 The content goes to a hidden temporary sibling (`.NAME.tmp` unless `tmp` is given), which is
 fsynced (a folder: every file and folder in it), renamed over the target, and the parent folder is
 fsynced: a kill at any moment leaves the old version or the new one, whole, and at worst a
-temporary sibling that the next write of the same target removes.
+temporary sibling that the next write of the same target removes. `fresh=False` keeps what is in
+the temporary folder already (written there by other processes: an FSDP checkpoint's shards,
+cppo.rl.sharded) and adds to it; the folder is still fsynced, renamed, or removed on failure.
 """
 
 from __future__ import annotations
@@ -52,17 +55,19 @@ def _remove(path: Path) -> None:
 
 
 def atomic_write(
-    path: Path, content: str | bytes | Callable[[Path], object], tmp: Path | None = None
+    path: Path, content: str | bytes | Callable[[Path], object], tmp: Path | None = None, fresh: bool = True
 ) -> Path:
     """Replace `path` by `content` so that a crash leaves either the old `path` or the new one.
 
     `content`: text (written as UTF-8), bytes, or a function that writes the temporary path it is
     given, as a file or as a folder it creates. A folder replaces an existing folder at `path` by
     moving it aside to `.old-NAME`, renaming, then deleting it. The parent folder must exist. On
-    any failure the temporary sibling is removed and the error re-raised; `path` is untouched."""
+    any failure the temporary sibling is removed and the error re-raised; `path` is untouched.
+    `fresh=False`: `tmp` exists already (a folder) and `content` adds to it."""
     path = Path(path)
     tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp")
-    _remove(tmp)  # left by a process killed while writing
+    if fresh:
+        _remove(tmp)  # left by a process killed while writing
     try:
         if isinstance(content, str):
             tmp.write_bytes(content.encode("utf-8"))

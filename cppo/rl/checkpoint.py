@@ -9,6 +9,8 @@ A checkpoint is a directory `run_dir/checkpoints/step-{step:06d}/` holding
 - `trainer_state.pt`: `{"optimizer": ..., "scheduler": ..., **trainer_state}` (step, sampler state,
   config dict, data fingerprint, GPU count, counters), read back by `load_trainer_state` with
   `weights_only=True` only.
+- or, from an FSDP run, `shards/` (each process's shards of the weights and optimizer state, the
+  model's config and the processor; the last checkpoint also the full weights: cppo.rl.sharded).
 - `COMPLETE`, written last: a JSON manifest `{"step": N, "files": {relative path: size}}` of every
   other file. A checkpoint counts as complete only when the marker is there and every file it lists
   exists with its size (`checkpoint_problem`), so a folder copied by hand and cut short, or one whose
@@ -22,8 +24,8 @@ any moment leaves the previous complete checkpoint and, at worst, a temporary fo
 new one is in place.
 
 Call `save_checkpoint` on the main process only (with DDP every rank holds the same weights and
-optimizer state; with FSDP every process gathers the full states first). Whether and from where a
-run resumes is `cppo.rl.resume`; stopping on a signal is `cppo.rl.signals`.
+optimizer state); under FSDP every process calls `cppo.rl.sharded.save_sharded_checkpoint`. Whether
+and from where a run resumes is `cppo.rl.resume`; stopping on a signal is `cppo.rl.signals`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from cppo.rl.atomic import atomic_write
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
+SHARDS = "shards"  # an FSDP run's torch.distributed.checkpoint folder (cppo.rl.sharded)
 BEST_FILE = "best.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -110,7 +113,7 @@ def _merged_peft_state_dict(peft_model) -> dict:
 
 def _save_model(model, directory: Path, state_dict: dict | None = None) -> None:
     model = getattr(model, "module", model)  # DistributedDataParallel
-    if state_dict is not None:  # FSDP: the full weights, gathered by every process beforehand
+    if state_dict is not None:  # FSDP: the full weights, gathered beforehand (cppo.rl.sharded)
         model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     elif hasattr(model, "get_base_model"):  # peft: merged weights loadable as a plain model, plus the adapter
         base = model.get_base_model()
@@ -148,8 +151,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated)"
     if not (ckpt / TRAINER_STATE).is_file():
         return f"{TRAINER_STATE} is missing"
-    if not any(ckpt.glob("*.safetensors")):
-        return "no *.safetensors weights"
+    if not any(ckpt.glob("*.safetensors")) and not (ckpt / SHARDS / ".metadata").is_file():
+        return "no weights (*.safetensors, or shards/.metadata from an FSDP run)"
     return None
 
 
@@ -176,55 +179,69 @@ def save_checkpoint(
     trainer_state: dict,
     keep_last: int = 2,
     keep: tuple[Path, ...] = (),
-    model_state: dict | None = None,
-    optimizer_state: dict | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-{step:06d}/` atomically and prune to the last `keep_last` (0 = all).
 
     The checkpoint just written is always kept, whatever its step, and so are the folders in `keep`
     (the best one, with --keep-best), outside the count. A failure leaves no partial final folder and
     the previous checkpoints untouched; an OSError (full disk, permissions) is raised as RunDirError
-    naming the folder. `model_state` / `optimizer_state`: full states gathered from an FSDP model
-    (cppo.rl.fsdp), used instead of the model's and optimizer's own.
+    naming the folder.
     """
-    if optimizer_state is None and optimizer is not None:
-        optimizer_state = optimizer.state_dict()
-    state = {
-        "optimizer": optimizer_state,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        **trainer_state,
-    }
-    _check_weights_only({k: v for k, v in state.items() if k != "optimizer"}, "trainer_state")
-
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    state = full_trainer_state(optimizer_state, scheduler, trainer_state)
     final = checkpoint_dir(run_dir, step)
     root = final.parent
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        _save_model(model, tmp, model_state)
+        _save_model(model, tmp)
         processor.save_pretrained(tmp)
         torch.save(state, tmp / TRAINER_STATE)
-        (tmp / MARKER).write_text(json.dumps({"step": int(step), "files": _manifest(tmp)}, indent=1) + "\n")
+        write_marker(tmp, step)
 
     try:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write(final, write, tmp=root / f".tmp-{final.name}")
     except OSError as e:
-        if isinstance(e, RunDirError):
-            raise
-        previous = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
-        raise RunDirError(
-            f"could not write checkpoint {final} ({e.strerror or e}); {kept}. "
-            "Free space or fix permissions, then resume"
-        ) from e
+        raise write_error(run_dir, final, e) from e
+    prune(final, keep_last, keep)
+    return final
 
+
+def full_trainer_state(optimizer_state: dict | None, scheduler, trainer_state: dict) -> dict:
+    """What `trainer_state.pt` holds; raises TypeError, before anything is written, when a part
+    other than the optimizer state would not load back with `weights_only=True`."""
+    scheduler_state = scheduler.state_dict() if scheduler is not None else None
+    state = {"optimizer": optimizer_state, "scheduler": scheduler_state, **trainer_state}
+    _check_weights_only({k: v for k, v in state.items() if k != "optimizer"}, "trainer_state")
+    return state
+
+
+def write_marker(directory: Path, step: int) -> None:
+    """The COMPLETE manifest of every file under `directory`; written last."""
+    manifest = _manifest(directory)
+    (directory / MARKER).write_text(json.dumps({"step": int(step), "files": manifest}, indent=1) + "\n")
+
+
+def write_error(run_dir: Path, final: Path, e: OSError) -> RunDirError:
+    """The RunDirError for a checkpoint `final` that could not be written (`e` itself if it is one)."""
+    if isinstance(e, RunDirError):
+        return e
+    previous = latest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+    return RunDirError(
+        f"could not write checkpoint {final} ({e.strerror or e}); {kept}. "
+        "Free space or fix permissions, then resume"
+    )
+
+
+def prune(final: Path, keep_last: int, keep: tuple[Path, ...] = ()) -> None:
+    """Delete the oldest checkpoints beside `final` beyond `keep_last` (0 = keep all) but `keep`."""
     if keep_last > 0:
         protected = {Path(p) for p in keep}
-        others = [p for _, p in _step_dirs(root) if p != final and p not in protected]
+        others = [p for _, p in _step_dirs(final.parent) if p != final and p not in protected]
         for path in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(path, ignore_errors=True)
-    return final
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -237,12 +254,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def write_best(run_dir: Path, step: int, score: float, metric: str) -> None:
     """Record (atomically) which complete checkpoint scored best on `metric`: checkpoints/best.json."""
-    record = {
-        "step": int(step),
-        "metric": metric,
-        "score": float(score),
-        "path": checkpoint_dir(".", step).name,
-    }
+    name = checkpoint_dir(".", step).name
+    record = {"step": int(step), "metric": metric, "score": float(score), "path": name}
     atomic_write(Path(run_dir) / CHECKPOINTS_DIR / BEST_FILE, json.dumps(record) + "\n")
 
 

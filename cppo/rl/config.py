@@ -312,6 +312,13 @@ class TrainConfig:
         0, "checkpoint every N steps (and at the end); 0 = only at the end", resume_safe=True
     )
     keep_last: int = _f(2, "checkpoints kept; older ones are deleted; 0 = keep all", resume_safe=True)
+    export_pretrained: bool = _f(
+        False,
+        "under FSDP, every checkpoint also holds the gathered from_pretrained weights (model.safetensors, "
+        "written by rank 0), not only each process's shards; the run's last checkpoint always does. "
+        "Unsharded runs always save from_pretrained weights",
+        resume_safe=True,
+    )
     keep_best: bool = _f(
         False,
         "also keep the checkpoint with the best eval/accuracy (checkpoints/best.json names it), outside "

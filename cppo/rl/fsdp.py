@@ -26,8 +26,9 @@ What changes in the loop, and why:
   cppo.rl.update's module docstring).
 - Generation gathers every unit once and keeps it gathered until `generate` returns, instead of one
   all-gather per layer per new token.
-- Checkpoints hold full (unsharded) weights and optimizer state, gathered on every process and
-  written by rank 0: a run can resume with another number of processes, or without FSDP.
+- Checkpoints are sharded (cppo.rl.sharded: each process writes its own shards of the weights and
+  the optimizer state with torch.distributed.checkpoint); the run's last checkpoint also holds the
+  gathered `from_pretrained` weights. A run resumes with another number of processes, or without FSDP.
 - The frozen reference model (beta > 0) is sharded the same way (`shard_reference`; where it lives
   and how its passes keep the ranks in step: cppo.rl.reference).
 - LoRA is not supported together with FSDP here (the trainer says so).
@@ -186,17 +187,9 @@ def full_model_state(model, every_rank: bool = False) -> dict[str, torch.Tensor]
     return {k: v.cpu() for k, v in get_model_state_dict(model, options=options).items()}
 
 
-def full_optimizer_state(model, optimizer) -> dict:
-    """The unsharded optimizer state keyed by parameter name, on rank 0 (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-
-
 def load_full_optimizer_state(model, optimizer, state: dict) -> None:
-    """Shard a full optimizer state (from `full_optimizer_state`) into `optimizer` (a collective)."""
+    """Load a full optimizer state keyed by parameter name (the checkpoints of FSDP runs before they
+    were sharded) into `optimizer`, sharding it under FSDP (a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(

@@ -2,8 +2,9 @@
 
 `Checkpointer(...).save(step, sampler_state)` writes a checkpoint (cppo.rl.checkpoint) with the
 trainer state a resume reads back: step, sampler position, config, data fingerprint, GPU count and
-the run's counters. Under FSDP it is a collective: every process gathers the full states, rank 0
-writes.
+the run's counters. Under FSDP it is a collective: every process writes its shards of the weights
+and optimizer state (cppo.rl.sharded), rank 0 the rest; the run's last checkpoint (every one with
+`export_pretrained`) also gets the gathered from_pretrained weights.
 
 `resume_point(cfg, run_dir, data_fingerprint(dataset), rank)` picks the checkpoint (`--resume
 auto`: the latest complete one) and refuses, with one line listing why,
@@ -18,7 +19,8 @@ unless `force_resume` (which then deletes those newer checkpoints, so that a lat
 cannot pick the abandoned branch). A checkpoint written by a process that saw another number of
 GPUs than this one is refused even when forced (`gpu_count`, stored in the trainer state).
 `restore` then loads the optimizer, schedule, sampler position and counters (the weights are loaded
-with the policy, cppo.rl.run.build_policy).
+with the policy, cppo.rl.run.build_policy; a sharded checkpoint's weights and optimizer state from
+its shards, resharded to this run's processes, with or without FSDP).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from cppo.rl.checkpoint import (
     save_checkpoint,
 )
 from cppo.rl.config import ConfigError, TrainConfig, resume_safe_fields
-from cppo.rl.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
+from cppo.rl.fsdp import is_sharded, load_full_optimizer_state
 from cppo.rl.reporting import Counters, StepLogger
 from cppo.rl.sampler import PromptSampler
+from cppo.rl.sharded import is_sharded_checkpoint, load_shards, save_sharded_checkpoint
 
 
 def data_fingerprint(dataset) -> str:
@@ -161,7 +164,7 @@ class Checkpointer:
     cfg: TrainConfig
     run_dir: Path
     rank: int
-    sharded: bool  # FSDP: every process gathers the full states, rank 0 writes
+    sharded: bool  # FSDP: every process writes its shards (cppo.rl.sharded)
     model: Any
     processor: Any
     optimizer: Any
@@ -172,13 +175,7 @@ class Checkpointer:
     def save(self, step: int, sampler_state: dict) -> Path | None:
         """Write the checkpoint of `step` (a collective under FSDP); its path on rank 0, else None.
         The best checkpoint so far (--keep-best) is kept whatever keep_last says."""
-        full = {}
-        if self.sharded:
-            full = {
-                "model_state": full_model_state(self.model),
-                "optimizer_state": full_optimizer_state(self.model, self.optimizer),
-            }
-        if self.rank != 0:
+        if self.rank != 0 and not self.sharded:
             return None
         trainer = {
             "step": step,
@@ -190,6 +187,20 @@ class Checkpointer:
         }
         best = self.counters.best_step
         keep = (checkpoint_dir(self.run_dir, best),) if best else ()
+        if self.sharded:
+            export = self.cfg.export_pretrained or step >= self.cfg.max_steps  # the run's last
+            return save_sharded_checkpoint(
+                self.run_dir,
+                step,
+                self.model,
+                self.processor,
+                self.optimizer,
+                self.scheduler,
+                trainer,
+                self.cfg.keep_last,
+                keep=keep,
+                export=export,
+            )
         return save_checkpoint(
             self.run_dir,
             step,
@@ -200,7 +211,6 @@ class Checkpointer:
             trainer,
             self.cfg.keep_last,
             keep=keep,
-            **full,
         )
 
     def save_unless_saved(self, step: int, sampler_state: dict) -> Path | None:
@@ -226,9 +236,12 @@ def restore(
     """Load the optimizer, schedule, data position and counters of `ckpt` (the weights are loaded by
     build_policy); drop log lines written after it. Returns the step to continue from.
 
-    An optimizer state keyed by parameter name is a full one saved from an FSDP run: it loads into
-    a sharded or an unsharded model alike."""
-    if is_sharded(model) or _keyed_by_name(state["optimizer"]):
+    A sharded checkpoint's weights and optimizer state load from its shards (DCP reshards them to
+    this run). An optimizer state keyed by parameter name is a full one saved from an FSDP run
+    before checkpoints were sharded: it loads into a sharded or an unsharded model alike."""
+    if is_sharded_checkpoint(ckpt):
+        load_shards(ckpt, model, optimizer)
+    elif is_sharded(model) or _keyed_by_name(state["optimizer"]):
         load_full_optimizer_state(model, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])

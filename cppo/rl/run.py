@@ -34,6 +34,7 @@ from cppo.rl.reporting import Counters, StepLogger
 from cppo.rl.resume import Checkpointer, data_fingerprint, restore, resume_point
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.sampler import PromptSampler
+from cppo.rl.sharded import is_sharded_checkpoint
 
 
 @dataclass
@@ -206,9 +207,11 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
     forwards run in the compute dtype under autocast), the frozen reference in the compute dtype.
     With `resume_from`, a full finetune loads the checkpoint's weights through `from_pretrained`
     (transformers maps the saved key names back; a raw `load_state_dict` of the files does not fit),
-    and a LoRA run builds the same adapter on the base model, then loads `resume_from/adapter`."""
+    and a LoRA run builds the same adapter on the base model, then loads `resume_from/adapter`. A
+    sharded checkpoint (an FSDP run's, cppo.rl.sharded) starts from the base model: `restore` loads
+    its shards once the policy is built (and sharded, under FSDP)."""
     base = cfg.model or demo_model_path()
-    full_resume = resume_from is not None and not cfg.lora_r
+    full_resume = resume_from is not None and not cfg.lora_r and not is_sharded_checkpoint(resume_from)
     model, processor = load_model_and_processor(
         resume_from if full_resume else base, device, master_dtype(cfg, device)
     )
