@@ -19,6 +19,7 @@ from cppo.rl.prefetch import Prefetcher
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts, prepare_prompts, select_rows
 from cppo.rl.sampler import Draw, PromptSampler
+from cppo.rl.update import Timer, micro_batch_loss
 from tests.helpers import shapes_dataset, tiny_model_and_processor
 
 
@@ -107,6 +108,13 @@ def test_images_and_views_are_held_once_per_prompt_and_expanded_per_pass(setting
         assert torch.equal(got["pixel_values"], want["pixel_values"])
         assert torch.equal(got["image_grid_thw"], per_row["image_grid_thw"])
         assert torch.equal(got["input_ids"], ro.inputs["input_ids"][rows])
+    patches = []  # a pass over both groups runs the vision tower once per prompt, not per row
+    hook = model.model.visual.register_forward_hook(lambda m, a, o: patches.append(a[0].shape[0]))
+    try:
+        micro_batch_loss(model, ro, list(range(6)), cfg, Timer())
+    finally:
+        hook.remove()
+    assert patches == [prompts.batch["pixel_values"].shape[0]]
 
 
 def _flags(tiny_dir, data, out, *extra):
