@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: one command on one H100/H200, nothing downloaded, under 10 minutes.
 #   1. the `gpu`-marked tests (tests/test_gpu.py: bf16 autocast over float32 master weights on
-#      CUDA, the fused head's backward outside autocast, per-step CUDA memory peaks);
+#      CUDA, the fused head's backward outside autocast, per-step CUDA memory peaks;
+#      tests/test_rl_reference.py: --ref-offload's host copy visiting the GPU, and an FSDP-sharded
+#      reference with its shards in CPU memory scoring on the GPU);
 #   2. bench/gpu_step.py: training steps of a Qwen2.5-VL-3B-shaped model with random weights, bf16
 #      compute over float32 master weights, gradient checkpointing; step time per phase, tokens/s
 #      and peak memory for GRPO and CPPO, rollouts generated 10 rows per call (2 calls a step, each
@@ -28,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$out/gpu.txt"
 status=0
-timeout 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+timeout 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_rl_reference.py 2>&1 | tee "$out/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 420 "$py" bench/gpu_step.py --size 3b --device cuda --max-new-tokens 256 \
     --generation-batch-size 10 --padding --json "$out/gpu_step.json" 2>&1 | tee "$out/gpu_step.log"
