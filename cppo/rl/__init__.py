@@ -2,7 +2,7 @@
 
 Files, each read top to bottom:
     loop.py     the training loop (`run_training`), one step after another
-    setup.py    `setup_run(cfg) -> Run`: processes, data, policy, reference, optimizer, resume
+    run.py      `setup_run(cfg) -> Run`: processes, data, policy, reference, optimizer, resume
     config.py   TrainConfig (every field documented and a flag), YAML < flags, validation
     data.py     samples checked up front, with the paper's preprocessing (multi-image, small images,
                 boxed answers, prompts over max_prompt_length tokens)
@@ -16,7 +16,9 @@ Files, each read top to bottom:
     reporting.py  what a step reports (`StepLogger`), the run's `Counters`; logfiles.py writes the files
     checkpoint.py, resume.py, signals.py, atomic.py   checkpoints, the trainer state and resuming,
                 stopping on a signal, atomic writes
-    fsdp.py     FSDP2 sharding of the policy
+    sharded.py  an FSDP run's checkpoints: each process writes its shards (torch.distributed.checkpoint)
+    fsdp.py     FSDP2 sharding of the policy and the reference
+    reference.py  the frozen reference: built, sharded under FSDP or kept in CPU memory (--ref-offload)
     evaluate.py avg@K accuracy and format per question type (cppo-eval; imported on demand, it loads
                 transformers)
 """
