@@ -142,6 +142,9 @@ def test_sharded_checkpoints_hold_each_rank_shards_and_the_last_one_the_full_mod
     final = torch.load(tmp / "two.rank0.pt", weights_only=True)
     for name, value in _weights(last).items():  # the end's export: from_pretrained, no FSDP
         torch.testing.assert_close(value, final[name], atol=0, rtol=0, msg=name)
+    for rank in (0, 1):  # every rank knows the step is saved: none saves again alone (a SIGTERM's save)
+        saves = torch.load(tmp / f"two.saves.rank{rank}.pt", weights_only=True)
+        assert saves == [(1, str(first)), (2, str(last))]
     out = export_sharded(first, tmp / "exported")  # the CLI's export of a shards-only checkpoint
     assert not all(torch.equal(v, final[k]) for k, v in _weights(out).items())  # step 1, not 2
 

@@ -173,8 +173,9 @@ class Checkpointer:
     counters: Counters
 
     def save(self, step: int, sampler_state: dict) -> Path | None:
-        """Write the checkpoint of `step` (a collective under FSDP); its path on rank 0, else None.
-        The best checkpoint so far (--keep-best) is kept whatever keep_last says."""
+        """Write the checkpoint of `step` (a collective under FSDP); its path on rank 0, or on every
+        rank under FSDP, else None. The best checkpoint so far (--keep-best) is kept whatever
+        keep_last says."""
         if self.rank != 0 and not self.sharded:
             return None
         trainer = {

@@ -130,11 +130,12 @@ def save_sharded_checkpoint(
     keep_last: int = 2,
     keep: tuple[Path, ...] = (),
     export: bool = False,
-) -> Path | None:
+) -> Path:
     """Write `run_dir/checkpoints/step-{step:06d}/` from every process (a collective): each its
     shards, rank 0 the rest (module docstring); prune to the last `keep_last` (0 = all) but `keep`.
-    `export`: also the gathered from_pretrained weights. Returns the folder on rank 0, else None.
-    Raises on every process when any could not write; the previous checkpoints stay as they were."""
+    `export`: also the gathered from_pretrained weights. Returns the folder on every process (the
+    loop's "saved this step?" must agree on all of them: a rank that saw None would save again,
+    alone). Raises on every process when any could not write; the previous checkpoints stay."""
     rank = _rank()
     state = full_trainer_state(None, scheduler, trainer_state)  # TypeError on every rank, before writing
     full = full_model_state(model) if export else None  # a collective: on rank 0's CPU, {} elsewhere
@@ -176,7 +177,7 @@ def save_sharded_checkpoint(
         except BaseException as e:
             error = e
     _agree(error, f"write checkpoint {final}")
-    return final if rank == 0 else None
+    return final
 
 
 def export_sharded(ckpt: Path, out: Path) -> Path:

@@ -1,9 +1,11 @@
 """Run by tests/test_rl_fsdp.py under `torchrun` with the FSDP environment: train as ddp_train.py
 does, and at every reference pass of the loop also score the same rollouts with an unsharded copy
-of the reference; save both, with how much of the reference this rank holds.
+of the reference; save both, with how much of the reference this rank holds, and what each
+checkpoint save returned on this rank (the loop decides from it whether to save again).
 
 torchrun --nproc_per_node 2 tests/workers/fsdp_reference.py OUT_FILE_PREFIX [cppo-train flags...]
-writes OUT_FILE_PREFIX.rank{R}.pt (final weights) and OUT_FILE_PREFIX.ref.rank{R}.pt.
+writes OUT_FILE_PREFIX.rank{R}.pt (final weights), OUT_FILE_PREFIX.ref.rank{R}.pt (the passes) and
+OUT_FILE_PREFIX.saves.rank{R}.pt.
 """
 
 import sys
@@ -13,6 +15,7 @@ from ddp_train import main
 
 import cppo.rl.loop as loop
 from cppo.models import load_model_and_processor
+from cppo.rl import resume
 from cppo.rl.config import parse_args
 from cppo.rl.fsdp import is_sharded
 
@@ -39,5 +42,13 @@ if __name__ == "__main__":
         return out
 
     loop.rollout_logprobs = recording
+    real_save, saves = resume.Checkpointer.save, []
+
+    def recording_save(self, step, sampler_state):
+        saves.append((step, real_save(self, step, sampler_state)))
+        return saves[-1][1]
+
+    resume.Checkpointer.save = recording_save
     rank = main(prefix, flags)
     torch.save(passes, f"{prefix}.ref.rank{rank}.pt")
+    torch.save([(step, str(path)) for step, path in saves], f"{prefix}.saves.rank{rank}.pt")
