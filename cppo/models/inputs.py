@@ -136,7 +136,7 @@ def generate_responses(
         rows = inputs["input_ids"].shape[0]
         if rows % len(seeds):
             raise ValueError(f"{rows} rows cannot be split into {len(seeds)} equal blocks, one per seed")
-        sampler = BlockSampler(seeds, rows // len(seeds), device, temperature, top_k, top_p)
+        sampler = BlockSampler(seeds, rows // len(seeds), temperature, top_k, top_p)
         kwargs.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
     elif do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)

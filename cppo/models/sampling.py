@@ -40,13 +40,13 @@ class BlockSampler(LogitsProcessor):
         self,
         seeds: list[int],
         rows_per_seed: int,
-        device: torch.device,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
     ):
         self.rows_per_seed = rows_per_seed
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.seeds = [int(s) for s in seeds]
+        self.generators: list[torch.Generator] = []  # made on the scores' device at the first token
         self.warpers = []
         if temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
@@ -58,10 +58,12 @@ class BlockSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """(R, V) scores -> (R, V): 0 on each row's drawn token, -inf elsewhere."""
         r = self.rows_per_seed
-        if scores.shape[0] != r * len(self.generators):
+        if scores.shape[0] != r * len(self.seeds):
             raise ValueError(
-                f"{scores.shape[0]} rows in the call, but {len(self.generators)} seeds x {r} rows per seed"
+                f"{scores.shape[0]} rows in the call, but {len(self.seeds)} seeds x {r} rows per seed"
             )
+        if not self.generators:  # where the logits are (not the parameters' device under CPU offload)
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         for warp in self.warpers:
             scores = warp(input_ids, scores)
         probs = torch.softmax(scores, dim=-1)  # (R, V), as transformers' sampler computes them

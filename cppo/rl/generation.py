@@ -24,6 +24,7 @@ import torch
 from cppo.batching import take_rows, trim_prompt
 from cppo.models import generate_responses
 from cppo.precision import resolve_dtype
+from cppo.rl.fsdp import compute_device
 from cppo.rl.memory import ModelShape
 
 CPU_GENERATION_ROWS = 64  # rows per call on the CPU, where memory is not the limit
@@ -37,7 +38,7 @@ def generation_rows(model, cfg, prompt_length: int) -> int:
     CPU; rounded down to whole groups, at least one."""
     G = cfg.group_size
     rows = cfg.generation_batch_size
-    device = next(model.parameters()).device
+    device = compute_device(model)  # not the parameters' device under FSDP's CPU offload
     if rows is None and device.type == "cuda":
         compute = resolve_dtype(cfg.dtype, device)
         shape = ModelShape.from_config(getattr(model, "module", model).config)

@@ -27,7 +27,7 @@ from cppo.models import append_responses, encode_images, encode_prompts
 from cppo.models.inputs import END_TOKENS
 from cppo.precision import autocast, resolve_dtype
 from cppo.rl.data import Sample
-from cppo.rl.fsdp import gathered
+from cppo.rl.fsdp import compute_device, gathered
 from cppo.rl.generation import generate_groups, generation_rows
 from cppo.rl.perception import get_perception_term
 from cppo.rl.rewards import RewardResult, RewardScorer
@@ -147,7 +147,7 @@ def collect_rollouts(
     token_id = model.config.image_token_id
     batch_b = prompts.batch
     rows = [b for b in range(len(samples)) for _ in range(G)]  # (N,) prompt of each row
-    device = next(model.parameters()).device
+    device = compute_device(model)
     # FSDP: one all-gather for the whole generation; bf16 compute under --dtype bfloat16
     with gathered(model), autocast(device, resolve_dtype(cfg.dtype, device)):
         per_call = generation_rows(model, cfg, batch_b["input_ids"].shape[1])
