@@ -73,3 +73,13 @@ def test_the_estimate_agrees_with_a_measured_cpu_update():
     measured, estimated = mod.measure_cpu_update()
     assert 0.5 < measured / estimated < 2.0, (measured, estimated)
     assert "| 3B | 8 GPUs" in mod.table()
+
+
+def test_the_dry_run_places_the_reference_where_the_trainer_does():
+    from cppo.rl.config import TrainConfig
+    from cppo.rl.plan import reference_placement
+
+    assert reference_placement(TrainConfig(beta=0.0), fsdp=True) == "none"
+    assert reference_placement(TrainConfig(), fsdp=False) == "full"
+    assert reference_placement(TrainConfig(), fsdp=True) == "sharded"
+    assert reference_placement(TrainConfig(ref_offload=True), fsdp=True) == "cpu"

@@ -143,7 +143,7 @@ def run_shape(cfg: TrainConfig, shape: ModelShape, world: int, fsdp: bool) -> Ru
         gpus=world,
         fsdp=fsdp,
         pure_bf16=cfg.pure_bf16,
-        reference="none" if cfg.beta == 0 else "full",
+        reference=reference_placement(cfg, fsdp),
         generate_rows=rows,
         micro_rows=cfg.micro_batch_size,
         prompt_tokens=cfg.max_prompt_length or 512,
@@ -154,6 +154,16 @@ def run_shape(cfg: TrainConfig, shape: ModelShape, world: int, fsdp: bool) -> Ru
         chunk=cfg.logits_chunk_size,
         trainable_fraction=trainable_fraction(cfg, shape),
     )
+
+
+def reference_placement(cfg: TrainConfig, fsdp: bool) -> str:
+    """Where the frozen reference lives (cppo.rl.reference): none without the KL term, in CPU
+    memory under --ref-offload, sharded like the policy under FSDP, else a full copy per GPU."""
+    if cfg.beta == 0:
+        return "none"
+    if cfg.ref_offload:
+        return "cpu"
+    return "sharded" if fsdp else "full"
 
 
 def trainable_fraction(cfg: TrainConfig, shape: ModelShape) -> float:
