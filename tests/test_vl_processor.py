@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, ProcessorMixin, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
-from cppo.models import ImageOnlyQwen2_5_VLProcessor, ImageTextProcessor, demo_model_path
+from cppo.models import ImageOnlyQwen2_5_VLProcessor, demo_model_path
 from cppo.prompt import build_messages
 from cppo.toy.shapes import split_items
 
@@ -55,17 +55,6 @@ def test_outputs_equal_image_processor_and_tokenizer_called_directly(proc, batch
     assert torch.equal(out["mm_token_type_ids"], (enc["input_ids"] == pad_id).long())
 
 
-def test_outputs_equal_image_text_processor(proc, batch):
-    questions, images = batch
-    ref = ImageTextProcessor.from_pretrained(demo_model_path())
-    texts = _texts(ref, questions)
-    assert texts == _texts(proc, questions)
-    a = proc(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-    b = ref(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-    assert set(a) == set(b)
-    _same(a, b, b.keys())
-
-
 def test_chat_template_with_images_tokenizes_like_call(proc, batch):
     questions, images = batch
     content = [{"type": "image", "image": images[0]}, {"type": "text", "text": questions[0]}]
@@ -85,10 +74,8 @@ def test_saved_checkpoint_names_the_stock_class_and_reloads(proc, batch, tmp_pat
     questions, images = batch
     texts = _texts(proc, questions)
     again = ImageOnlyQwen2_5_VLProcessor.from_pretrained(tmp_path)
-    legacy = ImageTextProcessor.from_pretrained(tmp_path)
     a = proc(text=texts, images=images, padding=True, return_tensors="pt")
     _same(a, again(text=texts, images=images, padding=True, return_tensors="pt"), a.keys())
-    _same(a, legacy(text=texts, images=images, padding=True, return_tensors="pt"), a.keys())
 
 
 def test_stock_auto_processor_agrees_where_torchvision_is_installed(proc, batch):

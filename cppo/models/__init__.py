@@ -2,9 +2,10 @@
 
 - `build_tiny_model(config, seed)`, `TinyVLMConfig`: a real Qwen2.5-VL at CPU size (`build.py`).
 - `load_model_and_processor(path_or_id, device, dtype)`, `demo_model_path()` (`build.py`).
-- `ImageTextProcessor`: the processor used where `AutoProcessor` cannot load (`processor.py`).
 - `ImageOnlyQwen2_5_VLProcessor`: the stock `Qwen2_5_VLProcessor` without its video processor, a real
-  `ProcessorMixin` that loads without torchvision (TRL accepts it) (`vl_processor.py`).
+  `ProcessorMixin` that loads without torchvision (TRL accepts it) (`vl_processor.py`); the processor
+  every command uses where `AutoProcessor` cannot load. `ImageTextProcessor` is its former name
+  (the hand-written stand-in it replaced), kept as an alias.
 - `encode_prompts`, `encode_images`, `append_responses`, `generate_responses` (`inputs.py`).
 - `evaluate(model, processor, dataset, samples=K)` (`evaluate.py`): avg@K accuracy, format and
   pass@K per question type, the one evaluator of `cppo-eval`, the trainer and the demo model.
@@ -27,9 +28,10 @@ from cppo.models.inputs import (
     generate_responses,
     response_logits,
 )
-from cppo.models.processor import ImageTextProcessor
 from cppo.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, VISION_TOKENS, build_tokenizer
 from cppo.models.vl_processor import ImageOnlyQwen2_5_VLProcessor
+
+ImageTextProcessor = ImageOnlyQwen2_5_VLProcessor  # the former hand-written processor's name
 
 __all__ = [
     "CHAT_TEMPLATE",

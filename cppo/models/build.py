@@ -9,7 +9,8 @@ the vocabulary is a task BPE (see `tokenizer.py`); the image processor caps imag
 
 `load_model_and_processor` loads a directory written by `save_pretrained` (or a hub id already
 in the cache) with the stock `AutoProcessor` where it loads (torchvision installed), and with
-`ImageTextProcessor` otherwise; both give the same tensors.
+`ImageOnlyQwen2_5_VLProcessor` (the stock class without its video processor) otherwise; both give
+the same tensors.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from cppo.models.processor import ImageTextProcessor
 from cppo.models.tokenizer import build_tokenizer
+from cppo.models.vl_processor import ImageOnlyQwen2_5_VLProcessor
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -93,13 +94,15 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def build_processor(config: TinyVLMConfig | None = None) -> ImageTextProcessor:
+def build_processor(config: TinyVLMConfig | None = None) -> ImageOnlyQwen2_5_VLProcessor:
     from transformers import Qwen2VLImageProcessorPil
 
     config = config or TinyVLMConfig()
     tokenizer = build_tokenizer(config.bpe_vocab_size)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=config.image_size**2)
-    return ImageTextProcessor(image_processor, tokenizer)
+    return ImageOnlyQwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
 
 
 def qwen_config(config: TinyVLMConfig, tokenizer):
@@ -223,7 +226,7 @@ def _torchvision_available() -> bool:
 
 
 def load_processor(path_or_id: str | os.PathLike):
-    """The stock `AutoProcessor` where it loads, otherwise `ImageTextProcessor` (same tensors)."""
+    """The stock `AutoProcessor` where it loads, otherwise `ImageOnlyQwen2_5_VLProcessor` (same tensors)."""
     path = check_model_path(path_or_id)
     if _torchvision_available():
         from transformers import AutoProcessor
@@ -232,7 +235,7 @@ def load_processor(path_or_id: str | os.PathLike):
             return AutoProcessor.from_pretrained(path)
         except (ImportError, OSError, ValueError):
             pass  # a broken torchvision install: the image-only processor still works
-    return ImageTextProcessor.from_pretrained(path)
+    return ImageOnlyQwen2_5_VLProcessor.from_pretrained(path)
 
 
 def load_model_and_processor(

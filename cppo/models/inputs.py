@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from transformers.generation.logits_process import LogitsProcessorList
 
-from cppo.models.processor import flatten_images
 from cppo.models.sampling import BlockSampler
 from cppo.prompt import INSTRUCTION, build_messages
 
@@ -59,6 +58,18 @@ def encode_images(processor, images: list[list[Image.Image]]) -> tuple[torch.Ten
     """
     out = processor.image_processor(images=flatten_images(images), return_tensors="pt")
     return out["pixel_values"], out["image_grid_thw"]
+
+
+def flatten_images(images) -> list[Image.Image]:
+    """One flat list of images from an image, a list, or a list of per-prompt lists."""
+    if images is None:
+        return []
+    if isinstance(images, Image.Image):
+        return [images]
+    flat = []
+    for x in images:
+        flat.extend(flatten_images(x) if isinstance(x, (list, tuple)) else [x])
+    return flat
 
 
 def _token_ids(tokenizer, tokens) -> list[int]:

@@ -11,8 +11,8 @@ a subclass of the stock processor whose constructor takes only the image process
   checks the type) accept it;
 - `__call__`, `apply_chat_template(..., tokenize=True)` with images in the messages, decoding and the
   image-token expansion are the stock processor's own code, so its outputs are the stock outputs
-  (tests/test_vl_processor.py compares them with the image processor + tokenizer called directly and
-  with `cppo.models.ImageTextProcessor`); videos raise a clear error;
+  (tests/test_vl_processor.py compares them with the image processor + tokenizer called directly, and
+  with the stock `AutoProcessor` where torchvision is installed); videos raise a clear error;
 - `save_pretrained` names `Qwen2_5_VLProcessor` as the processor class (and also writes
   `preprocessor_config.json`), so a checkpoint saved with it loads with the stock `AutoProcessor`
   where torchvision is installed.
