@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep = ap.add_argument_group(
         "preprocessing (the paper's by default, as cppo-train's fields of the same names)"
     )
+    prep.add_argument(
+        "--instruction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="append the paper's think/boxed instruction to every question (default: on)",
+    )
     prep.add_argument("--boxed-answer", action=argparse.BooleanOptionalAction, default=True)
     prep.add_argument("--drop-multi-image", action=argparse.BooleanOptionalAction, default=True)
     prep.add_argument("--min-image-side", type=int, default=28, help="0 = off (default: 28)")
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from cppo.models.evaluate import evaluate, format_table, resolve_temperature
     from cppo.models.prompt_tokens import set_pixel_bounds
     from cppo.precision import resolve_device, resolve_dtype
+    from cppo.prompt import instruction_for
     from cppo.rl.data import DataError, Preprocessing, open_dataset
 
     try:
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         limit=args.limit,
+        instruction=instruction_for(args.instruction),
     )
     report.update(
         model=model_path,

@@ -14,6 +14,11 @@ INSTRUCTION = (
 )
 
 
+def instruction_for(enabled: bool) -> str | None:
+    """The instruction to append (`--instruction`, on by default), or None to leave questions as given."""
+    return INSTRUCTION if enabled else None
+
+
 def build_messages(question: str, num_images: int = 1, instruction: str | None = INSTRUCTION) -> list[dict]:
     """Chat messages for one prompt: `num_images` image placeholders, then the question and instruction.
 

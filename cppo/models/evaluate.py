@@ -43,6 +43,7 @@ from PIL import Image
 from cppo.grading import grade
 from cppo.models.build import demo_model_path, load_model_and_processor
 from cppo.models.inputs import encode_prompts, generate_responses
+from cppo.prompt import INSTRUCTION
 from cppo.toy.shapes import BACKGROUND, CHANCE, DEFAULT_IMAGE_SIZE, QUESTION_TYPES, ShapesItem, split_items
 
 
@@ -104,9 +105,11 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     limit: int | None = None,
+    instruction: str | None = INSTRUCTION,
 ) -> dict:
     """Answer each question ``samples`` times and grade; returns ``score``'s report plus ``questions``
-    (per question: source, question_type, answer, responses, accuracy and format lists)."""
+    (per question: source, question_type, answer, responses, accuracy and format lists). Each prompt
+    is the question followed by ``instruction`` (None: the question alone)."""
     temperature = resolve_temperature(samples, temperature)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     per_batch = max(1, batch_size // samples)  # questions per generate call; each repeated K times
@@ -117,7 +120,7 @@ def evaluate(
     for b, start in enumerate(range(0, n, per_batch)):
         items = [dataset[i] for i in range(start, min(n, start + per_batch))]
         rep = [s for s in items for _ in range(samples)]  # (N = questions x K)
-        batch = encode_prompts(processor, [s.question for s in rep], [s.images for s in rep])
+        batch = encode_prompts(processor, [s.question for s in rep], [s.images for s in rep], instruction)
         ids, mask = generate_responses(
             model,
             processor,

@@ -18,7 +18,7 @@ import dataclasses
 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from cppo.prompt import build_messages
+from cppo.prompt import INSTRUCTION, build_messages
 
 
 def pixel_bounds(processor) -> tuple[int, int]:
@@ -54,12 +54,18 @@ def image_tokens(processor, width: int, height: int) -> int:
     return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size**2
 
 
-def prompt_lengths(processor, questions: list[str], image_sizes: list[list[tuple[int, int]]]) -> list[int]:
-    """Tokens of each prompt as `encode_prompts` builds it: the chat-templated question and instruction
-    plus every image's pads. ``image_sizes`` are (width, height) per image, as PIL gives them."""
+def prompt_lengths(
+    processor,
+    questions: list[str],
+    image_sizes: list[list[tuple[int, int]]],
+    instruction: str | None = INSTRUCTION,
+) -> list[int]:
+    """Tokens of each prompt as `encode_prompts` builds it: the chat-templated question and
+    `instruction` plus every image's pads. ``image_sizes`` are (width, height) per image, as PIL
+    gives them."""
     texts = [
         processor.apply_chat_template(
-            build_messages(q, len(sizes)), add_generation_prompt=True, tokenize=False
+            build_messages(q, len(sizes), instruction), add_generation_prompt=True, tokenize=False
         )
         for q, sizes in zip(questions, image_sizes)
     ]

@@ -101,6 +101,11 @@ class TrainConfig:
         "hub id has none: ViRL39K's images/... paths need the folder its images.zip was unpacked in",
     )
     # --- the paper's preprocessing of the data (cppo/rl/data.py), on by default
+    instruction: bool = _f(
+        True,
+        "append the paper's instruction (think in <think></think>, answer in \\boxed{}; docs/method.md §4) "
+        "to every question; --no-instruction for data whose questions carry their own",
+    )
     boxed_answer: bool = _f(
         True, "take the ground truth from the last \\boxed{} of an answer that has one (ViRL39K's answers)"
     )

@@ -7,9 +7,9 @@ applies the preprocessing it is given. Departures and choices, each deliberate:
 - ``<image>`` placeholders in a question (ViRL39K, Geometry3K, PAPO/MMK12 style) are removed:
   ``cppo.prompt`` puts the image slots before the question, as Qwen2.5-VL's own examples do (the
   official code puts the image where the placeholder was, at the start in both datasets).
-- The instruction of docs/method.md §4 is appended by ``cppo.prompt`` to every prompt of every
-  command, so a question that already ends with it (a dataset preprocessed by the official code's
-  scripts) has that copy removed here: the model sees it once.
+- The instruction of docs/method.md §4 is appended by ``cppo.prompt`` to every prompt (the
+  ``instruction`` option, on by default), so a question that already ends with it (a dataset
+  preprocessed by the official code's scripts) has that copy removed here: the model sees it once.
 - Transparent images are composited on white before RGB (as qwen-vl-utils does), not on black.
 
 The paper's preprocessing (``Preprocessing``; the official code's ``examples/data_preprocess/
@@ -64,7 +64,7 @@ from cppo.grading import last_boxed
 from cppo.models import demo_model_path, load_processor
 from cppo.models.prompt_tokens import prompt_lengths, set_pixel_bounds
 from cppo.perturb import ImageError, image_size_of, load_image, to_rgb
-from cppo.prompt import INSTRUCTION
+from cppo.prompt import INSTRUCTION, instruction_for
 from cppo.rl.config import ConfigError
 from cppo.rl.sources import DataError, Rows, find_split, parse_columns, read_source
 
@@ -104,6 +104,7 @@ class Preprocessing:
     drop_multi_image: bool = True
     min_image_side: int = 28
     max_prompt_length: int | None = 512
+    instruction: bool = True  # the prompts append cppo.prompt.INSTRUCTION (counted in their length)
 
     @classmethod
     def none(cls) -> Preprocessing:
@@ -112,7 +113,9 @@ class Preprocessing:
     @classmethod
     def of(cls, cfg) -> Preprocessing:
         """From a TrainConfig (or cppo-eval's arguments): the fields of the same names."""
-        return cls(cfg.boxed_answer, cfg.drop_multi_image, cfg.min_image_side, cfg.max_prompt_length)
+        return cls(
+            cfg.boxed_answer, cfg.drop_multi_image, cfg.min_image_side, cfg.max_prompt_length, cfg.instruction
+        )
 
 
 @dataclass
@@ -222,7 +225,7 @@ def _record(row: dict, where: str, rows: Rows, prep: Preprocessing, sizes: bool,
     ikey, images = _first(row, keys["image"])
     tkey, qtype = _first(row, keys["question_type"])
     question = _IMAGE_TAG.sub(" ", str(question or "")).strip()
-    if question.endswith(INSTRUCTION):  # cppo.prompt appends it to every prompt: keep it once
+    if prep.instruction and question.endswith(INSTRUCTION):  # the prompt appends it: keep it once
         question = question[: -len(INSTRUCTION)].strip()
     if not question:
         raise _Skip("missing question", f"no non-empty {' or '.join(keys['question'])}")
@@ -286,20 +289,26 @@ class PromptDataset:
                 if len(self.skip_examples) < 5:
                     self.skip_examples.append(f"{where}: {e}")
         if prep.max_prompt_length and self.records:
-            self._drop_long_prompts(processor, prep.max_prompt_length, strict)
+            self._drop_long_prompts(processor, prep.max_prompt_length, strict, prep.instruction)
         if not self.records:
             raise DataError(f"{self.source}: no usable sample. {self.summary()}")
         self.text_only = sum(not r.images for r in self.records)
         self.multi_image = sum(len(r.images) > 1 for r in self.records)
 
-    def _drop_long_prompts(self, processor, limit: int, strict: bool) -> None:
+    def _drop_long_prompts(self, processor, limit: int, strict: bool, instruction: bool = True) -> None:
         """Leave out the prompts over `limit` tokens, image tokens included (the official code's
         filter_overlong_prompts), counting them by the pixel bounds the processor has now."""
         kept = []
         for start in range(0, len(self.records), 512):
             chunk = self.records[start : start + 512]
             for r, n in zip(
-                chunk, prompt_lengths(processor, [r.question for r in chunk], [r.sizes for r in chunk])
+                chunk,
+                prompt_lengths(
+                    processor,
+                    [r.question for r in chunk],
+                    [r.sizes for r in chunk],
+                    instruction_for(instruction),
+                ),
             ):
                 if n <= limit:
                     kept.append(r)

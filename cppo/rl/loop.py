@@ -50,6 +50,7 @@ import numpy as np
 
 from cppo.models.evaluate import evaluate
 from cppo.precision import autocast
+from cppo.prompt import instruction_for
 from cppo.rl.checkpoint import write_best
 from cppo.rl.config import TrainConfig
 from cppo.rl.fsdp import gathered
@@ -155,7 +156,10 @@ def _prepare(run, processor, draws) -> Prompts:
     """The host's part of a step's rollouts (cppo.rl.rollout.prepare_prompts): the draws' samples
     loaded, their prompts and views encoded, with `processor` (the background thread's own copy)."""
     samples = [run.dataset[d.index] for d in draws]
-    return prepare_prompts(processor, samples, [d.view_seed for d in draws], run.cfg.algo, run.preset)
+    seeds = [d.view_seed for d in draws]
+    return prepare_prompts(
+        processor, samples, seeds, run.cfg.algo, run.preset, instruction_for(run.cfg.instruction)
+    )
 
 
 def _evaluate(model, processor, dataset, cfg: TrainConfig) -> dict[str, float]:
@@ -172,6 +176,7 @@ def _evaluate(model, processor, dataset, cfg: TrainConfig) -> dict[str, float]:
         seed=cfg.seed,
         limit=64,
         temperature=None if cfg.eval_samples == 1 else cfg.temperature,
+        instruction=instruction_for(cfg.instruction),
     )
     return {"eval/accuracy": report["accuracy"], "eval/format": report["format"]}
 

@@ -26,6 +26,7 @@ from cppo.loss import group_advantages
 from cppo.models import append_responses, encode_images, encode_prompts
 from cppo.models.inputs import END_TOKENS
 from cppo.precision import autocast, resolve_dtype
+from cppo.prompt import INSTRUCTION, instruction_for
 from cppo.rl.data import Sample
 from cppo.rl.fsdp import compute_device, gathered
 from cppo.rl.generation import generate_groups, generation_rows
@@ -92,12 +93,19 @@ def draw_views(samples: list[Sample], view_seeds: list[int], preset) -> tuple[li
     return pos, neg, records
 
 
-def prepare_prompts(processor, samples: list[Sample], view_seeds: list[int], algo: str, preset) -> Prompts:
+def prepare_prompts(
+    processor,
+    samples: list[Sample],
+    view_seeds: list[int],
+    algo: str,
+    preset,
+    instruction: str | None = INSTRUCTION,
+) -> Prompts:
     """The host's part of a step's rollouts: the B prompts encoded with their images, and the views
     the perception term of `algo` names (CPPO both, PAPO the removing one, GRPO none) drawn from
     each prompt's view seed and encoded. Uses no global random state and no model."""
     images = [s.images for s in samples]
-    batch = encode_prompts(processor, [s.question for s in samples], images)  # B rows
+    batch = encode_prompts(processor, [s.question for s in samples], images, instruction)  # B rows
     counts = [0] * len(samples)
     if batch.get("pixel_values") is not None:
         counts = images_per_row(batch["input_ids"], batch["image_grid_thw"], image_token_id(processor))
@@ -141,7 +149,9 @@ def collect_rollouts(
     (cppo.rl.generation); `timer` (cppo.rl.update.Timer) receives the reward phase's seconds.
     """
     if prompts is None:
-        prompts = prepare_prompts(processor, samples, view_seeds, cfg.algo, preset)
+        prompts = prepare_prompts(
+            processor, samples, view_seeds, cfg.algo, preset, instruction_for(cfg.instruction)
+        )
     samples = prompts.samples
     G = cfg.group_size
     token_id = model.config.image_token_id
