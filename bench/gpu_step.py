@@ -27,7 +27,6 @@ memory, and whether two generation batch sizes sampled the same responses.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -43,7 +42,6 @@ import bench_step  # noqa: E402
 
 from cppo.models import TinyVLMConfig, build_tiny_model  # noqa: E402
 from cppo.perturb import get_preset  # noqa: E402
-from cppo.precision import resolve_dtype  # noqa: E402
 from cppo.rl.config import TrainConfig  # noqa: E402
 from cppo.rl.generation import generation_rows  # noqa: E402
 from cppo.rl.reporting import reset_peak_memory, step_metrics  # noqa: E402
@@ -76,26 +74,17 @@ def build(args):
         sizes["image_size"] = args.image_size
     model, processor = build_tiny_model(TinyVLMConfig(**sizes), seed=args.seed)
     model = model.to(args.device)  # float32 master weights
-    compute = resolve_dtype(args.dtype, torch.device(args.device))
-    ref = copy.deepcopy(model).to(compute).eval().requires_grad_(False)
+    ref = bench_step.frozen_reference(model, args)
     enable_gradient_checkpointing(model)
     return model, processor, ref
 
 
 def train_config(args, algo: str) -> TrainConfig:
-    return TrainConfig(
-        algo=algo,
-        prompts_per_step=args.prompts,
-        group_size=args.group,
-        max_new_tokens=args.max_new_tokens,
-        micro_batch_size=args.micro,
-        mini_batch_size=args.mini,
-        beta=0.01,
-        lr=1e-6,
-        warmup_steps=0,
-        dtype=args.dtype,
-        gradient_checkpointing=True,
-        generation_batch_size=args.generation_batch_size,
+    """bench_step's step config, with what a GPU run adds: no warm-up, gradient checkpointing and
+    the generation batch."""
+    base = bench_step.train_config(argparse.Namespace(**vars(args), chunk=256), algo)
+    return dataclasses.replace(
+        base, warmup_steps=0, gradient_checkpointing=True, generation_batch_size=args.generation_batch_size
     )
 
 

@@ -188,31 +188,13 @@ class Checkpointer:
         }
         best = self.counters.best_step
         keep = (checkpoint_dir(self.run_dir, best),) if best else ()
+        parts = (self.model, self.processor, self.optimizer, self.scheduler, trainer)
         if self.sharded:
             export = self.cfg.export_pretrained or step >= self.cfg.max_steps  # the run's last
             return save_sharded_checkpoint(
-                self.run_dir,
-                step,
-                self.model,
-                self.processor,
-                self.optimizer,
-                self.scheduler,
-                trainer,
-                self.cfg.keep_last,
-                keep=keep,
-                export=export,
+                self.run_dir, step, *parts, self.cfg.keep_last, keep=keep, export=export
             )
-        return save_checkpoint(
-            self.run_dir,
-            step,
-            self.model,
-            self.processor,
-            self.optimizer,
-            self.scheduler,
-            trainer,
-            self.cfg.keep_last,
-            keep=keep,
-        )
+        return save_checkpoint(self.run_dir, step, *parts, self.cfg.keep_last, keep=keep)
 
     def save_unless_saved(self, step: int, sampler_state: dict) -> Path | None:
         """The checkpoint of `step`: the latest one when it is that step's, else a new one (none for
