@@ -214,3 +214,35 @@ def test_sharded_save_that_fails_keeps_the_previous_checkpoint(tmp_path, monkeyp
         save_sharded_checkpoint(tmp_path, 2, model, processor, opt, sched, {**state, "step": 2})
     assert latest_checkpoint(tmp_path) == good
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]  # no temporary left
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_full_disk_inside_a_library_writer_is_a_write_error(tmp_path, monkeypatch, writer):
+    """On a real full disk torch.save raises RuntimeError ("unexpected pos ...") and safetensors its
+    own SafetensorError, not OSError: both become the one-line RunDirError, the previous kept."""
+    from safetensors import SafetensorError
+
+    import cppo.rl.checkpoint as ckpt_mod
+
+    model, processor = tiny_model_and_processor()
+    good = _save(tmp_path, 1, model, processor)
+    if writer == "torch.save":
+
+        real_save = ckpt_mod.torch.save
+
+        def full(obj, f, *args, **kwargs):  # files only: the in-memory weights_only check still works
+            if isinstance(f, (str, Path)):
+                raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 896")
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    else:
+
+        def full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+        monkeypatch.setattr(ckpt_mod, "_save_model", full)
+    with pytest.raises(RunDirError, match=r"could not write checkpoint .*step-000002.*step-000001 is intact"):
+        _save(tmp_path, 2, model, processor)
+    assert latest_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]

@@ -30,14 +30,17 @@ and from where a run resumes is `cppo.rl.resume`; stopping on a signal is `cppo.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from cppo.rl.atomic import atomic_write
 
@@ -194,9 +197,11 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        _save_model(model, tmp)
+        with writes_as_oserror(tmp):
+            _save_model(model, tmp)
         processor.save_pretrained(tmp)
-        torch.save(state, tmp / TRAINER_STATE)
+        with writes_as_oserror(tmp):
+            torch.save(state, tmp / TRAINER_STATE)
         write_marker(tmp, step)
 
     try:
@@ -206,6 +211,20 @@ def save_checkpoint(
         raise write_error(run_dir, final, e) from e
     prune(final, keep_last, keep)
     return final
+
+
+@contextmanager
+def writes_as_oserror(directory: Path):
+    """Inside the block, a file writer's failure is an OSError, as a full disk is for `open`.
+
+    torch.save's zip writer raises RuntimeError ("unexpected pos ...", "PytorchStreamWriter failed
+    writing file") and safetensors raises SafetensorError when the disk fills, so without this a
+    full disk would escape the one-line error (exit 2) that every other write failure gets."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OSError(errno.EIO, f"writing into {directory.name} failed: {first}") from e
 
 
 def full_trainer_state(optimizer_state: dict | None, scheduler, trainer_state: dict) -> dict:
