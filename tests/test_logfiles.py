@@ -126,3 +126,27 @@ def test_curves_png_for_grpo_and_cppo_runs(tmp_path, algo):
     assert out == tmp_path / "plots" / "curves.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left
+
+
+def test_a_fresh_start_sets_an_earlier_runs_logs_aside(tmp_path):
+    """A run killed before its first checkpoint, then started again (nothing to resume): its log is
+    renamed, never appended to, so metrics.jsonl holds one run's steps."""
+    import json
+
+    from cppo.rl.logfiles import RunLogger
+
+    first = RunLogger(tmp_path, tensorboard=False)
+    first.log(1, {"x": 1.0})
+    first.log(2, {"x": 2.0})
+    first.close()
+    again = RunLogger(tmp_path, tensorboard=False)
+    assert again.set_aside_earlier_logs() == [("metrics.jsonl", "metrics.earlier-1.jsonl")]
+    again.log(1, {"x": 3.0})
+    again.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]
+    kept = [json.loads(x)["step"] for x in (tmp_path / "metrics.earlier-1.jsonl").read_text().splitlines()]
+    assert kept == [1, 2]
+    assert RunLogger(tmp_path, tensorboard=False).set_aside_earlier_logs() == [
+        ("metrics.jsonl", "metrics.earlier-2.jsonl")
+    ]

@@ -232,3 +232,20 @@ def test_grpo_and_papo_are_the_same_loop_with_their_own_terms(
         assert line["papo/kl_prcp"] > 0 and line["time/perception"] > 0  # the masked view really ran
     else:
         assert line["time/perception"] == 0.0  # GRPO runs no view pass
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(tiny_dir, data, tmp_path):
+    """No checkpoint to resume (the earlier run died before writing one): the earlier log is set aside
+    as metrics.earlier-1.jsonl and metrics.jsonl holds the new run's steps only, not [1, 2, 1, 2, 3]."""
+    import shutil
+
+    out = tmp_path / "run"
+    flags = _flags(tiny_dir, data, out, "--algo", "grpo")
+    assert train_main(flags) == 0
+    shutil.rmtree(out / "checkpoints")  # as if killed before the end-of-run checkpoint
+    flags[flags.index("--max-steps") + 1] = "3"
+    assert train_main([*flags, "--resume", "auto"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    earlier = [json.loads(x)["step"] for x in (out / "metrics.earlier-1.jsonl").read_text().splitlines()]
+    assert earlier == [1, 2]

@@ -25,7 +25,7 @@ import math
 import os
 from pathlib import Path
 
-from cppo.rl.atomic import atomic_write
+from cppo.rl.atomic import atomic_write, fsync_dir
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -154,6 +154,29 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = self._open_tensorboard(purge_step=int(step) + 1)
+
+    def set_aside_earlier_logs(self) -> list[tuple[str, str]]:
+        """For a run that starts at step 0 in a folder holding an earlier run's logs (say, one killed
+        before its first checkpoint): rename each non-empty log to ``NAME.earlier-K.jsonl`` (the
+        first free K) instead of appending to it, and drop the earlier TensorBoard events. Returns
+        the (old, new) names moved."""
+        if not self.is_main:
+            return []
+        moved = []
+        for path in self._jsonl_paths:
+            if not path.is_file() or path.stat().st_size == 0:
+                continue
+            k = 1
+            while (target := path.with_name(f"{path.stem}.earlier-{k}{path.suffix}")).exists():
+                k += 1
+            os.replace(path, target)
+            moved.append((path.name, target.name))
+        if moved:
+            fsync_dir(self.run_dir)
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = self._open_tensorboard(purge_step=1)
+        return moved
 
     def close(self) -> None:
         if self._tb is not None:

@@ -196,6 +196,12 @@ class StepLogger:
         """On resume: drop the lines logged after `step` (RunLogger.truncate_after)."""
         self.files.truncate_after(step)
 
+    def set_aside_earlier_logs(self) -> None:
+        """A run starting at step 0: an earlier run's logs in its folder are renamed, not appended
+        to (RunLogger.set_aside_earlier_logs), and the move is said on stderr."""
+        for old, new in self.files.set_aside_earlier_logs():
+            print(f"[cppo] {old} of an earlier run without a checkpoint to resume -> {new}", file=sys.stderr)
+
     def start(self, step: int) -> None:
         """Open the progress bar at `step`, the step the run starts from."""
         self.progress = Progress(self.cfg, step, self.rank)

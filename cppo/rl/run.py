@@ -121,6 +121,8 @@ def setup_run(cfg: TrainConfig) -> Run:
     start = 0
     if state is not None:
         start = restore(ckpt, state, cfg, model, optimizer, scheduler, sampler, counters, logger)
+    else:  # a fresh start never appends to an earlier run's logs (one killed before its 1st checkpoint)
+        logger.set_aside_earlier_logs()
     if rank == 0:  # the resolved config of the run as it goes on (a resume may change safe fields)
         atomic_write(run_dir / "config.yaml", cfg.to_yaml())
     checkpointer = Checkpointer(
