@@ -125,3 +125,31 @@ def test_a_write_that_fails_leaves_the_previous_output(tmp_path, capsys, monkeyp
     assert len(err) == 1 and "No space left on device" in err[0] and "nothing was changed" in err[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+TRAIN_REWARDS = [
+    (["--rewards", "{d}/missing.py:f"], "does not exist"),
+    (["--rewards", "no_such_module_xyz:f"], "cannot import module"),
+    (["--rewards", "os:no_such_function"], "has no function"),
+    (["--rewards", "{d}/syntax.py:f"], "SyntaxError"),
+    (["--rewards", "{d}/raises.py:f"], "RuntimeError: boom at import"),
+    (["--rewards", "accurracy"], "unknown reward 'accurracy'"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", TRAIN_REWARDS, ids=[" ".join(a) for a, _ in TRAIN_REWARDS])
+def test_cppo_train_refuses_a_bad_reward_before_the_model_loads(files, capsys, monkeypatch, argv, expected):
+    """A reward that cannot be used is one line, exit 2, before any model loads or file is written."""
+    import cppo.rl.run as run_mod
+    from cli.train import main as train_main
+
+    (files / "syntax.py").write_text("def f(:\n")
+    (files / "raises.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.setattr(run_mod, "build_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = files / "out" / "train"
+    argv = [a.replace("{d}", str(files)) for a in argv]
+    code = train_main([*argv, "--reward-weights", "1", "--output-dir", str(out), "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    assert expected in err.splitlines()[-1], err
+    assert not out.exists()

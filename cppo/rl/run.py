@@ -72,6 +72,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     rank, world, device = process_info(cfg)
     fsdp = fsdp_settings()  # from an accelerate config (accelerate launch); None without FSDP
     check_launch(cfg, world, sharded=fsdp is not None)
+    scorer = reward_scorer(cfg)  # user reward code is imported now, not after the model has loaded
     run_dir = Path(cfg.output_dir)
     if rank == 0:
         check_writable(run_dir)  # creates it; a probe write now, not at the first checkpoint hours in
@@ -115,7 +116,6 @@ def setup_run(cfg: TrainConfig) -> Run:
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps * updates_per_step)
     sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed)
     preset = views_preset(getattr(cfg, get_perception_term(cfg.algo).preset_option))
-    scorer = RewardScorer(cfg.rewards, cfg.reward_weights, timeout_s=cfg.reward_timeout)
     logger = StepLogger(run_dir, cfg, rank)
     counters = Counters()
     start = 0
@@ -162,6 +162,18 @@ def _eval_set(cfg: TrainConfig, data_path, processor) -> PromptDataset:
         )
     split = "val" if cfg.eval_data is None else "train"  # eval_data@SPLIT names another
     return open_config_data(cfg, path, split, processor, eval_data=True)
+
+
+def reward_scorer(cfg: TrainConfig) -> RewardScorer:
+    """The run's rewards, user functions imported; ConfigError (one line) for a missing file,
+    module or function, or code that fails to import (a syntax error, an exception at import)."""
+    try:
+        return RewardScorer(cfg.rewards, cfg.reward_weights, timeout_s=cfg.reward_timeout)
+    except ValueError as e:
+        raise ConfigError(f"rewards: {e}") from None
+    except Exception as e:  # the user's module raised while importing
+        detail = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise ConfigError(f"rewards: importing a user reward failed ({detail})") from None
 
 
 def process_info(cfg: TrainConfig):
