@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import stat
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -56,23 +57,31 @@ def _open_source(source, base: Path | None):
 _TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-def image_size_of(source, base: str | Path | None = None) -> tuple[int, int]:
-    """(width, height) as `load_image` would return it (EXIF orientation applied), from the file's
-    header alone: no pixel is decoded. Raises ImageError like `load_image`."""
-    if isinstance(source, Image.Image):
-        return load_image(source).size
+@contextmanager
+def _opened(source, base: str | Path | None):
+    """The PIL image of `source` (path, bytes or dict), opened lazily, bombs refused; every failure
+    to open or decode inside the block is an ImageError naming the file."""
     fp = _open_source(source, Path(base) if base is not None else None)
     where = str(fp) if isinstance(fp, Path) else "image bytes"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(fp) as image:
-                w, h = image.size
-                turned = image.getexif().get(0x0112) in _TURNED  # 0x0112: Orientation
+                yield image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageError("image too large (decompression bomb)", f"{where}: {e}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageError("cannot read image", f"{where}: {e}") from None
+
+
+def image_size_of(source, base: str | Path | None = None) -> tuple[int, int]:
+    """(width, height) as `load_image` would return it (EXIF orientation applied), from the file's
+    header alone: no pixel is decoded. Raises ImageError like `load_image`."""
+    if isinstance(source, Image.Image):
+        return load_image(source).size
+    with _opened(source, base) as image:
+        w, h = image.size
+        turned = image.getexif().get(0x0112) in _TURNED  # 0x0112: Orientation
     return (h, w) if turned else (w, h)
 
 
@@ -81,16 +90,6 @@ def load_image(source, base: str | Path | None = None) -> Image.Image:
     ``{"bytes", "path"}`` dict or a PIL image; raises ImageError."""
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source) or source)
-    fp = _open_source(source, Path(base) if base is not None else None)
-    where = str(fp) if isinstance(fp, Path) else "image bytes"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(fp) as image:
-                image.load()
-                upright = ImageOps.exif_transpose(image) or image
-                return to_rgb(upright)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError("image too large (decompression bomb)", f"{where}: {e}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError("cannot read image", f"{where}: {e}") from None
+    with _opened(source, base) as image:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image) or image)

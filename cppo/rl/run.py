@@ -4,7 +4,9 @@ devices, the policy with LoRA, frozen parts and reference, the optimizer and sch
 `setup_run` checks before any model loads everything that can be checked without one (the launch,
 the run directory, the data, the resume point), so that a run that cannot go far fails at once.
 
-Split from cppo/rl/loop.py so that the loop reads top to bottom on its own.
+Split from cppo/rl/loop.py so that the loop reads top to bottom on its own. It runs a few lines
+past 300 because `setup_run` keeps the whole set-up order (checks, data, resume point, policy,
+sharding, reference, optimizer) visible in one function, as the loop keeps the step.
 """
 
 from __future__ import annotations

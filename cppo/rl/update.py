@@ -40,6 +40,9 @@ the loss, so the forward and the backward issue the same collectives and the upd
 change. A pass without images on a rank whose peers have images runs the vision tower on a blank
 image (cppo.response_stats, `run_vision`), for the same reason. Without FSDP no pass waits for another
 process.
+
+It sits at the ~300-line mark because the FSDP agreement on each view pass (below) belongs beside
+the passes it keeps in step.
 """
 
 from __future__ import annotations
