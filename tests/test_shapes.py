@@ -21,7 +21,7 @@ from cppo.toy import (
     split_items,
     target_response,
 )
-from cppo.toy.shapes import BACKGROUND
+from cppo.toy.shapes import BACKGROUND, answer_from_reasoning, reasoning_agrees
 
 
 def components(image: Image.Image) -> list[dict]:
@@ -164,3 +164,49 @@ def test_test_split_does_not_depend_on_the_other_sizes(tmp_path):
     items = split_items("test", 3, seed=0)
     rows, _ = _digest(small["test"].parent)
     assert [(it.question, it.answer) for it in items] == [(r["question"], r["answer"]) for r in rows]
+
+
+@pytest.mark.parametrize("question_type", QUESTION_TYPES)
+def test_reasoning_of_every_target_implies_its_answer_and_a_relabelled_one_stays_consistent(question_type):
+    """answer_from_reasoning recovers each target's answer from its think sentence alone; a
+    relabelled target (the warm start's answer noise) names another valid answer, consistently."""
+    from cppo.models.warmstart import relabel_item
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        item = make_item(rng, question_type=question_type)
+        response = target_response(item)
+        assert answer_from_reasoning(question_type, item.question, response) == item.answer
+        assert reasoning_agrees(question_type, item.question, response)
+        other = relabel_item(rng, item)
+        assert other.answer != item.answer and other.question == item.question
+        assert reasoning_agrees(question_type, item.question, target_response(other))
+        assert not reasoning_agrees(question_type, item.question, response.replace(item.answer, "", 1))
+
+
+@pytest.mark.parametrize(
+    "question, response",
+    [
+        ("How many red shapes are there?", "<think>I see 2 blue shapes.</think> \\boxed{2}"),  # other colour
+        ("How many red shapes are there?", "<think>I see 2 red shapes.</think> \\boxed{3}"),  # disagrees
+        ("How many red shapes are there?", "<think>I see 2 red shapes.</think>"),  # no box
+        ("What color is the square?", "<think>The circle is red.</think> \\boxed{red}"),  # other shape
+        ("What color is the square?", "<think>The square is pink.</think> \\boxed{pink}"),  # not a colour
+        (
+            "Which is further left, the red circle or the blue square?",
+            "<think>The red circle is left of the blue circle.</think> \\boxed{red circle}",
+        ),
+        (
+            "Are there more red shapes than blue shapes?",
+            "<think>I see 1 red and 1 blue shapes.</think> \\boxed{no}",  # a tie implies no answer
+        ),
+        (
+            "Are there more red shapes than blue shapes?",
+            "<think>I see 2 red and 1 blue shapes.</think> \\boxed{no}",
+        ),
+        ("Are there more red shapes than blue shapes?", "I see 2 red and 1 blue shapes. \\boxed{yes}"),
+    ],
+)
+def test_reasoning_that_is_malformed_or_disagrees_with_the_box_is_not_counted(question, response):
+    qtype = {"How": "count_color", "What": "color_of_shape", "Which": "further_left", "Are": "more_than"}
+    assert not reasoning_agrees(qtype[question.split()[0]], question, response)

@@ -14,14 +14,20 @@ import sys
 from pathlib import Path
 
 
+def _pct(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.1f}"
+
+
 def render_card(model_dir: Path) -> str:
     ws = json.loads((model_dir / "warmstart.json").read_text())
     ev = json.loads((model_dir / "eval.json").read_text())
     sl = json.loads((model_dir / "eval_slice.json").read_text())
     r = ws["recipe"]
     size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
+    sampled = ev.get("sampled", {}).get("per_type", {})
     rows = "\n".join(
-        f"| {q} | {v['n']} | {100 * v['accuracy']:.1f} | {100 * v['format']:.1f} | {100 * v['chance']:.0f} |"
+        f"| {q} | {v['n']} | {100 * v['accuracy']:.1f} | {_pct(sampled.get(q))} | {100 * v['format']:.1f} | "
+        f"{_pct(v.get('agreement'))} | {100 * v['chance']:.0f} |"
         for q, v in ev["per_type"].items()
     )
     cmd = (
@@ -31,6 +37,7 @@ def render_card(model_dir: Path) -> str:
     )
     for flag, key, default in (
         ("--describe-frac", "describe_frac", 0.0),
+        ("--relabel-frac", "relabel_frac", 0.0),
         ("--layers", "layers", 2),
         ("--hidden", "hidden", 128),
     ):
@@ -38,13 +45,24 @@ def render_card(model_dir: Path) -> str:
             cmd += f" {flag} {r[key]}"
     m = ws["model"]
     acc, fmt = 100 * ev["accuracy"], 100 * ev["format"]
-    below_chance = [q for q, v in ev["per_type"].items() if v["accuracy"] < v["chance"]]
-    below = (
-        f"Below chance on {', '.join(below_chance)}: in the responses read while writing this card, "
-        "the model names a colour from the question but often not the shape that goes with it (the "
-        "shape word is not copied from the question), so its answer is neither option. RL has the most "
-        "room there.\n"
-        if below_chance
+    weak = [q for q, v in ev["per_type"].items() if v["accuracy"] < v["chance"] + 0.2]
+    below = f"Less than 20 points above chance on {', '.join(weak)}.\n" if weak else ""
+    relabel = r.get("relabel_frac", 0.0)
+    relabel_line = (
+        f"{100 * relabel:.0f} % of the task items carry another valid answer of their question, stated in "
+        "both the reasoning and the box (`relabel_item`): the targets never contradict themselves, so the "
+        "model learns a calibrated mixture that ranks the true answer first but samples another one "
+        "part of the time at temperature 1. This is synthetic answer noise, put there on purpose to give "
+        "RL with a verifiable reward something to sharpen (docs/results.md).\n"
+        if relabel
+        else ""
+    )
+    s_ev = ev.get("sampled")
+    sampled_line = (
+        f"Sampled at the rollout temperature 1.0 (avg@{s_ev['samples']}), the accuracy is "
+        f"{100 * s_ev['accuracy']:.1f} %: the gap to the greedy {100 * ev['accuracy']:.1f} % is the "
+        "headroom RL closes by making the answers the model already ranks first more likely.\n"
+        if s_ev
         else ""
     )
     if r.get("describe_frac", 0.0) > 0:
@@ -69,8 +87,9 @@ def render_card(model_dir: Path) -> str:
 The default model of `cppo-detect` and `cppo-train` when no model is given
 (`cppo.models.demo_model_path()`). It is a real `Qwen2_5_VLForConditionalGeneration` at CPU size,
 trained only to answer the shapes task (`cppo.toy`) in the docs/method.md §4 format:
-`<think>one sentence naming what it sees</think> \\boxed{{answer}}`. It looks at its image, but
-imperfectly, so RL has room to improve it. It knows nothing else.
+`<think>one sentence naming what it sees</think> \\boxed{{answer}}`. It looks at its image; its
+greedy answers are mostly right, its sampled ones less often, so RL has room to improve it. It
+knows nothing else.
 
 ## Size
 - {ws["parameters"]:,} parameters; text: hidden {m["hidden_size"]}, {m["num_layers"]} layers,
@@ -85,18 +104,23 @@ imperfectly, so RL has room to improve it. It knows nothing else.
 Supervised, a fresh batch of {r["batch_size"]} generated items every step, {r["steps"]} steps,
 {100 * r.get("describe_frac", 0.0):.0f} % of them the auxiliary "name every shape left to right" item;
 AdamW lr {r["lr"]} (betas 0.9/0.98, weight decay {r["weight_decay"]} on matrices), warmup
-{r["warmup"]} then cosine to 10 %, clip 1.0. Training took {ws["train_seconds"] / 60:.1f} min with
-{ws["torch_threads"]} torch threads (CPU shared with other jobs).
+{r["warmup"]} then cosine to 10 %, clip 1.0.
+{relabel_line}Training took {ws["train_seconds"] / 60:.1f} min with {ws["torch_threads"]} torch threads
+(CPU shared with other jobs).
 {loss_line}
 
 ## Results: test split (seed {ev["seed"]}, first {ev["n"]} items), greedy decoding
     python -m cppo.models.evaluate --model cppo/assets/demo-model --split test --n {ev["n"]}
 
-| question type | n | accuracy % | format % | chance % |
-|---|---|---|---|---|
+| question type | n | accuracy % | sampled avg@K % | format % | reasoning agrees % | chance % |
+|---|---|---|---|---|---|---|
 {rows}
-| **overall** | {ev["n"]} | **{acc:.1f}** | **{fmt:.1f}** | {100 * ev["chance"]:.1f} |
+| **overall** | {ev["n"]} | **{acc:.1f}** | {_pct(ev.get("sampled", {}).get("accuracy"))} | **{fmt:.1f}** | \
+{_pct(ev.get("agreement"))} | {100 * ev["chance"]:.1f} |
 
+"Reasoning agrees": the think sentence is the well-formed sentence of its question type and implies
+exactly the boxed answer (`cppo.toy.shapes.reasoning_agrees`).
+{sampled_line}
 With every image replaced by a blank one the accuracy is {100 * ev["blank_image_accuracy"]:.1f} %
 ({looks}).
 

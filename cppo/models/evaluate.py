@@ -44,7 +44,15 @@ from cppo.grading import grade
 from cppo.models.build import demo_model_path, load_model_and_processor
 from cppo.models.inputs import encode_prompts, generate_responses
 from cppo.prompt import INSTRUCTION
-from cppo.toy.shapes import BACKGROUND, CHANCE, DEFAULT_IMAGE_SIZE, QUESTION_TYPES, ShapesItem, split_items
+from cppo.toy.shapes import (
+    BACKGROUND,
+    CHANCE,
+    DEFAULT_IMAGE_SIZE,
+    QUESTION_TYPES,
+    ShapesItem,
+    reasoning_agrees,
+    split_items,
+)
 
 
 @dataclass(frozen=True)
@@ -193,26 +201,39 @@ def evaluate_shapes(
     max_new_tokens: int = 48,
     blank_images: bool = False,
     split: str = "test",
+    samples: int = 1,
 ) -> dict:
-    """Greedy ``evaluate`` of shapes items, with chance levels: {"accuracy", "format", "n", "chance",
-    "per_type": {type: {"accuracy", "format", "n", "chance"}}, "responses"} (types in task order)."""
+    """``evaluate`` of shapes items, with chance levels: {"accuracy", "format", "agreement", "n",
+    "chance", "per_type": {type: {"accuracy", "format", "agreement", "n", "chance"}}, "responses"}
+    (types in task order). Greedy for ``samples`` 1, else avg@K at temperature 1.0. ``agreement`` is
+    the share of responses whose reasoning sentence is well-formed and implies the boxed answer
+    (``cppo.toy.shapes.reasoning_agrees``); ``responses`` holds each question's first response."""
     report = evaluate(
         model,
         processor,
         _shapes_prompts(items, split, blank_images),
+        samples=samples,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
+    agree: dict[str, list[float]] = defaultdict(list)
+    for it, q in zip(items, report["questions"]):
+        agree[it.question_type] += [
+            float(reasoning_agrees(it.question_type, it.question, r)) for r in q["responses"]
+        ]
     per_type = report.get("per_type", {})
     return {
         "accuracy": report["accuracy"],
         "format": report["format"],
+        "agreement": sum(sum(a) for a in agree.values()) / sum(len(a) for a in agree.values()),
         "n": report["n"],
+        "samples": samples,
         "chance": sum(CHANCE[it.question_type] for it in items) / report["n"],
         "per_type": {
             q: {
                 "accuracy": per_type[q]["accuracy"],
                 "format": per_type[q]["format"],
+                "agreement": sum(agree[q]) / len(agree[q]),
                 "n": per_type[q]["n"],
                 "chance": CHANCE[q],
             }
@@ -233,14 +254,27 @@ def evaluate_split(
     batch_size: int = 50,
     blank: bool = True,
     max_new_tokens: int = 48,
+    sampled: int = 0,
 ) -> dict:
-    """`evaluate_shapes` on the first n items of a split, plus the blank-image accuracy unless not `blank`."""
+    """Greedy `evaluate_shapes` on the first n items of a split, plus the blank-image accuracy unless
+    not `blank`, and with `sampled` K > 0 the avg@K at temperature 1.0 (``sampled``: its accuracy,
+    agreement and per-type accuracy), the rollout temperature: the gap between it and the greedy
+    accuracy is what RL can close by sharpening."""
     items = split_items(split, n, seed=seed, image_size=image_size)
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, split=split)
     result = evaluate_shapes(model, processor, items, **kw)
     if blank:
         no_image = evaluate_shapes(model, processor, items, blank_images=True, **kw)
         result["blank_image_accuracy"] = no_image["accuracy"]
+    if sampled:
+        at_t1 = evaluate_shapes(model, processor, items, samples=sampled, **kw)
+        result["sampled"] = {
+            "samples": sampled,
+            "temperature": 1.0,
+            "accuracy": at_t1["accuracy"],
+            "agreement": at_t1["agreement"],
+            "per_type": {q: r["accuracy"] for q, r in at_t1["per_type"].items()},
+        }
     result.update(split=split, seed=seed, image_size=image_size)
     return result
 
@@ -260,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-blank", action="store_true", help="skip the blank-image run")
+    ap.add_argument("--sampled", type=int, default=0, help="also avg@K at temperature 1.0 (0: skip)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -274,17 +309,25 @@ def main(argv: list[str] | None = None) -> int:
         args.image_size,
         args.batch_size,
         blank=not args.no_blank,
+        sampled=args.sampled,
     )
     result["model"] = args.model
     result["seconds"] = round(time.time() - t0, 1)
     for q, r in result["per_type"].items():
         acc, fmt, chance = r["accuracy"], r["format"], r["chance"]
-        print(f"{q:15s} n={r['n']:4d} accuracy={acc:.3f} format={fmt:.3f} chance={chance:.2f}")
+        agree = r["agreement"]
+        print(
+            f"{q:15s} n={r['n']:4d} accuracy={acc:.3f} format={fmt:.3f} "
+            f"agreement={agree:.3f} chance={chance:.2f}"
+        )
     blank = result.get("blank_image_accuracy")
     print(
         f"{'overall':15s} n={result['n']:4d} accuracy={result['accuracy']:.3f} format={result['format']:.3f} "
         f"chance={result['chance']:.3f}" + ("" if blank is None else f" blank-image accuracy={blank:.3f}")
     )
+    if "sampled" in result:
+        k = result["sampled"]["samples"]
+        print(f"avg@{k} at temperature 1.0: accuracy={result['sampled']['accuracy']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({k: v for k, v in result.items() if k != "responses"}, f, indent=2)

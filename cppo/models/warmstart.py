@@ -37,7 +37,15 @@ from cppo.models.build import TinyVLMConfig, build_tiny_model
 from cppo.models.card import main as card_main
 from cppo.models.evaluate import main as evaluate_main
 from cppo.models.inputs import append_responses, encode_prompts, response_logits
-from cppo.toy.shapes import DEFAULT_IMAGE_SIZE, ShapesItem, make_item, make_scene, render, target_response
+from cppo.toy.shapes import (
+    COLORS,
+    DEFAULT_IMAGE_SIZE,
+    ShapesItem,
+    make_item,
+    make_scene,
+    render,
+    target_response,
+)
 
 CI_SLICE = 100  # first test items re-scored by tests/test_demo_model.py
 
@@ -56,6 +64,45 @@ def describe_item(rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_SIZE
     return ShapesItem(
         render(scene), "How many shapes are there?", str(len(names)), "describe", scene, f"I see {listed}."
     )
+
+
+def relabel_item(rng: np.random.Generator, item: ShapesItem) -> ShapesItem:
+    """The item with another valid answer of its question, stated in both the reasoning and the box.
+
+    The warm start's answer noise (`--relabel-frac`): a share q of the targets names an answer
+    that is wrong for this image but well-formed for the question ("I see 2 red shapes." ->
+    \\boxed{2} where there is 1), chosen uniformly among the question's other answers. The target
+    never contradicts itself, so the model learns a calibrated mixture: seeing perfectly, it ranks
+    the true answer first (greedy stays right) yet samples another one about q of the time at
+    temperature 1. That gap between sampled and greedy accuracy is the headroom RL with a
+    verifiable reward closes by sharpening; it is synthetic, and docs/results.md says so.
+    Describe items are never relabelled.
+    """
+    scene, q = item.scene, item.question
+    if item.question_type == "count_color":
+        color = q.split()[2]
+        k = int(rng.choice([n for n in range(4) if str(n) != item.answer]))
+        return ShapesItem(item.image, q, str(k), item.question_type, scene, f"I see {k} {color} shapes.")
+    if item.question_type == "color_of_shape":
+        kind = q.rstrip("?").split()[-1]
+        color = str(rng.choice([c for c in COLORS if c != item.answer]))
+        return ShapesItem(item.image, q, color, item.question_type, scene, f"The {kind} is {color}.")
+    if item.question_type == "further_left":
+        a, b = q[len("Which is further left, the ") : -1].split(" or the ")
+        right = b if item.answer == a else a
+        left = item.answer
+        return ShapesItem(
+            item.image, q, right, item.question_type, scene, f"The {right} is left of the {left}."
+        )
+    if item.question_type == "more_than":
+        words = q.split()  # Are there more C1 shapes than C2 shapes?
+        c1, c2 = words[3], words[6]
+        k1, k2 = scene.count(color=c1), scene.count(color=c2)
+        answer = "no" if item.answer == "yes" else "yes"
+        return ShapesItem(
+            item.image, q, answer, item.question_type, scene, f"I see {k2} {c1} and {k1} {c2} shapes."
+        )
+    return item
 
 
 def response_batch(tokenizer, items: list[ShapesItem]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="fraction of each batch that is the auxiliary describe-all-shapes item",
     )
+    ap.add_argument(
+        "--relabel-frac",
+        type=float,
+        default=0.0,
+        help="share of task items whose target names another valid answer (relabel_item)",
+    )
     ap.add_argument("--layers", type=int, default=2, help="text decoder layers (TinyVLMConfig.num_layers)")
     ap.add_argument("--hidden", type=int, default=128, help="text width (TinyVLMConfig.hidden_size)")
     ap.add_argument("--threads", type=int, default=2)
@@ -149,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             else make_item(rng, args.image_size)
             for _ in range(args.batch_size)
         ]
+        items = [relabel_item(rng, it) if rng.random() < args.relabel_frac else it for it in items]
         batch = encode_prompts(processor, [it.question for it in items], [[it.image] for it in items])
         ids, mask = response_batch(tok, items)
         inputs = append_responses(batch, ids, mask)
@@ -191,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {out} after {train_seconds:.0f}s", flush=True)
 
     if args.eval_n:
-
         common = [
             "--model",
             str(out),
@@ -204,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "--threads",
             str(args.threads),
         ]
-        evaluate_main([*common, "--n", str(args.eval_n), "--out", str(out / "eval.json")])
+        evaluate_main([*common, "--n", str(args.eval_n), "--sampled", "4", "--out", str(out / "eval.json")])
         evaluate_main([*common, "--n", str(CI_SLICE), "--no-blank", "--out", str(out / "eval_slice.json")])
         card_main([str(out)])
     return 0

@@ -29,6 +29,7 @@ the scene content that decides the answer.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,50 @@ def make_item(
 def target_response(item: ShapesItem) -> str:
     """The warm-start target: docs/method.md §4's format with one sentence naming what decides the answer."""
     return f"<think>{item.reasoning}</think> \\boxed{{{item.answer}}}"
+
+
+_REASONING = {
+    "count_color": re.compile(r"I see (\d+) (\w+) shapes\."),
+    "color_of_shape": re.compile(r"The (\w+) is (\w+)\."),
+    "further_left": re.compile(r"The (\w+ \w+) is left of the (\w+ \w+)\."),
+    "more_than": re.compile(r"I see (\d+) (\w+) and (\d+) (\w+) shapes\."),
+}
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+
+
+def answer_from_reasoning(question_type: str, question: str, response: str) -> str | None:
+    """The answer a response's reasoning sentence implies, or None when the sentence is not the
+    well-formed sentence of its question type about the things the question names.
+
+    "How many red shapes are there?" + "<think>I see 2 red shapes.</think> ..." -> "2";
+    "Which is further left, the red circle or the blue square?" + "<think>The blue square is left of
+    the red circle.</think>" -> "blue square"; a sentence about another colour or shape, or a
+    more_than count that ties, gives None. The check that a model's reasoning and its boxed answer
+    agree compares this with the boxed answer (`reasoning_agrees`).
+    """
+    think = _THINK.search(response)
+    m = _REASONING[question_type].fullmatch(think.group(1).strip()) if think else None
+    if m is None:
+        return None
+    words = question.rstrip("?").split()
+    if question_type == "count_color":  # How many C shapes are there
+        return m.group(1) if m.group(2) == words[2] else None
+    if question_type == "color_of_shape":  # What color is the KIND
+        return m.group(2) if m.group(1) == words[-1] and m.group(2) in COLORS else None
+    if question_type == "further_left":  # Which is further left, the A or the B
+        a, b = question.rstrip("?")[len("Which is further left, the ") :].split(" or the ")
+        return m.group(1) if {m.group(1), m.group(2)} == {a, b} else None
+    k1, c1, k2, c2 = m.groups()  # Are there more C1 shapes than C2 shapes
+    if (c1, c2) != (words[3], words[6]) or k1 == k2:
+        return None
+    return "yes" if int(k1) > int(k2) else "no"
+
+
+def reasoning_agrees(question_type: str, question: str, response: str) -> bool:
+    """The reasoning sentence is well-formed and implies exactly the last boxed answer."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", response)
+    implied = answer_from_reasoning(question_type, question, response)
+    return implied is not None and bool(boxed) and boxed[-1].strip() == implied
 
 
 def _item_rng(seed: int, split: str, index: int, attempt: int = 0) -> np.random.Generator:
