@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import traceback
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from cppo.models import load_model_and_processor
 from cppo.rl.checkpoint import (
     RunDirError,
     check_writable,
+    checkpoint_corruption,
+    checkpoint_problem,
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
@@ -227,7 +232,6 @@ def test_a_full_disk_inside_a_library_writer_is_a_write_error(tmp_path, monkeypa
     model, processor = tiny_model_and_processor()
     good = _save(tmp_path, 1, model, processor)
     if writer == "torch.save":
-
         real_save = ckpt_mod.torch.save
 
         def full(obj, f, *args, **kwargs):  # files only: the in-memory weights_only check still works
@@ -244,5 +248,106 @@ def test_a_full_disk_inside_a_library_writer_is_a_write_error(tmp_path, monkeypa
         monkeypatch.setattr(ckpt_mod, "_save_model", full)
     with pytest.raises(RunDirError, match=r"could not write checkpoint .*step-000002.*step-000001 is intact"):
         _save(tmp_path, 2, model, processor)
+    assert latest_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
+# ------------------------------------------------- content hashes in the manifest (cppo.rl.manifest)
+
+
+def _flip_byte(path: Path) -> None:
+    """Change one byte in the middle of a file in place, its size kept (a bad disk, a stray write)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_records_the_size_and_sha256_of_every_file(tmp_path):
+    model, processor, opt, sched = _tiny_training_state()
+    ckpt = _save(tmp_path, 1, model, processor, opt, sched)
+    manifest = json.loads((ckpt / "COMPLETE").read_text())
+    names = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    assert "model.safetensors" in names and "trainer_state.pt" in names
+    assert sorted(manifest["files"]) == names == sorted(manifest["sha256"])
+    for name in names:  # what `sha256sum` prints
+        assert manifest["files"][name] == (ckpt / name).stat().st_size
+        assert manifest["sha256"][name] == hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    assert checkpoint_problem(ckpt) is None and checkpoint_corruption(ckpt) is None
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt"])
+def test_a_byte_changed_in_place_is_found_by_its_hash_not_its_size(tmp_path, name):
+    model, processor, opt, sched = _tiny_training_state()
+    ckpt = _save(tmp_path, 1, model, processor, opt, sched)
+    _flip_byte(ckpt / name)
+    # The cheap check (every listing runs it) sees the same sizes; the hash, read on resume, does not.
+    assert checkpoint_problem(ckpt) is None and latest_checkpoint(tmp_path) == ckpt
+    assert checkpoint_corruption(ckpt) == (
+        f"{name} does not match the sha256 its COMPLETE manifest records (changed after the save)"
+    )
+
+
+def test_a_damaged_manifest_makes_a_checkpoint_incomplete_an_old_marker_does_not(tmp_path):
+    model, processor = tiny_model_and_processor()
+    old, damaged = _save(tmp_path, 1, model, processor), _save(tmp_path, 2, model, processor)
+    (old / "COMPLETE").write_text("step 1\n")  # the marker before manifests: nothing to verify
+    assert checkpoint_problem(old) is None and checkpoint_corruption(old) is None
+    for text, problem in [
+        ('{"step": 2, "files": {"model.safe', "COMPLETE is not valid JSON"),  # cut short
+        ("[1, 2]", "COMPLETE is not a manifest"),
+        ('{"step": 2, "files": {"model.safetensors": "big"}}', "COMPLETE is not a manifest"),
+        ('{"step": 2, "files": {}, "sha256": ["x"]}', "COMPLETE is not a manifest"),
+        ("", "COMPLETE is not valid JSON"),
+    ]:
+        (damaged / "COMPLETE").write_text(text)
+        assert problem in checkpoint_problem(damaged), text
+        assert latest_checkpoint(tmp_path) == old, text
+
+
+def test_sharded_checkpoint_hashes_every_shard(tmp_path):
+    model, processor, opt, sched = _tiny_training_state()
+    state = {"step": 1, "sampler": {"epoch": 0, "offset": 1}}
+    ckpt = save_sharded_checkpoint(tmp_path, 1, model, processor, opt, sched, state)
+    digests = json.loads((ckpt / "COMPLETE").read_text())["sha256"]
+    shards = sorted((ckpt / "shards").glob("*.distcp"))
+    assert shards and all(f"shards/{s.name}" in digests for s in shards) and "shards/.metadata" in digests
+    assert checkpoint_corruption(ckpt) is None
+    _flip_byte(shards[0])
+    assert checkpoint_corruption(ckpt).startswith(f"shards/{shards[0].name} does not match the sha256")
+
+
+def test_sharded_shards_or_state_that_cannot_be_written_are_a_write_error(tmp_path, monkeypatch):
+    """DCP reports a rank's failed write as CheckpointException (a BaseException, every rank's
+    traceback in its text) and torch.save a full disk as RuntimeError: both are the one-line
+    RunDirError naming the first failure, the previous checkpoint kept."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import cppo.rl.sharded as sharded_mod
+
+    model, processor, opt, sched = _tiny_training_state()
+    state = {"step": 1, "sampler": {"epoch": 0, "offset": 1}}
+    good = save_sharded_checkpoint(tmp_path, 1, model, processor, opt, sched, state)
+    failure = (OSError(28, "No space left on device"), traceback.StackSummary())
+
+    def shards_full(*args, **kwargs):
+        raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: failure})
+
+    with monkeypatch.context() as m:
+        m.setattr(sharded_mod.dcp, "save", shards_full)
+        with pytest.raises(RunDirError) as info:
+            save_sharded_checkpoint(tmp_path, 2, model, processor, opt, sched, {**state, "step": 2})
+    message = str(info.value)
+    assert "rank 0 could not write its shards: [Errno 28] No space left on device" in message
+    assert "step-000001 is intact" in message and "\n" not in message
+    real_save = torch.save
+
+    def state_full(obj, f, *args, **kwargs):  # files only: the in-memory weights_only check still works
+        if isinstance(f, (str, Path)):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 896")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(sharded_mod.torch, "save", state_full)
+    with pytest.raises(RunDirError, match=r"step-000002 .*unexpected pos.*step-000001 is intact"):
+        save_sharded_checkpoint(tmp_path, 2, model, processor, opt, sched, {**state, "step": 2})
     assert latest_checkpoint(tmp_path) == good
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from cppo.rl.logfiles import RunLogger, moving_average, plot_curves, read_metrics
+from cppo.rl.atomic import RunDirError
+from cppo.rl.curves import moving_average, plot_curves
+from cppo.rl.logfiles import LogWriteError, RunLogger, read_metrics
 
 
 def _lines(path):
@@ -150,3 +153,102 @@ def test_a_fresh_start_sets_an_earlier_runs_logs_aside(tmp_path):
     assert RunLogger(tmp_path, tensorboard=False).set_aside_earlier_logs() == [
         ("metrics.jsonl", "metrics.earlier-2.jsonl")
     ]
+
+
+# ------------------------------------------------- writes that fail (a full disk)
+
+
+class _FillsUp:
+    """A file whose write puts half its bytes on disk, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_failed_append_names_the_file_and_leaves_no_part_of_a_line(tmp_path, monkeypatch):
+    import cppo.rl.logfiles as logfiles_mod
+
+    log = RunLogger(tmp_path, tensorboard=False)
+    log.log(1, {"x": 1.0})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(logfiles_mod, "open", lambda *a, **k: _FillsUp(open(*a, **k)), raising=False)
+    with pytest.raises(LogWriteError) as info:
+        log.log(2, {"x": 2.0})
+    assert str(info.value) == f"could not write {tmp_path / 'metrics.jsonl'} (No space left on device)"
+    assert isinstance(info.value, RunDirError)  # cppo-train's one line and exit 2
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before  # half a line was written, then cut
+    with pytest.raises(LogWriteError, match="rollouts.jsonl"):
+        log.log_rollouts(2, [{"question": "q", "response": "r" * 100}])
+    assert not (tmp_path / "rollouts.jsonl").exists()  # a file the failed write created is removed
+    log.close()
+
+
+def test_a_tensorboard_write_that_fails_is_a_log_write_error_and_close_stays_quiet(tmp_path):
+    pytest.importorskip("tensorboard")
+    log = RunLogger(tmp_path, tensorboard=True)
+
+    def full():
+        raise RuntimeError("event file: No space left on device\nmore detail")
+
+    log._tb.flush = full  # what the writer raises on a full disk (its own or an OSError)
+    with pytest.raises(LogWriteError, match=r"could not write .*tb \(RuntimeError: event file: No space"):
+        log.log(1, {"x": 1.0})
+    log._tb.close = full
+    log.close()  # after a failed write: TensorBoard's buffered events are dropped, not reported twice
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_tensorboards_writer_thread_prints_no_traceback(monkeypatch):
+    """The writer thread re-raises a failed write (the main thread gets it too): its copy is dropped,
+    other threads' exceptions still reach the hook that was installed."""
+    import threading
+
+    from cppo.rl.logfiles import _quiet_tensorboard_threads
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.thread.name))
+    _quiet_tensorboard_threads()
+    _quiet_tensorboard_threads()  # installed once
+
+    class _AsyncWriterThread(threading.Thread):  # the name TensorBoard's writer thread has
+        def run(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Other(threading.Thread):
+        def run(self):
+            raise ValueError("not ours to hide")
+
+    for cls, name in ((_AsyncWriterThread, "tb"), (Other, "other")):
+        t = cls(name=name)
+        t.start()
+        t.join()
+    assert seen == ["other"]
+
+
+def test_curves_that_cannot_be_written_are_a_warning(tmp_path, monkeypatch, capsys):
+    import cppo.rl.curves as curves_mod
+
+    _write(tmp_path / "metrics.jsonl", [{"step": 1, "reward/total": 0.5}])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(curves_mod, "plot_curves", full)
+    assert curves_mod.draw_curves(tmp_path) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not write" in err[0] and "No space left on device" in err[0]
+    assert curves_mod.draw_curves(tmp_path / "no-run") is None  # no metrics: nothing to draw

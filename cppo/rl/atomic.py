@@ -12,6 +12,8 @@ fsynced: a kill at any moment leaves the old version or the new one, whole, and 
 temporary sibling that the next write of the same target removes. `fresh=False` keeps what is in
 the temporary folder already (written there by other processes: an FSDP checkpoint's shards,
 cppo.rl.sharded) and adds to it; the folder is still fsynced, renamed, or removed on failure.
+`RunDirError` is what the trainer raises, whatever the library's own exception, when a file of the
+run cannot be written.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+
+class RunDirError(OSError):
+    """The run directory, a checkpoint or a log in it cannot be written; the message (one line) names
+    it and says what to do. cppo-train reports it with exit status 2."""
 
 
 def fsync_dir(path: Path) -> None:

@@ -11,11 +11,13 @@ A checkpoint is a directory `run_dir/checkpoints/step-{step:06d}/` holding
   `weights_only=True` only.
 - or, from an FSDP run, `shards/` (each process's shards of the weights and optimizer state, the
   model's config and the processor; the last checkpoint also the full weights: cppo.rl.sharded).
-- `COMPLETE`, written last: a JSON manifest `{"step": N, "files": {relative path: size}}` of every
-  other file. A checkpoint counts as complete only when the marker is there and every file it lists
-  exists with its size (`checkpoint_problem`), so a folder copied by hand and cut short, or one whose
-  disk lost a file, is ignored by `latest_checkpoint` (markers of the older `step N` form are checked
-  for the trainer state and the weights only).
+- `COMPLETE`, written last: a JSON manifest of every other file with its size and sha256
+  (cppo.rl.manifest). A checkpoint counts as complete only when the marker is a valid manifest and
+  every file it lists exists with its size (`checkpoint_problem`, cheap), so a folder copied by hand
+  and cut short, one whose disk lost a file, or one with a damaged marker is ignored by
+  `latest_checkpoint` (markers of the older `step N` form are checked for the trainer state and the
+  weights only). The sha256 of every file is checked (`checkpoint_corruption`, reads every byte) only
+  before a run resumes from it: cppo.rl.resume skips or refuses a checkpoint changed in place.
 
 Everything is written into a temporary sibling `.tmp-step-...` and put in place by
 `cppo.rl.atomic.atomic_write` (every file and folder fsynced, renamed, the parent fsynced): a kill at
@@ -45,18 +47,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from cppo.rl.atomic import atomic_write
+from cppo.rl.atomic import RunDirError, atomic_write
+from cppo.rl.manifest import MARKER as MARKER
+from cppo.rl.manifest import content_problem, manifest_problem, write_marker
 
 CHECKPOINTS_DIR = "checkpoints"
-MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
 SHARDS = "shards"  # an FSDP run's torch.distributed.checkpoint folder (cppo.rl.sharded)
 BEST_FILE = "best.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class RunDirError(OSError):
-    """The run directory (or a checkpoint in it) cannot be written; the message says what to do."""
 
 
 def check_writable(run_dir: Path) -> None:
@@ -129,32 +128,16 @@ def _save_model(model, directory: Path, state_dict: dict | None = None) -> None:
         model.save_pretrained(directory, safe_serialization=True)
 
 
-def _manifest(directory: Path) -> dict[str, int]:
-    """{relative path: size in bytes} of every file under `directory`."""
-    return {
-        str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()
-    }
-
-
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why `ckpt` is not a usable complete checkpoint ("no COMPLETE marker", "model.safetensors is
-    missing", ...), or None when it is."""
+    missing", ...), or None when it is. Cheap: names and sizes only (`checkpoint_corruption` reads
+    the bytes)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         return "not a directory"
-    marker = ckpt / MARKER
-    if not marker.is_file():
-        return f"no {MARKER} marker (a save that did not finish)"
-    try:
-        files = json.loads(marker.read_text()).get("files", {})
-    except (ValueError, AttributeError):  # the older `step N` marker: no manifest
-        files = {}
-    for name, size in files.items():
-        path = ckpt / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated)"
+    problem = manifest_problem(ckpt)
+    if problem:
+        return problem
     if not (ckpt / TRAINER_STATE).is_file():
         return f"{TRAINER_STATE} is missing"
     if not any(ckpt.glob("*.safetensors")) and not (ckpt / SHARDS / ".metadata").is_file():
@@ -239,12 +222,6 @@ def full_trainer_state(optimizer_state: dict | None, scheduler, trainer_state: d
     return state
 
 
-def write_marker(directory: Path, step: int) -> None:
-    """The COMPLETE manifest of every file under `directory`; written last."""
-    manifest = _manifest(directory)
-    (directory / MARKER).write_text(json.dumps({"step": int(step), "files": manifest}, indent=1) + "\n")
-
-
 def write_error(run_dir: Path, final: Path, e: OSError) -> RunDirError:
     """The RunDirError for a checkpoint `final` that could not be written (`e` itself if it is one)."""
     if isinstance(e, RunDirError):
@@ -286,7 +263,10 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     path = Path(run_dir) / CHECKPOINTS_DIR / BEST_FILE
     if not path.is_file():
         return None
-    ckpt = checkpoint_dir(run_dir, json.loads(path.read_text())["step"])
+    try:
+        ckpt = checkpoint_dir(run_dir, json.loads(path.read_text())["step"])
+    except (ValueError, KeyError, TypeError):  # damaged: as if no best were recorded
+        return None
     return ckpt if checkpoint_problem(ckpt) is None else None
 
 
@@ -294,6 +274,30 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step (temporary and unmarked folders ignored), or None."""
     found = _step_dirs(Path(run_dir) / CHECKPOINTS_DIR)
     return found[-1][1] if found else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of `run_dir` (names and sizes checked, not contents), oldest first."""
+    return [p for _, p in _step_dirs(Path(run_dir) / CHECKPOINTS_DIR)]
+
+
+def checkpoint_corruption(ckpt: Path) -> str | None:
+    """Why the bytes of a complete checkpoint are not those it was saved with (a file whose sha256
+    differs from its manifest's: changed in place, same size), or None. Reads every file, so it is
+    run only on the checkpoint a run resumes from (cppo.rl.manifest says what that costs)."""
+    return content_problem(ckpt)
+
+
+def set_aside(ckpt: Path, why: str = "corrupt") -> Path:
+    """Rename `ckpt` to `step-NNNNNN.{why}` (or `.{why}-K`, the first free K) beside it, so that no
+    listing picks it again; its files stay for inspection. Returns the new path."""
+    ckpt = Path(ckpt)
+    target, k = ckpt.with_name(f"{ckpt.name}.{why}"), 1
+    while target.exists():
+        k += 1
+        target = ckpt.with_name(f"{ckpt.name}.{why}-{k}")
+    os.replace(ckpt, target)
+    return target
 
 
 def incomplete_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:

@@ -1,5 +1,5 @@
 """What a run writes as it goes: metrics.jsonl, rollouts.jsonl, reward_errors.jsonl, TensorBoard
-scalars, curves.png.
+scalars (curves.png at the end: cppo.rl.curves).
 
     log = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
     log.truncate_after(resumed_step)           # on resume: drop lines from after the checkpoint
@@ -8,7 +8,6 @@ scalars, curves.png.
         log.log_rollouts(step, rows)           # a sample of rollouts, one JSON object each
         log.log_reward_errors(step, errors)    # each reward that raised or gave NaN, with its sample
     log.close()
-    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
 
 The logger is a no-op on non-zero ranks (`is_main=False`), so the loop never branches on logging.
 Each call opens the file in append mode, writes one whole line, flushes, fsyncs and closes it: a
@@ -16,16 +15,22 @@ crash loses at most the line being written, and `truncate_after` can swap the fi
 without a stale handle. A torn last line (a kill mid-write) is cut off when the logger starts, and
 `read_metrics` skips it. NaN and inf are written as JSON's usual extensions (`NaN`, `Infinity`),
 which Python's `json` reads back: a bad step is logged, not hidden.
+
+A write that fails (a full disk, permissions; whatever the writer raises, TensorBoard's included) is
+a `LogWriteError` (a RunDirError: cppo-train's one line and exit 2) naming the file, and a JSONL file
+is cut back to its size before the write, so no part of a line stays. A resume then drops every
+line after its checkpoint (`truncate_after`), so the logs go on as if the run had not stopped.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from cppo.rl.atomic import atomic_write, fsync_dir
+from cppo.rl.atomic import RunDirError, atomic_write, fsync_dir
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -45,12 +50,64 @@ def _plain(value):
     return str(value)
 
 
+class LogWriteError(RunDirError):
+    """A log of the run (metrics.jsonl, rollouts.jsonl, reward_errors.jsonl, TensorBoard) could not
+    be written; the message names it and the reason."""
+
+
+def write_failure(e: BaseException) -> str:
+    """One line for a writer's exception: the OS's words for an OSError, else its first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+@contextmanager
+def _writing(path: Path, rollback: bool = True):
+    """A write to `path` that fails, whatever the writer raises, is a LogWriteError; with `rollback`
+    the file is cut back to its size before the write (removed if it did not exist), so a full disk
+    leaves no part of a line."""
+    size = path.stat().st_size if rollback and path.is_file() else None
+    existed = path.exists()
+    try:
+        yield
+    except Exception as e:
+        if rollback:
+            try:
+                if size is not None:
+                    os.truncate(path, size)
+                elif not existed:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass  # the line is torn at worst: cut on the next start (_cut_torn_tail)
+        raise LogWriteError(f"could not write {path} ({write_failure(e)})") from e
+
+
 def _append_lines(path: Path, lines: list[str]) -> None:
     data = "".join(line + "\n" for line in lines).encode()
-    with open(path, "ab") as f:  # one write of whole lines
+    with _writing(path), open(path, "ab") as f:  # one write of whole lines
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _quiet_tensorboard_threads() -> None:
+    """Wrap threading.excepthook so that it drops exceptions of TensorBoard's writer thread.
+
+    That thread re-raises a failed write (a full disk) with a traceback on stderr, while the main
+    thread gets the same exception at its next write or flush (a LogWriteError, one line); every
+    other thread's exceptions go to the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -93,12 +150,15 @@ class RunLogger:
         self.metrics_path = self.run_dir / METRICS_FILE
         self.rollouts_path = self.run_dir / ROLLOUTS_FILE
         self.reward_errors_path = self.run_dir / REWARD_ERRORS_FILE
+        self.tb_dir = self.run_dir / "tb"
         self._tb = None
+        self._failed = False  # a write failed: close() drops TensorBoard's buffered events quietly
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for path in self._jsonl_paths:
-            _cut_torn_tail(path)
+            with _writing(path, rollback=False):
+                _cut_torn_tail(path)
         if tensorboard:
             self._tb = self._open_tensorboard(purge_step=None)
 
@@ -111,26 +171,57 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard not installed: scalars go to metrics.jsonl only
             return None
-        return SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
+        _quiet_tensorboard_threads()
+        with _writing(self.tb_dir, rollback=False):
+            return SummaryWriter(log_dir=str(self.tb_dir), purge_step=purge_step)
+
+    def _close_tensorboard(self) -> None:
+        """Flush and close the TensorBoard writer; after a failed write, drop it without a word (its
+        failure is being reported)."""
+        tb, self._tb = self._tb, None
+        if tb is None:
+            return
+        if self._failed:
+            try:
+                tb.close()
+            except Exception:
+                pass
+            return
+        with _writing(self.tb_dir, rollback=False):
+            tb.close()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append `{"step": step, **metrics}` to metrics.jsonl (flushed, fsynced) and to TensorBoard."""
         if not self.is_main:
             return
         row = {"step": int(step), **{str(k): _plain(v) for k, v in metrics.items()}}
-        _append_lines(self.metrics_path, [json.dumps(row)])
+        self._append(self.metrics_path, [json.dumps(row)])
         if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, int(step))
-            self._tb.flush()
+            with self._failing(), _writing(self.tb_dir, rollback=False):
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tb.add_scalar(key, value, int(step))
+                self._tb.flush()
+
+    def _append(self, path: Path, lines: list[str]) -> None:
+        with self._failing():
+            _append_lines(path, lines)
+
+    @contextmanager
+    def _failing(self):
+        """Remember a failed write, so that close() does not report TensorBoard's copy of it."""
+        try:
+            yield
+        except BaseException:
+            self._failed = True
+            raise
 
     def log_rollouts(self, step: int, rows: list[dict]) -> None:
         """Append one JSON object per rollout (`step` first, then the row's keys) to rollouts.jsonl."""
         if not self.is_main or not rows:
             return
         lines = [json.dumps({"step": int(step), **_plain(row)}, ensure_ascii=False) for row in rows]
-        _append_lines(self.rollouts_path, lines)
+        self._append(self.rollouts_path, lines)
 
     def log_reward_errors(self, step: int, rows: list[dict]) -> None:
         """Append one JSON object per failed reward call (reward name, error, response, sample) to
@@ -138,7 +229,7 @@ class RunLogger:
         if not self.is_main or not rows:
             return
         lines = [json.dumps({"step": int(step), **_plain(row)}, ensure_ascii=False) for row in rows]
-        _append_lines(self.reward_errors_path, lines)
+        self._append(self.reward_errors_path, lines)
 
     def truncate_after(self, step: int) -> None:
         """Keep only lines with step <= `step` in metrics.jsonl, rollouts.jsonl and reward_errors.jsonl
@@ -150,9 +241,10 @@ class RunLogger:
         if not self.is_main:
             return
         for path in self._jsonl_paths:
-            _rewrite_keeping(path, int(step))
+            with _writing(path, rollback=False):  # atomic: the old file or the new one
+                _rewrite_keeping(path, int(step))
         if self._tb is not None:
-            self._tb.close()
+            self._close_tensorboard()
             self._tb = self._open_tensorboard(purge_step=int(step) + 1)
 
     def set_aside_earlier_logs(self) -> list[tuple[str, str]]:
@@ -169,19 +261,20 @@ class RunLogger:
             k = 1
             while (target := path.with_name(f"{path.stem}.earlier-{k}{path.suffix}")).exists():
                 k += 1
-            os.replace(path, target)
+            with _writing(path, rollback=False):
+                os.replace(path, target)
             moved.append((path.name, target.name))
         if moved:
-            fsync_dir(self.run_dir)
+            with _writing(self.run_dir, rollback=False):
+                fsync_dir(self.run_dir)
             if self._tb is not None:
-                self._tb.close()
+                self._close_tensorboard()
                 self._tb = self._open_tensorboard(purge_step=1)
         return moved
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Close TensorBoard's writer (LogWriteError if its last events cannot be written)."""
+        self._close_tensorboard()
 
     def __enter__(self) -> RunLogger:
         return self
@@ -205,85 +298,3 @@ def read_metrics(path) -> list[dict]:
                 break  # a write cut short by a kill
             raise ValueError(f"{path}:{i + 1}: not a JSON line: {line[:80]!r}") from None
     return rows
-
-
-# (title, left-axis key, right-axis key or None): one panel each, 2x2.
-PANELS = [
-    ("reward", "reward/total", None),
-    ("accuracy", "reward/accuracy", None),
-    ("CPL", "cpl/loss", "cpl/mask_frac"),
-    ("entropy", "entropy/mean", None),
-]
-
-
-def _series(rows: list[dict], key: str):
-    """(steps, values) for the rows that carry `key` as a number (NaN kept as a gap)."""
-    import numpy as np
-
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
-    if not pts:
-        return None
-    steps, values = zip(*sorted(pts))
-    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-
-
-def moving_average(values, window: int):
-    """Centred mean over `window` points (fewer at the ends) at each point, NaNs ignored."""
-    import numpy as np
-
-    finite = np.isfinite(values)
-    csum = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])
-    ccnt = np.concatenate([[0], np.cumsum(finite)])
-    idx = np.arange(len(values))
-    lo = np.maximum(idx - window // 2, 0)
-    hi = np.minimum(idx + (window - 1) // 2 + 1, len(values))
-    count = ccnt[hi] - ccnt[lo]
-    return np.where(count > 0, (csum[hi] - csum[lo]) / np.maximum(count, 1), np.nan)
-
-
-def plot_curves(metrics_path: Path, out_png: Path) -> Path:
-    """A 2x2 figure of reward, accuracy, CPL (loss, and mask fraction on a twin axis) and entropy.
-
-    Raw values are drawn faint with a centred moving average (window ~ 1/10 of the run, at most 25
-    steps) over them. A key the run did not log (a GRPO run has no `cpl/*`) leaves its panel with a
-    note. The PNG is written to a temporary file and renamed into place.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    metrics_path, out_png = Path(metrics_path), Path(out_png)
-    rows = read_metrics(metrics_path)
-    fig = Figure(figsize=(10, 7), layout="constrained")
-    FigureCanvasAgg(fig)  # no pyplot: no global state, no GUI backend
-    axes = fig.subplots(2, 2).ravel()
-    for ax, (title, key, twin_key) in zip(axes, PANELS):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        drawn = False
-        for k, axis, color in ((key, ax, "C0"), (twin_key, None, "C1")):
-            series = _series(rows, k) if k else None
-            if series is None:
-                continue
-            if axis is None:
-                axis = ax.twinx()
-            steps, values = series
-            window = max(1, min(25, math.ceil(len(values) / 10)))
-            axis.plot(steps, values, color=color, alpha=0.3, linewidth=1)
-            axis.plot(steps, moving_average(values, window), color=color, linewidth=2, label=k)
-            axis.set_ylabel(k, color=color)
-            drawn = True
-        if not drawn:
-            missing = key + (f", {twin_key}" if twin_key else "")
-            ax.text(
-                0.5,
-                0.5,
-                f"not logged in this run\n({missing})",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="gray",
-            )
-    fig.suptitle(metrics_path.parent.name or str(metrics_path))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return out_png

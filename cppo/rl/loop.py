@@ -53,8 +53,8 @@ from cppo.precision import autocast
 from cppo.prompt import instruction_for
 from cppo.rl.checkpoint import write_best
 from cppo.rl.config import TrainConfig
+from cppo.rl.curves import draw_curves
 from cppo.rl.fsdp import gathered
-from cppo.rl.logfiles import plot_curves
 from cppo.rl.prefetch import Prefetcher
 from cppo.rl.reference import reference_on
 from cppo.rl.reporting import bad_steps_message, reset_peak_memory, step_metrics
@@ -89,7 +89,7 @@ def run_training(cfg: TrainConfig):
 
     # the host's work (images, views, processor) for the next step runs while this one runs
     prefetch = Prefetcher(partial(_prepare, run, copy.deepcopy(run.processor)), enabled=cfg.prefetch)
-    with closing(run.logger), closing(prefetch), StopSignals() as stops:
+    with run.logger, closing(prefetch), StopSignals() as stops:  # a log write failure: RunDirError
         for step in range(run.start, cfg.max_steps):
             seed_everything(_rollout_seed(cfg.seed, step, rank))
             sampler_at_start = sampler.state_dict()
@@ -147,8 +147,8 @@ def run_training(cfg: TrainConfig):
                 saved = checkpoints.save(step + 1, sampler.state_dict())
             if not last and stops.requested(world, device):
                 raise stops.interrupted(step + 1, saved or checkpoints.save(step + 1, sampler.state_dict()))
-    if rank == 0 and (run.run_dir / "metrics.jsonl").is_file():
-        plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+    if rank == 0:  # a figure that cannot be written (a full disk) is a warning: the run is complete
+        draw_curves(run.run_dir)
     return run.run_dir, model
 
 

@@ -4,7 +4,10 @@
     log.start(step)                          # the progress bar, from the step the run starts at
     bad = counters.count(metrics)            # a skipped update makes a bad step
     log.step(step, metrics, ro, bad)         # every file line, the bar, a stderr line when needed
-    log.close()
+    log.close()                              # or `with log:`
+
+A log that cannot be written (a full disk) is a RunDirError naming the file and the checkpoint a
+resume continues from: cppo-train's one line and exit 2.
 
 Split from cppo/rl/loop.py so that the loop reads top to bottom on its own: one call a step, and a
 logger that does nothing on ranks other than 0, so the loop never branches on logging.
@@ -14,13 +17,15 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from cppo.rl.atomic import RunDirError
 from cppo.rl.checkpoint import latest_checkpoint
-from cppo.rl.logfiles import RunLogger
+from cppo.rl.logfiles import LogWriteError, RunLogger
 from cppo.rl.update import Timer
 
 _STATUS = Path("/proc/self/status")
@@ -188,18 +193,36 @@ class StepLogger:
     errors. The files and the bar are written on rank 0 only (cppo.rl.logfiles.RunLogger)."""
 
     def __init__(self, run_dir: Path, cfg, rank: int):
-        self.cfg, self.rank = cfg, rank
-        self.files = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
+        self.cfg, self.rank, self.run_dir = cfg, rank, Path(run_dir)
+        with self._writes():
+            self.files = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
         self.progress: Progress | None = None
+
+    @contextmanager
+    def _writes(self):
+        """A log write that fails (LogWriteError) says which checkpoint a resume would continue from."""
+        try:
+            yield
+        except LogWriteError as e:
+            latest = latest_checkpoint(self.run_dir)
+            kept = (
+                f"the latest checkpoint {latest} is intact and --resume auto drops the lines logged after it"
+                if latest
+                else "no checkpoint was written yet"
+            )
+            raise RunDirError(f"{e}; {kept}. Free space or fix permissions, then resume") from e
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop the lines logged after `step` (RunLogger.truncate_after)."""
-        self.files.truncate_after(step)
+        with self._writes():
+            self.files.truncate_after(step)
 
     def set_aside_earlier_logs(self) -> None:
         """A run starting at step 0: an earlier run's logs in its folder are renamed, not appended
         to (RunLogger.set_aside_earlier_logs), and the move is said on stderr."""
-        for old, new in self.files.set_aside_earlier_logs():
+        with self._writes():
+            moved = self.files.set_aside_earlier_logs()
+        for old, new in moved:
             print(f"[cppo] {old} of an earlier run without a checkpoint to resume -> {new}", file=sys.stderr)
 
     def start(self, step: int) -> None:
@@ -207,9 +230,12 @@ class StepLogger:
         self.progress = Progress(self.cfg, step, self.rank)
 
     def step(self, step: int, metrics: dict, ro, bad: bool) -> None:
-        self.files.log(step, metrics)
-        self.files.log_rollouts(step, rollout_rows(ro, self.cfg.log_rollouts))
-        self.files.log_reward_errors(step, reward_error_rows(ro, self.rank))
+        """Log the step; RunDirError (one line: the file, the reason, the checkpoint a resume
+        continues from) when a log cannot be written."""
+        with self._writes():
+            self.files.log(step, metrics)
+            self.files.log_rollouts(step, rollout_rows(ro, self.cfg.log_rollouts))
+            self.files.log_reward_errors(step, reward_error_rows(ro, self.rank))
         if self.progress is not None:
             self.progress.update(metrics)
         if self.rank == 0:
@@ -218,4 +244,19 @@ class StepLogger:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
-        self.files.close()
+        with self._writes():
+            self.files.close()
+
+    def __enter__(self) -> StepLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; while another error propagates (a checkpoint the full disk refused), a failure to
+        flush TensorBoard's last events must not replace it."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:
+            pass

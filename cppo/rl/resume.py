@@ -7,9 +7,11 @@ and optimizer state (cppo.rl.sharded), rank 0 the rest; the run's last checkpoin
 `export_pretrained`) also gets the gathered from_pretrained weights.
 
 `resume_point(cfg, run_dir, data_fingerprint(dataset), rank)` picks the checkpoint (`--resume
-auto`: the latest complete one) and refuses, with one line listing why,
+auto`: the latest complete one whose files match the sha256 its manifest recorded; a corrupted one
+is moved aside to `step-NNNNNN.corrupt` with a warning and the one before is used) and refuses,
+with one line listing why,
 
-- a checkpoint that is incomplete or unreadable with `weights_only`;
+- a checkpoint that is incomplete, corrupted (given by path) or unreadable with `weights_only`;
 - a config that changed a field not marked `resume_safe` in `TrainConfig` (run length, logging,
   saving, evaluation, compute layout may change: `cppo.rl.config.resume_safe_fields`);
 - data whose samples changed;
@@ -21,6 +23,10 @@ GPUs than this one is refused even when forced (`gpu_count`, stored in the train
 `restore` then loads the optimizer, schedule, sampler position and counters (the weights are loaded
 with the policy, cppo.rl.run.build_policy; a sharded checkpoint's weights and optimizer state from
 its shards, resharded to this run's processes, with or without FSDP).
+
+It runs a few lines past 300 because choosing the checkpoint (verifying it, every check that can
+refuse it, and the processes agreeing on it) reads the trainer state that `Checkpointer` writes and
+`restore` loads: the layout of that state is in this one file.
 """
 
 from __future__ import annotations
@@ -34,16 +40,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from cppo.rl.checkpoint import (
+    checkpoint_corruption,
     checkpoint_dir,
     checkpoint_problem,
     checkpoint_step,
+    complete_checkpoints,
     incomplete_checkpoints,
     latest_checkpoint,
     load_trainer_state,
     newer_checkpoints,
     save_checkpoint,
+    set_aside,
 )
 from cppo.rl.config import ConfigError, TrainConfig, resume_safe_fields
 from cppo.rl.fsdp import is_sharded, load_full_optimizer_state
@@ -102,27 +112,83 @@ def _norm(value):
 
 def resume_point(cfg, run_dir: Path, fingerprint: str, rank: int = 0):
     """(checkpoint, its trainer state) to resume from, or (None, None); refuses (ConfigError) an
-    incomplete checkpoint, a changed config or data, and abandoning newer checkpoints, unless forced."""
+    incomplete or corrupted checkpoint, a changed config or data, and abandoning newer checkpoints,
+    unless forced.
+
+    Rank 0 alone picks, verifies (sha256), warns and deletes; the other processes take its choice
+    (or its refusal), so that all resume from the same checkpoint and none reads a folder rank 0 is
+    moving, and then read that checkpoint's trainer state themselves."""
     if not cfg.resume:
         return None, None
-    if cfg.resume == "auto":
-        if rank == 0:
-            for path, problem in incomplete_checkpoints(run_dir):
-                print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            if rank == 0:
-                print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
-            return None, None
-    else:
+    picked: dict = {}
+
+    def pick() -> str | None:
+        ckpt = _pick_checkpoint(cfg, run_dir)
+        if ckpt is not None:
+            picked["state"] = _checked_state(cfg, run_dir, ckpt, fingerprint)
+        return None if ckpt is None else str(ckpt)
+
+    chosen = _decided_on_rank0(rank, pick)
+    if chosen is None:
+        return None, None
+    ckpt = Path(chosen)
+    state = picked["state"] if rank == 0 else _read_state(ckpt)
+    check_gpu_count(ckpt, state)
+    return ckpt, state
+
+
+def _decided_on_rank0(rank: int, decide):
+    """`decide()` run on rank 0 only; its result, or its failure as a ConfigError (or RuntimeError),
+    given to every process of a distributed run."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = decide()
+        except Exception as e:
+            error = e
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        failed = None if error is None else (isinstance(error, ConfigError), str(error))
+        box = [(result, failed)]
+        dist.broadcast_object_list(box, src=0)
+        result, failed = box[0]
+        if rank != 0 and failed is not None:
+            raise (ConfigError if failed[0] else RuntimeError)(failed[1])
+    if error is not None:
+        raise error
+    return result
+
+
+def _pick_checkpoint(cfg, run_dir: Path) -> Path | None:
+    """The checkpoint `--resume` names, or for `auto` the latest complete one whose files match their
+    sha256: a corrupted one is set aside (`step-NNNNNN.corrupt`) with a warning and the one before
+    is tried. An explicit checkpoint that is incomplete or corrupted is refused (ConfigError)."""
+    if cfg.resume != "auto":
         ckpt = Path(cfg.resume)
-        problem = checkpoint_problem(ckpt)
+        problem = checkpoint_problem(ckpt) or checkpoint_corruption(ckpt)
         if problem:
             raise ConfigError(
-                f"cannot resume from {ckpt}: {problem}; give a complete checkpoint or --resume auto"
+                f"cannot resume from {ckpt}: {problem}; give another checkpoint or --resume auto"
             )
+        return ckpt
+    for path, problem in incomplete_checkpoints(run_dir):
+        print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        problem = checkpoint_corruption(ckpt)
+        if problem is None:
+            return ckpt
+        moved = set_aside(ckpt, "corrupt")
+        print(
+            f"[cppo] skipping corrupted checkpoint {ckpt}: {problem}; moved to {moved.name}, "
+            "trying the one before",
+            file=sys.stderr,
+        )
+    print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
+    return None
+
+
+def _read_state(ckpt: Path) -> dict:
     try:
-        state = load_trainer_state(ckpt)  # weights_only: never runs code from the checkpoint
+        return load_trainer_state(ckpt)  # weights_only: never runs code from the checkpoint
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
@@ -130,6 +196,12 @@ def resume_point(cfg, run_dir: Path, fingerprint: str, rank: int = 0):
             "nothing in it was executed. It was not written by cppo-train or was altered: resume from "
             "another checkpoint"
         ) from None
+
+
+def _checked_state(cfg, run_dir: Path, ckpt: Path, fingerprint: str) -> dict:
+    """The trainer state of `ckpt` once the config, data and newer checkpoints allow resuming from it
+    (ConfigError otherwise, unless forced: then the newer checkpoints are deleted)."""
+    state = _read_state(ckpt)
     check_gpu_count(ckpt, state)
     step = int(state["step"])
     changes = config_changes(state.get("config", {}), cfg.to_dict())
@@ -149,12 +221,11 @@ def resume_point(cfg, run_dir: Path, fingerprint: str, rank: int = 0):
             f"refusing to resume from {ckpt}: {'; '.join(changes)}. Restore these settings, use a new "
             "--output-dir, or pass --force-resume"
         )
-    if changes and rank == 0:
+    if changes:
         print(f"[cppo] --force-resume from {ckpt} despite: {'; '.join(changes)}", file=sys.stderr)
-    if rank == 0:
-        for path in newer:  # so that a later --resume auto cannot pick the abandoned branch
-            shutil.rmtree(path)
-    return ckpt, state
+    for path in newer:  # so that a later --resume auto cannot pick the abandoned branch
+        shutil.rmtree(path)
+    return state
 
 
 @dataclass

@@ -16,13 +16,15 @@ A checkpoint of an FSDP run (`checkpoints/step-NNNNNN/`, cppo.rl.checkpoint) hol
 - with `export` (the run's last checkpoint, or every one under `--export-pretrained`): the gathered
   weights as `model.safetensors`, so that `from_pretrained` loads the folder as a plain model. That is
   the one full gather, to rank 0's CPU memory, of the weights only.
-- `COMPLETE`, written last by rank 0, listing every file, the other processes' shards included.
+- `COMPLETE`, written last by rank 0, listing every file with its size and sha256, the other
+  processes' shards included (cppo.rl.manifest): a resume refuses or skips a changed shard.
 
 The folder is written as the unsharded one is: into `.tmp-step-NNNNNN/`, fsynced, renamed. The
 processes agree at each stage (rank 0 made the folder; every shard is written; rank 0 finished),
 so a failure on any rank raises on every rank instead of leaving the others waiting in the next
-step's collective, and leaves the previous checkpoint as it was. Every process must see the run
-directory at the same path (one machine, or a shared filesystem).
+step's collective, and leaves the previous checkpoint as it was; a write that fails (a full disk,
+whatever DCP, torch.save or safetensors raise) is a RunDirError, one line and exit 2. Every process
+must see the run directory at the same path (one machine, or a shared filesystem).
 
 DCP reshards on load: `load_shards` fills whatever state dict this run's model and optimizer have,
 sharded over another number of processes or not sharded at all (one process, or DDP-style), so
@@ -32,6 +34,7 @@ the modules' parameter names, the same with and without FSDP2.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sys
 import warnings
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -58,6 +62,7 @@ from cppo.rl.checkpoint import (
     prune,
     write_error,
     write_marker,
+    writes_as_oserror,
 )
 from cppo.rl.fsdp import full_model_state
 
@@ -107,6 +112,15 @@ def write_shards(directory: Path, model, optimizer) -> None:
         dcp.save(_states(model, optimizer), storage_writer=writer, no_dist=not _distributed())
 
 
+def _shards_failed(e: CheckpointException) -> OSError:
+    """DCP's exception (every rank's failure, with tracebacks) as one OSError naming the first."""
+    for rank, (exc, _) in sorted(e.failures.items()):
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+        return OSError(code, f"rank {rank} could not write its shards: {detail}")
+    return OSError(errno.EIO, "writing the shards failed")
+
+
 def load_shards(ckpt: Path, model, optimizer=None) -> None:
     """Load a sharded checkpoint's weights (and, given `optimizer`, its state) into this run's
     model, sharded or not, on any number of processes (a collective under torch.distributed)."""
@@ -152,21 +166,24 @@ def save_sharded_checkpoint(
     _agree(error, f"create {tmp}")
     try:
         write_shards(tmp / SHARDS, model, optimizer)  # raises on every rank if one fails
-    except BaseException:
+    except BaseException as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointException):  # DCP's, a BaseException: a rank's write failed
+            raise write_error(run_dir, final, _shards_failed(e)) from e
         raise
 
     def finish(folder: Path) -> None:  # rank 0, after every shard is written
         inner = getattr(model, "module", model)
-        inner.config.save_pretrained(folder)
-        if getattr(inner, "generation_config", None) is not None:
-            inner.generation_config.save_pretrained(folder)
-        if full is not None:
-            _save_model(model, folder, full)
-        processor.save_pretrained(folder)
-        torch.save(state, folder / TRAINER_STATE)
-        write_marker(folder, step)
+        with writes_as_oserror(folder):  # a full disk in torch.save / safetensors is an OSError
+            inner.config.save_pretrained(folder)
+            if getattr(inner, "generation_config", None) is not None:
+                inner.generation_config.save_pretrained(folder)
+            if full is not None:
+                _save_model(model, folder, full)
+            processor.save_pretrained(folder)
+            torch.save(state, folder / TRAINER_STATE)
+        write_marker(folder, step)  # sizes and sha256 of every file, every process's shards too
 
     if rank == 0:
         try:
