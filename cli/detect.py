@@ -1,15 +1,18 @@
 """cppo-detect: which response tokens depend on the image (docs/method.md §2), as a visual report.
 
     cppo-detect                                                     # bundled demo model and example
-    cppo-detect --image shapes.png --prompt "What color is the square?" --draws 4
+    cppo-detect --image shapes.png --prompt "What color is the square?" --answer red
     cppo-detect --image a.png --prompt "..." --response "<think>...</think> \\boxed{2}"
     cppo-detect --model runs/cppo/final --data data/shapes --split test --limit 100 --out runs/detect
     cppo-detect --perturbation occlusion_mean --selector kl_shift --top-percent 0.3
 
 Without --response the response is generated (sampled at --temperature with --seed, or --greedy).
-Writes into --out: tokens.json, report.html (one self-contained file), shift_NNNN.png and
-images/ (original and removing views); see ``cppo.detect.report``. Bad input prints one line
-naming what is wrong and exits 2.
+Each example's removing view is drawn --draws times (default 4; 1 is the paper's single view) and
+the shift is the mean. Writes into --out: tokens.json, report.html (one self-contained file),
+shift_NNNN.png and images/ (original and removing views); see ``cppo.detect.report``. Prints the
+example's top tokens (one example), the accuracy and the share of answer-bearing tokens among the
+selected ones, and one warning line on stderr when an example's selected shifts are all near zero.
+Bad input prints one line naming what is wrong and exits 2.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", default=None, help="the question asked about the image(s)")
     ap.add_argument("--response", default=None, help="response text to score (default: generate one)")
     ap.add_argument(
+        "--answer", default=None, help="ground truth of --image/--prompt: the report grades the boxed answer"
+    )
+    ap.add_argument(
         "--data",
         default=None,
         help="many examples: a JSONL file or dataset folder "
@@ -63,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--perturbation", default=None, help="one removing perturbation instead of the preset's")
     ap.add_argument("--seed", type=int, default=0, help="seeds the views and generated responses")
     ap.add_argument(
-        "--draws", type=int, default=1, help="K removing views per example (mean shift and spread)"
+        "--draws",
+        type=int,
+        default=4,
+        help="K removing views per example (mean shift and spread); 1 is the paper's single view",
     )
     ap.add_argument("--top-percent", type=float, default=0.5, help="rho: fraction of candidates selected")
     ap.add_argument("--selector", default="relative", choices=SELECTORS.names(), help="ranking rule")
@@ -168,9 +177,11 @@ def _examples(args) -> tuple[list, str]:
     from cppo.detect.detector import Example
     from cppo.rl.data import open_dataset
 
-    single = args.image is not None or args.prompt is not None or args.response is not None
+    single = any(x is not None for x in (args.image, args.prompt, args.response, args.answer))
     if args.data and single:
-        raise ValueError("give either --data or --image/--prompt/--response, not both")
+        raise ValueError(
+            "give either --data (its rows carry the answer) or --image/--prompt/--response/--answer, not both"
+        )
     if single:
         if not args.image:
             raise ValueError("--prompt needs --image (the detector removes information from an image)")
@@ -180,8 +191,13 @@ def _examples(args) -> tuple[list, str]:
             raise ValueError("the prompt is empty")
         if args.response is not None and not args.response.strip():
             raise ValueError("the response is empty (leave --response out to generate one)")
+        if args.answer is not None and not args.answer.strip():
+            raise ValueError("--answer is empty (leave it out when the truth is not known)")
         images = [_read_image(p) for p in args.image]
-        return [Example(images, args.prompt, args.response, name=", ".join(args.image))], "--image"
+        extra = {} if args.answer is None else {"answer": args.answer.strip()}
+        return [
+            Example(images, args.prompt, args.response, name=", ".join(args.image), extra=extra)
+        ], "--image"
     path = args.data or str(bundled_example_path())
     dataset = open_dataset(path, split=args.split, strict=args.strict)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -204,7 +220,9 @@ def _examples(args) -> tuple[list, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cppo.detect import explain
     from cppo.detect.detector import DetectError, PerceptionDetector
+    from cppo.detect.evidence import data_summary
     from cppo.detect.report import terminal_summary
     from cppo.models import check_model_path, demo_model_path, load_model_and_processor
     from cppo.perturb import UnknownNameError, get_perturbation, get_preset
@@ -253,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             greedy=args.greedy,
             batch_size=args.batch_size,
             seed=args.seed,
+            compute_kl=args.data is not None,  # so the summary compares kl_shift as well
         )
         detections = detector.detect(examples)
     except (DetectError, DataError, FileNotFoundError, UnknownNameError) as e:
@@ -266,11 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot write {out}: {e.strerror or e} (nothing was changed there)")
     if len(detections) == 1:
         print(terminal_summary(detections[0]))
+    for line in explain.summary_lines(data_summary(detections)):
+        print(f"{PROG}: {line}")
+    if warning := explain.noise_summary(detections):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     n_sel = sum(int(d.selected.sum()) for d in detections)
     n_tok = sum(int(d.response_mask.sum()) for d in detections)
     print(
         f"{PROG}: {len(detections)} example(s), {n_sel} of {n_tok} response tokens selected "
-        f"({args.selector}, {detector.preset.name if args.perturbation is None else args.perturbation}) "
+        f"({args.selector}, {detector.preset.name if args.perturbation is None else args.perturbation}, "
+        f"{args.draws} draw(s)) "
         f"in {time.time() - t0:.1f} s"
     )
     print(f"{PROG}: report: {files['report']}  (tokens.json, shift plots and images/ in {out})")

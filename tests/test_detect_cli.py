@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cli.detect import main
+from cppo.grading import grade
 from cppo.models import demo_model_path
 from tests.helpers import shapes_dataset, shapes_items, tiny_model_and_processor
 
@@ -47,10 +48,13 @@ def test_single_example_writes_every_output(model_dir, image_path, tmp_path, cap
         "2",
         "--seed",
         "3",
+        "--answer",
+        "red",
     )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "report.html" in printed and "H(I-)" in printed  # where the report is; the top-token table
+    assert "How to read this:" in printed and "accuracy 0/1" in printed
     doc = json.loads((out / "tokens.json").read_text())
     assert doc["settings"]["draws"] == 2 and doc["settings"]["selector"] == "relative"
     [ex] = doc["examples"]
@@ -69,8 +73,12 @@ def test_single_example_writes_every_output(model_dir, image_path, tmp_path, cap
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
     assert len(imgs) == 1 + 2 + 1  # original, two views, the shift plot
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in imgs)
-    assert html.count('class="tok sel"') == n_sel
+    assert len(re.findall(r'class="tok sel', html)) == n_sel
     assert html.count('class="tok') == len(toks)
+    # the truth and the marker: the tiny random model never boxes "red"
+    assert ex["outcome"]["truth"] == "red" and ex["outcome"]["correct"] is False
+    assert "truth red · " in html and "<span class='wrong'>✗ wrong</span>" in html
+    assert "How to read this:" in html and "<b>2 draw(s)</b>" in html
     assert (out / "shift_0000.png").read_bytes()[:4] == b"\x89PNG"
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == ["0000_draw0_0.png", "0000_draw1_0.png", "0000_original_0.png"]
@@ -83,6 +91,8 @@ def test_same_seed_same_tokens_json(model_dir, image_path, tmp_path):
     assert _run(model_dir, tmp_path / "c", *args[:-1], "8") == 0
     a, b, c = ((tmp_path / d / "tokens.json").read_text() for d in "abc")
     assert a == b
+    assert json.loads(a)["settings"]["draws"] == 4  # several views by default
+    assert len(json.loads(a)["examples"][0]["perturbations"]) == 4
     assert json.loads(a)["examples"][0]["perturbations"] != json.loads(c)["examples"][0]["perturbations"]
 
 
@@ -116,6 +126,39 @@ def test_data_folder_with_given_responses_and_options(model_dir, tmp_path, capsy
     assert doc["examples"][0]["extra"]["answer"] == rows[0]["answer"]
     assert len(list(out.glob("shift_*.png"))) == 3
     assert "3 samples" in capsys.readouterr().err
+    # the summary across examples, recomputed from the examples themselves
+    summary, exs = doc["summary"], doc["examples"]
+    right = [grade(e["response"], r["answer"])[0] for e, r in zip(exs, rows)]
+    assert summary["graded"] == 3 and summary["correct"] == sum(right)
+    assert [e["outcome"]["correct"] for e in exs] == [x == 1.0 for x in right]
+    toks = [t for e in exs for t in e["tokens"]]
+    assert summary["tokens"] == len(toks) and summary["answer_bearing"] == sum(
+        t["answer_bearing"] for t in toks
+    )
+    picked = [t for t in toks if t["selected"]]
+    assert summary["selected"] == len(picked)
+    assert summary["selected_answer_bearing"] == sum(t["answer_bearing"] for t in picked)
+    assert set(summary["selectors"]) == {"relative", "raw", "kl_shift", "entropy"}  # --data computes the KL
+    assert summary["selectors"]["raw"]["selected"] == summary["selected"]  # --selector raw is the report's
+    # the given response boxes 2 and says nothing else: only the boxed 2 is answer-bearing
+    assert [t["text"] for t in exs[1]["tokens"] if t["answer_bearing"]] == ["2"]
+    html = (out / "report.html").read_text()
+    assert "Across the 3 example(s)" in html and f"accuracy {sum(right):.0f}/3" in html
+
+
+def test_near_zero_selection_warns_once_on_stderr_and_in_the_report(
+    model_dir, image_path, tmp_path, capsys, monkeypatch
+):
+    import cppo.detect.explain
+
+    monkeypatch.setattr(cppo.detect.explain, "NEAR_ZERO_NATS", 1e9)  # every shift counts as near zero
+    out = tmp_path / "run"
+    q = ["--image", str(image_path), "--prompt", "How many red shapes are there?"]
+    assert _run(model_dir, out, *q, "--selector", "entropy") == 0  # entropy: some token is always selected
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "the selection is noise" in warnings[0]
+    assert warnings[0].startswith("cppo-detect: warning: in 1 of 1 example(s)")
+    assert "<p class='warn'>" in (out / "report.html").read_text()
 
 
 def _bad(capsys, argv) -> str:
@@ -145,6 +188,8 @@ def test_each_bad_input_is_one_line_and_exit_2(model_dir, image_path, tmp_path, 
     )
     assert "--image needs --prompt" in _bad(capsys, [*m, "--image", str(image_path)])
     assert "is preserving" in _bad(capsys, [*m, "--image", str(image_path), *q, "--perturbation", "rotate"])
+    assert "--answer is empty" in _bad(capsys, [*m, "--image", str(image_path), *q, "--answer", " "])
+    assert "not both" in _bad(capsys, [*m, "--data", str(bad_jsonl), "--answer", "2"])
     assert not (tmp_path / "o").exists()  # nothing written on a bad input
 
 
@@ -166,3 +211,7 @@ def test_no_arguments_runs_on_the_bundled_model_and_example(monkeypatch, tmp_pat
     assert report.is_file() and str(Path("runs") / "detect" / "report.html") in out
     doc = json.loads((report.parent / "tokens.json").read_text())
     assert doc["examples"][0]["prompt"] == "How many yellow shapes are there?"
+    # the demo's report: four views, the bundled example's truth and the model's grade
+    assert doc["settings"]["draws"] == 4 and doc["examples"][0]["outcome"]["truth"] == "2"
+    html = report.read_text()
+    assert "truth 2 · " in html and ("✓ right" in html or "✗ wrong" in html)

@@ -133,9 +133,10 @@ class Detection:
         )  # (1, T) each
         return torch.where(self.response_mask, score[0], torch.zeros_like(score[0])), selected[0]
 
-    def top_tokens(self, k: int = 10) -> list[int]:
-        """Positions of the k largest shifts (response tokens only), largest first."""
-        shift = torch.where(self.response_mask, self.shift, torch.full_like(self.shift, -float("inf")))
+    def top_tokens(self, k: int = 10, absolute: bool = False) -> list[int]:
+        """Positions of the k largest shifts (``absolute``: |shift|), response tokens only, largest first."""
+        value = self.shift.abs() if absolute else self.shift  # (T,)
+        shift = torch.where(self.response_mask, value, torch.full_like(value, -float("inf")))
         order = torch.argsort(shift, descending=True, stable=True)
         return [int(i) for i in order[: min(k, int(self.response_mask.sum()))]]
 
@@ -257,7 +258,6 @@ class PerceptionDetector:
         if perturbation is not None:
             entry = get_perturbation(perturbation)
             if entry.kind != "removing":
-
                 raise DetectError(
                     f"perturbation {perturbation!r} is {entry.kind}; the detector needs a removing view: "
                     f"{', '.join(list_perturbations(kind='removing'))}"
