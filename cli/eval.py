@@ -1,6 +1,6 @@
 """cppo-eval: avg@K accuracy and format rate of a model on a dataset, per question type.
 
-    cppo-eval --model runs/cppo/final --data data/shapes --samples 4 --out eval.json
+    cppo-eval --model runs/cppo/checkpoints/step-000060 --data data/shapes --samples 4 --out eval.json
     cppo-eval --data data/shapes --split val --limit 100            # the bundled demo model, greedy
     cppo-eval --model RUN/checkpoints/step-000152 --data hiyouga/geometry3k@test \
               --samples 16 --temperature 1.0 --max-new-tokens 2048   # the paper's avg@16
@@ -11,19 +11,36 @@ the same preprocessing (cppo.rl.data; the paper's by default: boxed ground truth
 dropped, small images upscaled, prompts over --max-prompt-length tokens dropped, counted with the
 processor's pixel bounds). Prints a short table; ``--out`` writes the report (with every response)
 as JSON. See ``cppo.models.evaluate`` (the one evaluator) for the definitions.
+
+Every flag, the device, the model path and ``--out`` are checked before the processor, the data or
+the model is loaded: a bad one is one line on stderr and exit 2, with nothing written. The report is
+written to a temporary sibling and renamed over ``--out``, so a failing write (a full disk) leaves
+the previous file, or none, and is one line with exit 2 too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
+
+PROG = "cppo-eval"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cppo-eval", description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap = _Parser(prog=PROG, description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument(
         "--model", default=None, help="checkpoint folder or hub id (default: the bundled demo model)"
     )
@@ -79,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="unusable samples and prompts over --max-prompt-length are errors, not counted skips",
     )
-    ap.add_argument("--out", default=None, metavar="FILE.json", help="write the report as JSON")
+    ap.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.json",
+        help="write the report as JSON (atomically: a failed write leaves the previous file)",
+    )
     return ap
 
 
@@ -87,18 +109,144 @@ def _int_or_none(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from cppo.models import demo_model_path, load_model_and_processor, load_processor
-    from cppo.models.evaluate import evaluate, format_table, resolve_temperature
-    from cppo.models.prompt_tokens import set_pixel_bounds
-    from cppo.precision import resolve_device, resolve_dtype
-    from cppo.prompt import instruction_for
-    from cppo.rl.data import DataError, Preprocessing, open_dataset
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def check_numbers(args) -> None:
+    """Every number cppo-eval takes, before any work; ValueError naming the flag (one line)."""
+    problems = []
+    for flag, value in (("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1 (responses per generate call), got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        problems.append(f"--limit must be >= 1 (leave it out for every question), got {args.limit}")
+    t = args.temperature
+    if t is not None and not (t >= 0 and math.isfinite(t)):
+        problems.append(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.seed < 0:
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.min_image_side < 0:
+        problems.append(f"--min-image-side must be >= 0 (0 = off), got {args.min_image_side}")
+    for flag, value in (
+        ("--max-prompt-length", args.max_prompt_length),
+        ("--min-pixels", args.min_pixels),
+        ("--max-pixels", args.max_pixels),
+    ):
+        if value is not None and value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        problems.append(f"--min-pixels {args.min_pixels} is over --max-pixels {args.max_pixels}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if args.samples > 1 and t == 0:
+        from cppo.models.evaluate import resolve_temperature
+
+        resolve_temperature(args.samples, t)  # K copies of one greedy answer: its own message
+
+
+def check_device(name: str):
+    """The torch device `name` names, usable here; ValueError (one line) otherwise."""
+    import torch
+
+    from cppo.precision import resolve_device
 
     try:
-        resolve_temperature(args.samples, args.temperature)
-        model_path = args.model or str(demo_model_path())
+        device = resolve_device(name)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(
+            f"--device {name!r} is not a device torch knows ({reason}); use auto, cpu or cuda"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: cppo-eval runs on cpu or cuda")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this torch sees no CUDA device; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this process sees {count} CUDA device(s), 0..{count - 1}")
+    return device
+
+
+def check_out(out: str | None) -> Path | None:
+    """Refuse, before any work, an --out that is empty, a folder, or under a file, or whose folder
+    cannot be written (a probe file is made and removed in the nearest existing folder; nothing is
+    left, no folder created)."""
+    if out is None:
+        return None
+    if not out.strip():
+        raise ValueError("--out is empty: give a file name such as eval.json")
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {path / 'eval.json'}")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--out {out} exists and is not a regular file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out} cannot be written: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{PROG}-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror or e}): choose another path") from None
+    return path
+
+
+def write_report(path: Path, report: dict) -> None:
+    """The report as JSON, through a temporary sibling renamed over `path` (cppo.rl.atomic): a failed
+    write leaves the previous file or none; folders it created for `path` are removed again."""
+    from cppo.rl.atomic import atomic_write
+
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(report, indent=2) + "\n")
+    except OSError:
+        for folder in made:  # deepest first
+            with suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cppo.models import check_model_path, demo_model_path, load_model_and_processor, load_processor
+    from cppo.models.evaluate import evaluate, format_table
+    from cppo.models.prompt_tokens import set_pixel_bounds
+    from cppo.precision import resolve_dtype
+    from cppo.prompt import instruction_for
+    from cppo.rl.data import DataError, Preprocessing, open_dataset
+    from cppo.rl.sources import parse_columns
+
+    try:  # everything that needs no model, data or processor, first
+        check_numbers(args)
+        device = check_device(args.device)
+        out = check_out(args.out)
+        try:
+            parse_columns(args.data_columns)
+        except ValueError as e:
+            raise ValueError(f"--data-columns {args.data_columns}: {e}") from None
+        if args.model is None:
+            model_path = str(demo_model_path())
+            if not (Path(model_path) / "config.json").is_file():
+                return _fail(
+                    f"the bundled demo model is not at {model_path} (not trained yet, or an install "
+                    "without assets): pass --model DIR_OR_HUB_ID"
+                )
+        else:
+            model_path = check_model_path(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    try:
         processor = load_processor(model_path)  # counts the prompts' tokens, then encodes them
         set_pixel_bounds(processor, args.min_pixels, args.max_pixels)
         dataset = open_dataset(
@@ -110,12 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             prep=Preprocessing.of(args),
             processor=processor,
         )
-        device = resolve_device(args.device)
         dtype = resolve_dtype("auto", device)  # bf16 on CUDA, fp32 on the CPU, as every command
         model, _ = load_model_and_processor(model_path, device=device, dtype=dtype)
     except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"cppo-eval: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     print(dataset.summary(), file=sys.stderr)
     t0 = time.time()
     report = evaluate(
@@ -139,9 +285,15 @@ def main(argv: list[str] | None = None) -> int:
         dropped=dict(dataset.dropped),
     )
     print(format_table(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if out is not None:
+        existed = out.is_file()
+        try:
+            write_report(out, report)
+        except OSError as e:
+            kept = "the previous file is unchanged" if existed else "nothing was written"
+            return _fail(
+                f"cannot write --out {out} ({e.strerror or e}); {kept}. Free space or choose another --out"
+            )
     return 0
 
 

@@ -1,11 +1,17 @@
 """cppo-train: RL finetuning of a vision-language model with GRPO, CPPO or PAPO.
 
-    cppo-train                                   # CPPO, bundled tiny demo model, shapes task, CPU
+    cppo-train                                   # CPPO, bundled tiny demo model, shapes task, CPU: runs/cppo
+    cppo-train --algo grpo                       # the baseline, into runs/grpo
+    cppo-train --resume auto                     # continue runs/cppo from its latest checkpoint
+    cppo-train --overwrite                       # delete the earlier run in runs/cppo, start again
     cppo-train --config run.yaml --max-steps 200 # a YAML file for defaults, flags on top
     cppo-train --algo grpo --group-size 8 --print-config
     cppo-train --config examples/configs/cppo-3b.yaml --dry-run --dry-run-gpus 8   # the plan, no model
 
 Every field of ``cppo.rl.config.TrainConfig`` is a flag; ``--help`` lists them with their defaults.
+The run directory (``--output-dir``, default ``runs/<algo>``) belongs to one run: a fresh run into a
+folder that holds an earlier one (config.yaml, logs, tb/, curves.png, checkpoints/) is refused unless
+``--resume auto`` continues it or ``--overwrite`` deletes those files (nothing else) and starts again.
 
 Exit status, each with one line on stderr saying what happened and what to do:
 

@@ -97,7 +97,7 @@ def test_yaml_sets_defaults_and_flags_override_it(tmp_path):
 
 def test_yaml_unknown_key_names_the_closest_valid_one(tmp_path):
     with pytest.raises(
-        ConfigError, match=r"run\.yaml: unknown config key 'grop_size'; did you mean 'group_size'"
+        ConfigError, match=r"run\.yaml:1: unknown config key 'grop_size'; did you mean 'group_size'"
     ):
         parse_args(["--config", _yaml(tmp_path, "grop_size: 4\n")])
     with pytest.raises(ConfigError, match="unknown config key 'zzz'; run cppo-train --help"):
@@ -105,7 +105,7 @@ def test_yaml_unknown_key_names_the_closest_valid_one(tmp_path):
 
 
 def test_yaml_and_flag_type_errors(tmp_path):
-    with pytest.raises(ConfigError, match="run.yaml: group_size expects int, got 2.5"):
+    with pytest.raises(ConfigError, match="run.yaml:1: group_size expects int, got 2.5"):
         parse_args(["--config", _yaml(tmp_path, "group_size: 2.5\n")])
     with pytest.raises(ConfigError, match="flags: lr expects float, got 'fast'"):
         parse_args(["--lr", "fast"])

@@ -34,6 +34,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers.hf_argparser import HfArgumentParser, string_to_bool
 
@@ -45,6 +46,7 @@ from cppo.rl.sources import parse_columns
 
 ALGOS = ("cppo", "grpo", "papo")  # the built-in perception terms (cppo.rl.perception)
 DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
 DEFAULT_MAX_STEPS = 60  # the demo's run length, when neither max_steps nor epochs is given
 _AT_LEAST_ONE = "max_steps prompts_per_step group_size micro_batch_size ppo_epochs logits_chunk_size \
@@ -138,8 +140,12 @@ class TrainConfig:
         f"one of {'|'.join(ALGOS)}: the same loop; cppo adds the views and CPL, "
         "papo the masked-image KL term",
     )
-    output_dir: str = _f(
-        "runs/cppo", "run directory: config.yaml, metrics.jsonl, checkpoints, rollouts", resume_safe=True
+    output_dir: str | None = _f(
+        None,
+        "run directory: config.yaml, metrics.jsonl, checkpoints, rollouts; none = runs/<algo> (runs/cppo, "
+        "runs/grpo, runs/papo). A fresh run into one that holds an earlier run is refused unless --resume "
+        "or --overwrite is given",
+        resume_safe=True,
     )
     seed: int = _f(0, "seed of the data order, the views, the sampling and the initialisation of LoRA")
     # --- batch shape
@@ -174,7 +180,10 @@ class TrainConfig:
     ppo_epochs: int = _f(1, "passes over the step's rollouts; updates per step = ppo_epochs x N / mini_batch")
     # --- optimiser
     lr: float = _f(
-        5e-5, "AdamW learning rate (paper: 1e-6 on 3B/7B; 5e-5 is the stable rate for the tiny demo model)"
+        5e-5,
+        "AdamW learning rate (paper: 1e-6 on 3B/7B; 5e-5 is the stable rate for the tiny demo model); "
+        "--learning-rate and the YAML key learning_rate (TRL's name) mean the same",
+        aliases=["--learning-rate", "--learning_rate"],
     )
     weight_decay: float = _f(0.01, "AdamW weight decay")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
@@ -292,7 +301,10 @@ class TrainConfig:
         "1e-6 about 99 percent of the weights never move). Needs bfloat16 compute",
     )
     device: str = _f(
-        "auto", "auto = what accelerate picks (CUDA when present), or cpu / cuda", resume_safe=True
+        "auto",
+        f"one of {'|'.join(DEVICES)}: auto = what accelerate picks (CUDA when present); cuda is refused "
+        "when this torch sees no CUDA device. CUDA_VISIBLE_DEVICES and the launcher choose the GPUs",
+        resume_safe=True,
     )
     gradient_checkpointing: bool | str = _f(
         "auto",
@@ -337,6 +349,14 @@ class TrainConfig:
         None,
         "checkpoint folder to resume from, or auto = the latest complete one in output_dir "
         "(none there: start at step 0)",
+        resume_safe=True,
+    )
+    overwrite: bool = _f(
+        False,
+        "start afresh in an output_dir that holds an earlier run: once this run's checks have passed "
+        "(config, rewards, data, model), the earlier run's config.yaml, metrics.jsonl, rollouts.jsonl, "
+        "reward_errors.jsonl, *.earlier-K.jsonl, curves.png, tb/ and checkpoints/ are deleted (other "
+        "files, such as the generated shapes/ data, stay). Without it, or --resume, such a folder is refused",
         resume_safe=True,
     )
     force_resume: bool = _f(
@@ -406,23 +426,25 @@ class TrainConfig:
         for name in ("clip_low", "clip_high"):
             if not 0 < getattr(self, name) < 1:
                 errors.append(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
+        if self.dual_clip is not None and not (self.dual_clip > 1 and math.isfinite(self.dual_clip)):
             errors.append(f"dual_clip must be > 1 (or none to turn it off), got {self.dual_clip}")
-        if self.papo_clip is not None and not self.papo_clip > 0:
+        if self.papo_clip is not None and not (self.papo_clip > 0 and math.isfinite(self.papo_clip)):
             errors.append(f"papo_clip must be > 0 (or none to turn it off), got {self.papo_clip}")
-        if not self.temperature > 0:
-            errors.append(f"temperature must be > 0 (logits are divided by it), got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            errors.append(
+                f"temperature must be a number > 0 (logits are divided by it), got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             errors.append(f"top_p must be in (0, 1], got {self.top_p}")
         if (rows := self.generation_batch_size) is not None and rows < 1:
             errors.append(f"generation_batch_size must be >= 1 (or none = sized from memory), got {rows}")
         if self.top_k < 0:
             errors.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not self.repetition_penalty > 0:
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             errors.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if self.pure_bf16 and self.dtype == "float32":
             errors.append("pure_bf16 needs bfloat16 compute: set --dtype bfloat16 (or drop --pure-bf16)")
-        if not self.cpl_tau > 0:
+        if not (self.cpl_tau > 0 and math.isfinite(self.cpl_tau)):
             errors.append(f"cpl_tau must be > 0 (CPL divides by it), got {self.cpl_tau}")
         if not 0 < self.top_percent <= 1:
             errors.append(f"top_percent must be in (0, 1], got {self.top_percent}")
@@ -435,11 +457,12 @@ class TrainConfig:
                 f"{len(self.rewards)} reward functions ({', '.join(self.rewards)}) but "
                 f"{len(self.reward_weights)} reward_weights: give one weight per function"
             )
+        errors += _run_errors(self)
         if self.lora_r and not self.lora_targets:
             errors.append("lora_r > 0 needs at least one module name in lora_targets")
         errors += _registry_errors(self)
-        if errors:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+        if errors:  # one line, as every refusal of the commands (docs/reliability.md)
+            raise ConfigError("invalid config: " + "; ".join(errors))
 
     # --- files
     def to_dict(self) -> dict:
@@ -471,6 +494,30 @@ def resume_safe_fields() -> frozenset[str]:
     (a longer run, other logging, another compute layout). max_steps is one although it stretches a
     linear/cosine schedule: the loop warns when it does."""
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume_safe"))
+
+
+def _run_errors(cfg: TrainConfig) -> list[str]:
+    """The checks of the seed, the reward weights, the device and the run directory's fields."""
+    errors = []
+    if cfg.seed < 0:
+        errors.append(f"seed must be >= 0, got {cfg.seed}")
+    weights = cfg.reward_weights
+    if not all(math.isfinite(w) for w in weights):
+        errors.append(f"reward_weights must be finite numbers, got {list(weights)}")
+    elif weights and not any(weights):
+        errors.append("reward_weights are all 0, so every reward and advantage is 0: give a weight != 0")
+    if cfg.device not in DEVICES:
+        errors.append(
+            f"unknown device {cfg.device!r}; valid: {', '.join(DEVICES)} (CUDA_VISIBLE_DEVICES and the "
+            "launcher choose the GPUs)"
+        )
+    if not str(cfg.output_dir).strip():
+        errors.append("output_dir is empty: name a run directory, or leave it out for runs/<algo>")
+    if cfg.overwrite and cfg.resume:
+        errors.append(
+            "overwrite deletes the run that resume would continue: give --resume or --overwrite, not both"
+        )
+    return errors
 
 
 def _data_errors(cfg: TrainConfig) -> list[str]:
@@ -540,6 +587,8 @@ def normalise(cfg: TrainConfig) -> None:
         cfg.betas = tuple(cfg.betas)
     if cfg.max_steps is None and cfg.epochs is None:
         cfg.max_steps = DEFAULT_MAX_STEPS
+    if cfg.output_dir is None:  # each algorithm its own default folder, so that runs never collide
+        cfg.output_dir = f"runs/{cfg.algo}"
     if cfg.rollouts_per_step is not None:
         if problem := _rollouts_problem(cfg):
             raise ConfigError(problem)
@@ -559,8 +608,9 @@ def _rollouts_problem(cfg: TrainConfig) -> str | None:
 
 def check_launch(cfg: TrainConfig, world: int = 1, sharded: bool = False) -> None:
     """What cppo-train's loop needs beyond a valid config, checked before any model loads: the
-    process count and FSDP (``sharded``) of this launch, and the options of cppo.loss / cppo.detect that
-    the loop does not wire in (they need the views' hidden states, which the loop does not keep)."""
+    process count and FSDP (``sharded``) of this launch, a CUDA device that this torch does not see, and
+    the options of cppo.loss / cppo.detect that the loop does not wire in (they need the views' hidden
+    states, which the loop does not keep)."""
     errors = []
     if cfg.prompts_per_step % world:
         errors.append(
@@ -579,10 +629,16 @@ def check_launch(cfg: TrainConfig, world: int = 1, sharded: bool = False) -> Non
             "selector kl_shift is offered by cppo-detect; cppo-train ranks by entropy shift: set "
             "--selector relative (or raw, entropy)"
         )
+    if cfg.device == "cuda" and not torch.cuda.is_available():  # never train on the CPU instead, silently
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        errors.append(
+            f"device cuda: this torch ({torch.__version__}, {build}) sees no CUDA device: use --device cpu "
+            "(or auto), or run where a GPU is visible"
+        )
     if len(errors) == 1:
         raise ConfigError(errors[0])
     if errors:
-        raise ConfigError("cannot train this config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("cannot train this config: " + "; ".join(errors))
 
 
 def _divisors(n: int) -> str:
@@ -590,6 +646,7 @@ def _divisors(n: int) -> str:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+ALIASES = {"learning_rate": "lr"}  # config keys TRL / transformers users write -> ours
 _HINTS = typing.get_type_hints(TrainConfig)
 _OPTIONAL = {name for name, hint in _HINTS.items() if type(None) in typing.get_args(hint)}
 # add_argument's options; a field's metadata also holds cppo's own keys (resume_safe), which argparse refuses
@@ -612,7 +669,9 @@ class ConfigParser(HfArgumentParser):
             allow_abbrev=False,  # "--lr" must never be read as a prefix of another flag
             exit_on_error=False,
             description="RL finetuning of a vision-language model with GRPO, CPPO (Contrastive Perception "
-            "Policy Optimization, arXiv 2601.00501) or PAPO. Precedence: defaults < --config < flags.",
+            "Policy Optimization, arXiv 2601.00501) or PAPO. Precedence: defaults < --config < flags. A "
+            "run directory that holds an earlier run needs --resume auto (continue it) or --overwrite "
+            "(delete it first; see --overwrite).",
         )
         for name, f in FIELDS.items():  # HfArgumentParser resolves field.type in place; keep it as declared
             f.type = declared[name]
@@ -650,7 +709,10 @@ class ConfigParser(HfArgumentParser):
         scalar = bool if scalar is string_to_bool else scalar
         if scalar in (bool, int, float, str):
             optional = "|none" if name in _OPTIONAL else "|auto" if _auto_switch(name) else ""
-            kw.update(type=_converter(name, scalar), nargs=nargs, metavar=scalar.__name__.upper() + optional)
+            listed = nargs not in (None, "?")
+            kw.update(
+                type=_converter(name, scalar, listed), nargs=nargs, metavar=scalar.__name__.upper() + optional
+            )
         self.converters[name] = (kw["type"], nargs)
         action = super().add_argument(*flags, **kw)
         # HfArgumentParser adds --no-x when x defaults to True; here when False or auto
@@ -675,11 +737,13 @@ class ConfigParser(HfArgumentParser):
 
     def file_values(self, values: dict, source: str) -> dict:
         """A YAML file's (or a mapping's) values, checked as the flags are, ready for set_defaults;
-        ConfigError naming `source` and the key."""
+        ConfigError naming `source` (with the key's line when `values` is load_yaml's) and the key."""
         out = {}
         for key, value in values.items():
+            where = f"{source}:{values.lines[key]}" if key in getattr(values, "lines", {}) else source
+            key = ALIASES.get(key, key)
             if key not in self.converters:
-                raise _unknown_key(key, source)
+                raise _unknown_key(key, where)
             convert, nargs = self.converters[key]
             try:
                 if nargs in (None, "?"):
@@ -690,7 +754,7 @@ class ConfigParser(HfArgumentParser):
                     raise ArgumentTypeError(f"expects {nargs} values, got {value!r}")
                 out[key] = [convert(v) for v in items]
             except ArgumentTypeError as e:
-                raise ConfigError(f"{source}: {key} {e}") from None
+                raise ConfigError(f"{where}: {key} {e}") from None
         return out
 
 
@@ -700,10 +764,12 @@ def _auto_switch(name: str) -> bool:
     return FIELDS[name].default == "auto" and bool in typing.get_args(_HINTS[name])
 
 
-def _converter(name: str, scalar: type):
+def _converter(name: str, scalar: type, listed: bool = False):
     """The argparse type of a field, applied to YAML values too: ints are floats, '1e-6' strings are
     numbers (YAML 1.1 reads 1e-6 without a dot as a string), none/null is None where the field allows
-    it, auto where the field is an auto switch."""
+    it, auto where the field is an auto switch. A text field takes a YAML number too (``output_dir:
+    2024``), but never a boolean, and a list of names (``listed``: rewards, lora_targets) only text
+    (``rewards: 5`` is a mistake, not the reward "5")."""
 
     def convert(value):
         if _auto_switch(name) and str(value).lower() == "auto":
@@ -721,11 +787,16 @@ def _converter(name: str, scalar: type):
                 return int(value)
             if scalar is float and not isinstance(value, bool):
                 return float(value)
-            if scalar is str and isinstance(value, (str, int, float)):
+            if scalar is str and (isinstance(value, str) or _number(value) and not listed):
                 return str(value)
-        raise ArgumentTypeError(f"expects {scalar.__name__}, got {value!r}")
+        kind = f"a list of {scalar.__name__}" if listed else scalar.__name__
+        raise ArgumentTypeError(f"expects {kind}, got {value!r}")
 
     return convert
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:
@@ -743,18 +814,76 @@ def _unknown_flag(rest: list[str], flags: list[str]) -> ConfigError:
     return ConfigError(f"flags: unknown flag {arg!r}{hint}")
 
 
-def load_yaml(path: str | Path) -> dict:
-    """A flat mapping of field -> value; ``-`` in keys is read as ``_``."""
+class ConfigValues(dict):
+    """A config file's field -> value, with ``lines``: field -> the line it is set on (for messages)."""
+
+    lines: dict[str, int]
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+def _key(key) -> str:
+    """A config key as the fields name it: ``-`` read as ``_``, TRL's names as ours (ALIASES)."""
+    key = str(key).replace("-", "_")
+    return ALIASES.get(key, key)
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    """SafeLoader's mapping, refusing a key given twice (PyYAML silently keeps the last; YAML 1.2 says
+    keys are unique). Keys are compared as config keys, so ``group-size`` repeats ``group_size``."""
+    first: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key, line = _key(loader.construct_object(key_node, deep=True)), key_node.start_mark.line + 1
+        if key in first:
+            raise _DuplicateKey(key, line, first[key])
+        first[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(path: str | Path) -> ConfigValues:
+    """A flat mapping of field -> value (``-`` in keys read as ``_``), or ConfigError naming
+    ``file:line``: a syntax error, a key given twice (refused: which one was meant is a guess, and
+    PyYAML would keep the last without a word), a file that is not a mapping or not UTF-8 text."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file: give a YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e}); it must be UTF-8 text") from None
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"{path}:{e.line}: duplicate key {e.key!r} (also on line {e.first}): keep one of them"
+        ) from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    values = ConfigValues((_key(k), v) for k, v in data.items())
+    values.lines = {_key(k.value): k.start_mark.line + 1 for k, _ in node.value} if node is not None else {}
+    return values
 
 
 def build_parser(prog: str = "cppo-train") -> ConfigParser:

@@ -14,7 +14,9 @@ the memory per GPU from cppo.rl.memory, without loading a model. What it cannot 
 - the model's shape: from its config.json (a local folder or the hub cache), else the published
   sizes of Qwen2.5-VL-3B/7B when the model's name says which (``SHAPES``), else unknown;
 - the processes: ``--dry-run-gpus N``, else the launch's (``WORLD_SIZE``), else 1; FSDP when the
-  launch exports an accelerate FSDP config, and otherwise both layouts are shown when N > 1.
+  launch exports an accelerate FSDP config, and otherwise both layouts are shown when N > 1;
+- the run directory: new, resumed, or holding an earlier run that the run would refuse (or, with
+  ``--overwrite``, delete) (cppo.rl.rundir).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cppo.rl.data import DataError, Preprocessing, PromptDataset, data_processor
 from cppo.rl.fsdp import fsdp_settings
 from cppo.rl.generation import MAX_GENERATION_ROWS
 from cppo.rl.memory import GIB, SHAPES, ModelShape, RunShape, estimate
+from cppo.rl.rundir import earlier_run, entry_names
 from cppo.rl.sources import parse_columns, read_source
 
 PASSES = {"grpo": 1, "papo": 2, "cppo": 3}  # forward passes alive before one backward (anchor, views)
@@ -215,6 +218,7 @@ def describe(cfg: TrainConfig, gpus: int | None = None) -> str:
         f"prompts x {cfg.group_size}, mini-batches of {mini}, ppo_epochs {cfg.ppo_epochs})"
     )
     lines.append(f"processes: {world} ({source}); rollouts per process: {cfg.rollouts // max(1, world)}")
+    lines.append(f"run directory: {run_dir_line(cfg)}")
     shape, model_line = model_shape(cfg)
     lines.append(f"model: {model_line}")
     if shape is None:
@@ -228,6 +232,19 @@ def describe(cfg: TrainConfig, gpus: int | None = None) -> str:
         memory_table(cfg, shape, world, fsdp_launch),
     ]
     return "\n".join(lines)
+
+
+def run_dir_line(cfg: TrainConfig) -> str:
+    """What the run will do with its output_dir (cppo.rl.rundir.check_fresh decides it at launch)."""
+    found = earlier_run(Path(cfg.output_dir))
+    if not found:
+        return f"{cfg.output_dir} (new)"
+    held = f"{cfg.output_dir} holds an earlier run ({entry_names(found)})"
+    if cfg.resume:
+        return f"{held}: resumed (--resume {cfg.resume})"
+    if cfg.overwrite:
+        return f"{held}: deleted once the run's checks pass (--overwrite)"
+    return f"{held}: the run would be refused; pass --resume auto or --overwrite, or another --output-dir"
 
 
 def _line(e: BaseException) -> str:

@@ -2,7 +2,10 @@
 devices, the policy with LoRA, frozen parts and reference, the optimizer and schedule).
 
 `setup_run` checks before any model loads everything that can be checked without one (the launch,
-the run directory, the data, the resume point), so that a run that cannot go far fails at once.
+the run directory, the data, the resume point), so that a run that cannot go far fails at once. A
+run directory holding an earlier run is refused unless --resume or --overwrite says what to do with
+it (cppo.rl.rundir); --overwrite deletes the earlier run only after the model has loaded, the last
+moment before the new run writes its own files.
 
 Split from cppo/rl/loop.py so that the loop reads top to bottom on its own. It runs a few lines
 past 300 because `setup_run` keeps the whole set-up order (checks, data, resume point, policy,
@@ -35,6 +38,7 @@ from cppo.rl.reference import build_reference, place_reference
 from cppo.rl.reporting import Counters, StepLogger
 from cppo.rl.resume import Checkpointer, data_fingerprint, restore, resume_point
 from cppo.rl.rewards import RewardScorer
+from cppo.rl.rundir import check_fresh, clear_earlier_run
 from cppo.rl.sampler import PromptSampler
 from cppo.rl.sharded import is_sharded_checkpoint
 
@@ -77,6 +81,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     scorer = reward_scorer(cfg)  # user reward code is imported now, not after the model has loaded
     run_dir = Path(cfg.output_dir)
     if rank == 0:
+        check_fresh(cfg, run_dir)  # an earlier run there needs --resume or --overwrite
         check_writable(run_dir)  # creates it; a probe write now, not at the first checkpoint hours in
     seed_everything(cfg.seed)
     # All data is validated before the model loads: a bad file fails (strict) or is counted now.
@@ -118,6 +123,12 @@ def setup_run(cfg: TrainConfig) -> Run:
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps * updates_per_step)
     sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed)
     preset = views_preset(getattr(cfg, get_perception_term(cfg.algo).preset_option))
+    if cfg.overwrite and rank == 0:  # every check has passed and the model is loaded: now, not before
+        if removed := clear_earlier_run(run_dir):
+            print(
+                f"[cppo] --overwrite: deleted the earlier run's {', '.join(removed)} in {run_dir}",
+                file=sys.stderr,
+            )
     logger = StepLogger(run_dir, cfg, rank)
     counters = Counters()
     start = 0
