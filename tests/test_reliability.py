@@ -7,6 +7,7 @@ weights and the optimizer state. docs/reliability.md lists these tests in a tabl
 """
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -459,7 +460,9 @@ def test_resume_never_unpickles_code_from_a_checkpoint(tiny_dir, data, reference
     ckpt = run / "checkpoints" / "step-000005"
     torch.save({"step": 5, "payload": _Evil(str(sentinel))}, ckpt / "trainer_state.pt")
     manifest = json.loads((ckpt / MARKER).read_text())  # a tamperer would fix the manifest too
-    manifest["files"]["trainer_state.pt"] = (ckpt / "trainer_state.pt").stat().st_size
+    state_bytes = (ckpt / "trainer_state.pt").read_bytes()
+    manifest["files"]["trainer_state.pt"] = len(state_bytes)
+    manifest["sha256"]["trainer_state.pt"] = hashlib.sha256(state_bytes).hexdigest()
     (ckpt / MARKER).write_text(json.dumps(manifest))
     assert train_main(_flags(tiny_dir, data, run, "--resume", "auto")) == 2
     assert "weights_only" in capsys.readouterr().err
