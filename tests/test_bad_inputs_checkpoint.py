@@ -9,13 +9,17 @@ reference run.
   and exit 2 with the previous checkpoint intact, and --resume auto afterwards (space freed) ends as
   the uninterrupted run: metrics.jsonl holds steps [1, ..., 5] once each.
 
+- Under several processes rank 0 alone verifies and moves a checkpoint; every process takes its choice.
+
 Faults come from patched writers, and where this process may mount a tmpfs (root), from a real full
 disk. Every case asserts the exit status, the one line and that no traceback was printed.
 """
 
 import errno
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +29,9 @@ import cppo.rl.checkpoint as checkpoint_mod
 import cppo.rl.logfiles as logfiles_mod
 import cppo.rl.loop as loop_mod
 from cli.train import main as train_main
-from cppo.rl.checkpoint import latest_checkpoint
+from cppo.rl.checkpoint import latest_checkpoint, save_checkpoint
 from tests import test_reliability as reliability
+from tests.helpers import tiny_model_and_processor
 from tests.test_reliability import STEPS, _copy, _flags, _steps, assert_same_run
 
 # tests/test_reliability.py's fixtures, used here as there: the uninterrupted reference run (once per
@@ -251,3 +256,31 @@ def test_a_real_full_disk_is_one_line_then_resume_equals_the_uninterrupted_run(
     assert train_main(_flags(tiny_dir, data, run, "--resume", "auto")) == 0
     assert _steps(run) == list(range(1, STEPS + 1))
     assert_same_run(run, reference)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def test_every_process_resumes_from_the_checkpoint_rank_0_verified(tmp_path):
+    """Rank 0 alone hashes, warns and moves a corrupted checkpoint aside; the other process takes its
+    choice (no process reads a folder rank 0 is moving), and its refusal of a named one."""
+    model, processor = tiny_model_and_processor()
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        save_checkpoint(run, step, model, processor, None, None, {"step": step}, keep_last=0)
+    _flip_byte(run / "checkpoints" / "step-000003" / "model.safetensors")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(reliability.REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+    cmd += [str(reliability.REPO / "tests" / "workers" / "resume_ranks.py"), str(run), str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, cwd=reliability.REPO, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stderr.count("skipping corrupted checkpoint") == 1  # rank 0's warning only
+    got = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1]
+    assert got[0]["ckpt"] == str(run / "checkpoints" / "step-000002") and got[0]["step"] == 2
+    assert "model.safetensors does not match the sha256" in got[0]["refused"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-000001",
+        "step-000002",
+        "step-000003.corrupt",
+    ]
