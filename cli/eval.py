@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="columns named otherwise, as cppo-train's",
     )
     ap.add_argument("--data-image-root", default=None, help="folder relative image paths resolve against")
+    ap.add_argument(
+        "--data-allow-outside-images",
+        action="store_true",
+        help="let image paths point outside the data's folder (or --data-image-root); by default such a "
+        "sample is skipped (an error under --strict)",
+    )
     prep = ap.add_argument_group(
         "preprocessing (the paper's by default, as cppo-train's fields of the same names)"
     )
@@ -257,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             image_root=args.data_image_root,
             prep=Preprocessing.of(args),
             processor=processor,
+            allow_outside_images=args.data_allow_outside_images,
         )
         dtype = resolve_dtype("auto", device)  # bf16 on CUDA, fp32 on the CPU, as every command
         model, _ = load_model_and_processor(model_path, device=device, dtype=dtype)

@@ -16,16 +16,14 @@ the same tensors.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from cppo.models.model_dir import ModelError, check_model_path, check_processor, config_of
 from cppo.models.tokenizer import build_tokenizer
 from cppo.models.vl_processor import ImageOnlyQwen2_5_VLProcessor
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -196,46 +194,39 @@ def demo_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 
-def check_model_path(path_or_id: str | os.PathLike) -> str:
-    """Fail at once, with one line, on a path that is neither a directory nor a cached/reachable hub id."""
-    s = str(path_or_id)
-    p = Path(s).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model directory {s!r} has no config.json (not a saved checkpoint)")
-        return str(p)
-    parent_is_local = p.parent != Path(".") and p.parent.exists()  # "runs/typo": a local path, not a hub id
-    if not _HUB_ID.match(s) or s.startswith((".", "/", "~")) or parent_is_local:
-        raise FileNotFoundError(
-            f"model path {s!r} does not exist (and is not a hub id like 'Qwen/Qwen2.5-VL-3B-Instruct')"
-        )
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(s, "config.json"), str):
-            raise FileNotFoundError(
-                f"model {s!r} is not a local directory and not in the hub cache (HF_HUB_OFFLINE is set)"
-            )
-    return s
-
-
 def _torchvision_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("torchvision") is not None
 
 
-def load_processor(path_or_id: str | os.PathLike):
-    """The stock `AutoProcessor` where it loads, otherwise `ImageOnlyQwen2_5_VLProcessor` (same tensors)."""
-    path = check_model_path(path_or_id)
+def load_processor(path_or_id: str | os.PathLike, weights_required: bool = False):
+    """The stock `AutoProcessor` where it loads, otherwise `ImageOnlyQwen2_5_VLProcessor` (same tensors).
+
+    The path or hub id is checked first (`check_model_path`: the weight files that are there too, and,
+    with `weights_required`, that there are some: a sharded checkpoint's folder has none), the
+    processor against the config after: ModelError (a ValueError) with one line when unusable."""
+    return _load_processor(check_model_path(path_or_id, weights_required))
+
+
+def _load_processor(path: str):
+    processor = None
     if _torchvision_available():
         from transformers import AutoProcessor
 
         try:
-            return AutoProcessor.from_pretrained(path)
-        except (ImportError, OSError, ValueError):
-            pass  # a broken torchvision install: the image-only processor still works
-    return ImageOnlyQwen2_5_VLProcessor.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path)
+        except Exception:  # a broken torchvision install (or a bad file, which the image-only
+            pass  # processor's load below then names in one line)
+    if processor is None:
+        try:
+            processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(path)
+        except Exception as e:  # a library's error on a file the checks let through: one line
+            raise ModelError(f"{path}: cannot load its processor ({_first_line(e)})") from e
+    config = config_of(path)
+    if config is not None:
+        check_processor(processor, config, path)
+    return processor
 
 
 def load_model_and_processor(
@@ -244,11 +235,21 @@ def load_model_and_processor(
     """(model in eval mode on `device`, processor) from a saved directory or a cached hub id.
 
     `dtype=None` loads float32 (what CPU training needs, whatever the checkpoint was saved in);
-    pass `torch.bfloat16` (or "auto": the saved dtype) for GPU runs.
+    pass `torch.bfloat16` (or "auto": the saved dtype) for GPU runs. The folder is checked before
+    anything loads (cppo.models.model_dir: config, then tokenizer, then the weights' headers); a
+    load that fails all the same (weights that do not fit the config) is a ModelError with one line.
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     path = check_model_path(path_or_id)
-    processor = load_processor(path)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    processor = _load_processor(path)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    except Exception as e:  # SafetensorError, size mismatches (RuntimeError), OSError: one line
+        raise ModelError(f"{path}: cannot load the model's weights ({_first_line(e)})") from e
     return model.to(device).eval(), processor
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

@@ -102,6 +102,11 @@ class TrainConfig:
         "folder that relative image paths of --data resolve against; none = the data's own folder. A "
         "hub id has none: ViRL39K's images/... paths need the folder its images.zip was unpacked in",
     )
+    data_allow_outside_images: bool = _f(
+        False,
+        "let image paths of the data point outside its folder (or --data-image-root): by default an "
+        "absolute path elsewhere or a ../ path out of it is a skipped sample (an error under --data-strict)",
+    )
     # --- the paper's preprocessing of the data (cppo/rl/data.py), on by default
     instruction: bool = _f(
         True,

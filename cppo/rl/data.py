@@ -53,6 +53,8 @@ happens to one that is not.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ from PIL import Image
 
 from cppo.grading import last_boxed
 from cppo.models import demo_model_path, load_processor
+from cppo.models.model_dir import ModelError, model_positions
 from cppo.models.prompt_tokens import prompt_lengths, set_pixel_bounds
 from cppo.perturb import ImageError, image_size_of, load_image, to_rgb
 from cppo.prompt import INSTRUCTION, instruction_for
@@ -218,18 +221,59 @@ def _first(row: dict, keys: tuple[str, ...]):
     return None, None
 
 
-def _record(row: dict, where: str, rows: Rows, prep: Preprocessing, sizes: bool, verify: bool) -> _Record:
+def _text(key: str | None, value, field: str) -> str | None:
+    """A question, answer or question type as text: a string, or a finite number written out (3, 2.5);
+    anything else (a list, a dict, true/false, NaN) is refused, never stringified."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise _Skip(
+        f"{field} of the wrong type",
+        f"{key} is a {type(value).__name__} ({shown}); it must be a string (or a number)",
+    )
+
+
+def _confine(refs: list, base: Path | None, folder: Path | None, allow: bool) -> None:
+    """Every image path of a sample, resolved against ``base``, lies inside ``folder`` (cppo.rl.sources:
+    the data's folder or the image root), judged by the written path (``..`` and absolute paths
+    resolved; a symlink placed inside the folder is followed as its owner meant); ``allow`` lifts
+    the rule (--data-allow-outside-images)."""
+    if allow:
+        return
+    for ref in refs:
+        path = ref.get("path") if isinstance(ref, dict) and not ref.get("bytes") else ref
+        if not isinstance(path, (str, Path)):
+            continue  # bytes, an in-memory image: nothing is opened by name
+        full = os.path.abspath(os.path.join(base or "", path))
+        root = None if folder is None else os.path.abspath(folder)
+        if root is None or os.path.commonpath([root, full]) != root:
+            where = "the data has no folder (a hub id)" if root is None else f"it is outside {root}"
+            raise _Skip(
+                "image outside the data folder",
+                f"{str(path)!r}: {where}; move the image there, set --data-image-root to a folder "
+                "that holds it, or pass --data-allow-outside-images",
+            )
+
+
+def _record(
+    row: dict, where: str, rows: Rows, prep: Preprocessing, sizes: bool, verify: bool, outside: bool = False
+) -> _Record:
     keys = rows.keys
     qkey, question = _first(row, keys["question"])
     akey, answer = _first(row, keys["answer"])
     ikey, images = _first(row, keys["image"])
     tkey, qtype = _first(row, keys["question_type"])
-    question = _IMAGE_TAG.sub(" ", str(question or "")).strip()
+    question = _text(qkey, question, "question")
+    answer = _text(akey, answer, "answer")
+    qtype = _text(tkey, qtype, "question_type")
+    question = _IMAGE_TAG.sub(" ", question or "").strip()
     if prep.instruction and question.endswith(INSTRUCTION):  # the prompt appends it: keep it once
         question = question[: -len(INSTRUCTION)].strip()
     if not question:
         raise _Skip("missing question", f"no non-empty {' or '.join(keys['question'])}")
-    answer = "" if answer is None else str(answer).strip()
+    answer = (answer or "").strip()
     if prep.boxed_answer and "\\boxed{" in answer:  # the graders compare with the bare truth
         answer = (last_boxed(answer) or answer).strip()
     if not answer:
@@ -247,12 +291,13 @@ def _record(row: dict, where: str, rows: Rows, prep: Preprocessing, sizes: bool,
             "does not give: download the repository (hf download ID --repo-type dataset --local-dir DIR; "
             "ViRL39K: unzip DIR/images.zip there) and pass --data DIR, or pass --data-image-root DIR"
         )
+    _confine(images, rows.base, rows.folder, outside)
     shown = []
     if sizes or verify:
         shown = [upscaled_size(*_image_size(ref, rows.base, verify), prep.min_image_side) for ref in images]
     used = (qkey, akey, ikey, tkey)
     extra = {k: v for k, v in row.items() if k not in used}
-    return _Record(question, answer, images, None if qtype is None else str(qtype), where, extra, shown)
+    return _Record(question, answer, images, qtype, where, extra, shown)
 
 
 class PromptDataset:
@@ -265,10 +310,18 @@ class PromptDataset:
         verify_images: bool = True,
         prep: Preprocessing | None = None,
         processor=None,
+        *,
+        max_positions: int | None = None,
+        allow_outside_images: bool = False,
     ):
         self.prep = prep = prep or Preprocessing.none()
-        if prep.max_prompt_length and processor is None:
-            raise ValueError("max_prompt_length needs the model's processor to count prompt tokens")
+        if max_positions is None and processor is not None:
+            max_positions = processor_positions(processor)
+        count = bool(prep.max_prompt_length or max_positions)  # prompt tokens are counted
+        if count and processor is None:
+            raise ValueError(
+                "counting prompt tokens (max_prompt_length, max_positions) needs the model's processor"
+            )
         self.source, self.base = rows.label, rows.base
         self.records: list[_Record] = []
         self.skipped: Counter = Counter()  # bad data, by reason
@@ -278,7 +331,7 @@ class PromptDataset:
         for where, row in rows.rows:
             try:
                 self.records.append(
-                    _record(row, where, rows, prep, bool(prep.max_prompt_length), verify_images)
+                    _record(row, where, rows, prep, count, verify_images, allow_outside_images)
                 )
             except _Dropped as e:
                 self.dropped[e.reason] += 1
@@ -288,39 +341,51 @@ class PromptDataset:
                 self.skipped[e.reason] += 1
                 if len(self.skip_examples) < 5:
                     self.skip_examples.append(f"{where}: {e}")
-        if prep.max_prompt_length and self.records:
-            self._drop_long_prompts(processor, prep.max_prompt_length, strict, prep.instruction)
+        if count and self.records:
+            self._drop_long_prompts(
+                processor, prep.max_prompt_length, max_positions, strict, prep.instruction
+            )
         if not self.records:
             raise DataError(f"{self.source}: no usable sample. {self.summary()}")
         self.text_only = sum(not r.images for r in self.records)
         self.multi_image = sum(len(r.images) > 1 for r in self.records)
 
-    def _drop_long_prompts(self, processor, limit: int, strict: bool, instruction: bool = True) -> None:
+    def _drop_long_prompts(
+        self, processor, limit: int | None, positions: int | None, strict: bool, instruction: bool = True
+    ) -> None:
         """Leave out the prompts over `limit` tokens, image tokens included (the official code's
-        filter_overlong_prompts), counting them by the pixel bounds the processor has now."""
+        filter_overlong_prompts: a preprocessing drop), and skip those that leave no room for a
+        response in the model's `positions` (bad data: the model cannot take them), counting them by
+        the pixel bounds the processor has now. Only the text is tokenised: no pixel is encoded."""
         kept = []
         for start in range(0, len(self.records), 512):
             chunk = self.records[start : start + 512]
-            for r, n in zip(
-                chunk,
-                prompt_lengths(
-                    processor,
-                    [r.question for r in chunk],
-                    [r.sizes for r in chunk],
-                    instruction_for(instruction),
-                ),
-            ):
-                if n <= limit:
+            lengths = prompt_lengths(
+                processor, [r.question for r in chunk], [r.sizes for r in chunk], instruction_for(instruction)
+            )
+            for r, n in zip(chunk, lengths):
+                if limit and n > limit:
+                    prompt = f"{r.source}: prompt of {n} tokens (images included)"
+                    message = f"{prompt} is over max_prompt_length {limit}"
+                    if strict:
+                        raise DataError(
+                            f"{message} (strict data: raise max_prompt_length or remove the sample)"
+                        )
+                    self.dropped[f"prompt over {limit} tokens"] += 1
+                    if len(self.drop_examples) < 3:
+                        self.drop_examples.append(f"{r.source}: {n} tokens")
+                elif positions and n >= positions:
+                    problem = (
+                        f"prompt of {n} tokens (images included) leaves no room for a response in the "
+                        f"model's {positions} positions (max_position_embeddings)"
+                    )
+                    if strict:
+                        raise DataError(f"{r.source}: {problem} (strict data: remove the sample)")
+                    self.skipped[f"prompt over the model's {positions} positions"] += 1
+                    if len(self.skip_examples) < 5:
+                        self.skip_examples.append(f"{r.source}: {problem}")
+                else:
                     kept.append(r)
-                    continue
-                message = (
-                    f"{r.source}: prompt of {n} tokens (images included) is over max_prompt_length {limit}"
-                )
-                if strict:
-                    raise DataError(f"{message} (strict data: raise max_prompt_length or remove the sample)")
-                self.dropped[f"prompt over {limit} tokens"] += 1
-                if len(self.drop_examples) < 3:
-                    self.drop_examples.append(f"{r.source}: {n} tokens")
         self.records = kept
 
     def __len__(self) -> int:
@@ -366,26 +431,50 @@ def open_dataset(
     image_root: str | Path | None = None,
     prep: Preprocessing | None = None,
     processor=None,
+    max_positions: int | None = None,
+    allow_outside_images: bool = False,
 ) -> PromptDataset:
     """Read, check and preprocess a source (cppo.rl.sources; ``source@split`` names the split).
 
     ``columns`` maps sample fields to columns (``"image=images,question=problem"``), ``image_root`` is
     the folder relative image paths resolve against, ``prep`` the preprocessing (None: none but the
-    boxed answer) and ``processor`` the model's, which counts prompt tokens for ``max_prompt_length``."""
+    boxed answer) and ``processor`` the model's, which counts prompt tokens for ``max_prompt_length``
+    and for ``max_positions`` (None: the positions of the model the processor was loaded from).
+    Image paths must lie in the data's folder (or ``image_root``) unless ``allow_outside_images``."""
     if isinstance(columns, str) or columns is None:
         try:
             columns = parse_columns(columns)
         except ValueError as e:
             raise DataError(str(e)) from None
+    rows = read_source(source, split, columns, image_root)
     return PromptDataset(
-        read_source(source, split, columns, image_root), strict, verify_images, prep, processor
+        rows,
+        strict,
+        verify_images,
+        prep,
+        processor,
+        max_positions=max_positions,
+        allow_outside_images=allow_outside_images,
     )
+
+
+def processor_positions(processor) -> int | None:
+    """``max_position_embeddings`` of the model a processor was loaded from (its tokenizer's
+    ``name_or_path``), or None for a processor built in memory or a model whose config is not at hand."""
+    name = getattr(getattr(processor, "tokenizer", None), "name_or_path", "")
+    try:
+        return model_positions(name) if name else None
+    except ModelError:
+        return None
 
 
 def data_processor(cfg):
     """The run's processor: the model's (``cfg.model``; None = the demo model) with the run's pixel
     bounds, which the data's prompt lengths are counted with and the rollouts encode with."""
-    processor = load_processor(cfg.model or demo_model_path())
+    try:  # config, processor files and the weights' headers, before any data is read
+        processor = load_processor(cfg.model or demo_model_path(), weights_required=True)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
     try:
         set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     except ValueError as e:
@@ -395,7 +484,8 @@ def data_processor(cfg):
 
 def open_config_data(cfg, source, split: str, processor, eval_data: bool = False, verify_images: bool = True):
     """A run's training data (or, ``eval_data``, its held-out data) as the TrainConfig asks: its column
-    mapping, image root (training data only), strictness and preprocessing."""
+    mapping, image root (training data only), where images may lie, strictness and preprocessing;
+    prompts are bounded by the positions of the model the processor was loaded from."""
     columns = (cfg.eval_data_columns or cfg.data_columns) if eval_data else cfg.data_columns
     return open_dataset(
         source,
@@ -406,6 +496,7 @@ def open_config_data(cfg, source, split: str, processor, eval_data: bool = False
         image_root=None if eval_data else cfg.data_image_root,
         prep=Preprocessing.of(cfg),
         processor=processor,
+        allow_outside_images=cfg.data_allow_outside_images,
     )
 
 

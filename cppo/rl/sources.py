@@ -19,6 +19,11 @@ A source is one of:
 Any source may end in ``@split`` (``hiyouga/geometry3k@test``) to name its split. ``image_root``
 replaces the folder that relative image paths resolve against (a hub id has none).
 
+Image paths are confined to the data's folder (cppo.rl.data refuses the others unless allowed,
+``--data-allow-outside-images``): ``image_root`` when given, else the folder given as the source, the
+parquet or JSONL file's folder, or, for a JSONL file in a split folder (``<dir>/train/data.jsonl``,
+whose images are ``../images/...``), the folder above it.
+
 Columns: a sample needs a question and an answer column and may have an image column and a
 question type; ``KEYS`` lists the names tried for each, and a mapping (``--data-columns
 image=picture,question=prompt``) names the column for one of them instead. The reading is lazy: rows
@@ -35,6 +40,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from cppo.rl.jsonl import JsonRowsError, json_rows
 
 # canonical name -> the columns tried, in order
 KEYS: dict[str, tuple[str, ...]] = {
@@ -61,6 +68,10 @@ class Rows:
     base: Path | None  # relative image paths resolve against it; None: they cannot be resolved
     keys: dict[str, tuple[str, ...]]  # canonical name -> the columns tried
     hub: bool = False  # from a hub id: a relative image path has no folder to resolve against
+    folder: Path | None = None  # image paths must lie in it (None: base); module docstring
+
+    def __post_init__(self):
+        self.folder = self.folder or self.base
 
 
 def parse_columns(text: str | None) -> dict[str, str]:
@@ -126,7 +137,9 @@ def read_source(
     if path.is_dir():
         jsonl = next((p for p in (path / "data.jsonl", path / split / "data.jsonl") if p.is_file()), None)
     if jsonl is not None:
-        return Rows(_jsonl_rows(jsonl), str(jsonl), root or jsonl.parent, keys)
+        # <dir>/<split>/data.jsonl (cppo.toy's export) names its images ../images/...: <dir> is the folder
+        folder = jsonl.parent.parent if jsonl.parent.name in SPLIT_NAMES else jsonl.parent
+        return Rows(_jsonl_rows(jsonl), str(jsonl), root or jsonl.parent, keys, folder=root or folder)
     if path.is_dir() and _is_saved_dataset(path):
         ds, label = _load_saved(path, split)
         return Rows(_dataset_rows(ds, label, keys, columns), label, root or path, keys)
@@ -136,10 +149,9 @@ def read_source(
             raise DataError(
                 f"{path}: no data.jsonl, save_to_disk dataset or {split} parquet file in this folder"
             )
-        datasets = _import_datasets(path)
-        ds = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
-        base = root or (path if path.is_dir() else path.parent)
         label = f"{path}@{split}" if path.is_dir() else str(path)
+        ds = _load_parquet(files, split, label)
+        base = root or (path if path.is_dir() else path.parent)
         return Rows(_dataset_rows(ds, label, keys, columns), label, base, keys)
     raise DataError(f"{path}: not a .jsonl or .parquet file, a dataset folder or a save_to_disk folder")
 
@@ -202,7 +214,7 @@ def _load_hub(name: str, split: str):
     except ValueError as e:
         if "split" in str(e).lower():  # 'Unknown split "val". Should be one of [...]'
             raise DataError(f"{name}: {_first_line(e)} (pick one with {name}@SPLIT)") from None
-        raise
+        raise DataError(f"{name}: loading it from the hub failed ({_first_line(e)})") from None
     except OSError as e:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), ...
         raise DataError(
             f"{name}: not a local path, and loading it from the Hugging Face hub failed ({_first_line(e)}); "
@@ -216,9 +228,33 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+def _load_parquet(files: list[Path], split: str, label: str):
+    """The parquet files as one datasets.Dataset; a file that is not parquet (cut short, another
+    format) is named from its footer before datasets reads anything."""
+    datasets = _import_datasets(label)
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            pq.read_metadata(f)
+        except Exception as e:  # ArrowInvalid (a ValueError), OSError: the footer is unreadable
+            raise DataError(
+                f"{f}: not a readable parquet file ({_first_line(e)}): download or write it again"
+            ) from None
+    try:
+        return datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
+    except Exception as e:  # a damaged page behind a good footer, or a column schema datasets refuses
+        raise DataError(
+            f"{label}: cannot read the parquet data ({_first_line(e)}): download or write it again"
+        ) from None
+
+
 def _load_saved(path: Path, split: str):
     datasets = _import_datasets(path)
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a missing or damaged arrow file, state.json that is not JSON
+        raise DataError(f"{path}: cannot read the save_to_disk dataset ({_first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no split {split!r}; it has {', '.join(ds)} (pick one with split=...)")
@@ -231,17 +267,10 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _jsonl_rows(path: Path):
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{lineno}", row
+    try:
+        yield from json_rows(path)
+    except JsonRowsError as e:
+        raise DataError(str(e)) from None
 
 
 def _dataset_rows(ds, label: str, keys: dict[str, tuple[str, ...]], columns: dict[str, str] | None):
