@@ -240,14 +240,40 @@ def load_model_and_processor(
     load that fails all the same (weights that do not fit the config) is a ModelError with one line.
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
     path = check_model_path(path_or_id)
     processor = _load_processor(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of missing keys: one line below says it instead
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
-    except Exception as e:  # SafetensorError, size mismatches (RuntimeError), OSError: one line
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype or torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except Exception as e:  # SafetensorError, OSError: one line
         raise ModelError(f"{path}: cannot load the model's weights ({_first_line(e)})") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_loaded(path, info)
     return model.to(device).eval(), processor
+
+
+def _check_loaded(path: str, info: dict) -> None:
+    """Refuse a model whose config asks for weights the files lack or hold in another shape:
+    transformers would start those at random, without a word but a warning table."""
+    missing, mismatched = info["missing_keys"], info["mismatched_keys"]
+    if not (missing or mismatched):
+        return
+    parts = [f"{len(missing)} missing (e.g. {sorted(missing)[0]})"] if missing else []
+    if mismatched:
+        key, saved, wanted = sorted(mismatched, key=lambda m: m[0])[0]
+        parts.append(
+            f"{len(mismatched)} of another shape (e.g. {key}: saved {list(saved)}, config {list(wanted)})"
+        )
+    raise ModelError(
+        f"{path}: its weights do not fit its config.json ({'; '.join(parts)}): the config was edited "
+        "or comes from another model; restore the config saved with these weights"
+    )
 
 
 def _first_line(e: BaseException) -> str:
