@@ -248,3 +248,16 @@ def test_gradient_checkpointing_is_auto_by_default_on_with_cuda_and_keeps_its_sw
     assert not use_gradient_checkpointing(parse_args(["--no-gradient-checkpointing"]), cuda)
     with pytest.raises(ConfigError, match="gradient_checkpointing expects bool, got 'sometimes'"):
         parse_args(["--config", _yaml(tmp_path, "gradient_checkpointing: sometimes\n")])
+
+
+def test_trl_names_for_the_learning_rate_set_lr(tmp_path):
+    assert parse_args(["--learning-rate", "1e-4"]).lr == 1e-4
+    assert parse_args(["--learning_rate", "2e-4"]).lr == 2e-4
+    assert parse_args(["--config", _yaml(tmp_path, "learning_rate: 3e-4\n")]).lr == 3e-4
+    assert parse_args(["--config", _yaml(tmp_path, "learning-rate: 3e-4\n"), "--lr", "1e-3"]).lr == 1e-3
+
+
+def test_a_yaml_number_is_text_where_a_field_is_text_but_never_a_name_in_a_list(tmp_path):
+    assert parse_args(["--config", _yaml(tmp_path, "output_dir: 2024\n")]).output_dir == "2024"
+    with pytest.raises(ConfigError, match=r"run\.yaml:2: lora_targets expects a list of str, got 7"):
+        parse_args(["--config", _yaml(tmp_path, "seed: 1\nlora_targets: [q_proj, 7]\n")])
