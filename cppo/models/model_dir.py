@@ -70,8 +70,36 @@ def check_model_dir(folder: Path, weights_required: bool = True) -> dict:
             f"model directory {folder} has no {' and no '.join(missing)}: copy the processor files "
             "(tokenizer, image processor) of the model it was trained from into it"
         )
+    _check_tokenizer_files(folder, has, config)
     _check_weights(folder, has, weights_required)
     return config
+
+
+def _check_tokenizer_files(folder: Path, has: set[str], config: dict) -> None:
+    """A chat template is there, and tokenizer.json gives <|image_pad|> the config's image_token_id
+    (another model's tokenizer would load without a word)."""
+    tokenizer_config = _read_json(folder / "tokenizer_config.json", "the tokenizer's config")
+    templates = {"chat_template.jinja", "chat_template.json"} & has
+    if (
+        not templates
+        and "chat_template" not in tokenizer_config
+        and "chat_template" not in _processor_config(folder)
+    ):
+        raise ModelError(
+            f"model directory {folder} has no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json): copy it from the model it was trained from"
+        )
+    if "tokenizer.json" not in has or config.get("image_token_id") is None:
+        return
+    tokenizer = _read_json(folder / "tokenizer.json", "the tokenizer")
+    added = tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None
+    ids = {t.get("content"): t.get("id") for t in added or [] if isinstance(t, dict)}
+    if ids.get("<|image_pad|>") != config["image_token_id"]:
+        raise ModelError(
+            f"{folder / 'tokenizer.json'}: <|image_pad|> is {ids.get('<|image_pad|>')}, config.json's "
+            f"image_token_id {config['image_token_id']}: the tokenizer is another model's; copy the "
+            "tokenizer files of the model it was trained from into it"
+        )
 
 
 def read_config(folder: Path) -> dict:

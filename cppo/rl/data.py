@@ -31,8 +31,16 @@ prompt over 512 tokens        dropped and counted, naming the line/row; an error
 What happens to bad data, case by case (``strict=True`` turns every skip into an error):
 
 ============================  =====================================================================
-broken JSON / not an object   error naming ``file:line`` (the file itself is damaged)
+broken JSON / not an object   error naming ``file:line`` (the file itself is damaged; also a line
+                              that is not UTF-8 or nests too deeply to read: cppo.rl.jsonl)
 missing question or answer    skipped and counted (``file:line`` of the first few in the summary)
+question/answer not text      skipped and counted, naming the field: a list, dict, true/false or NaN
+                              is never written out as text (a number is: 3 -> "3")
+image outside data folder     skipped and counted: a path (``../``, absolute) that leaves the data's
+                              folder or ``image_root`` (cppo.rl.sources), unless
+                              ``allow_outside_images`` (``--data-allow-outside-images``)
+prompt over model positions   skipped and counted: a prompt that leaves no room for a response in the
+                              model's ``max_position_embeddings`` (also with max_prompt_length off)
 missing image file            skipped and counted
 unreadable / corrupt image    skipped and counted (header and ``verify()`` checked up front)
 decompression bomb            skipped and counted (Pillow's ``MAX_IMAGE_PIXELS`` is kept, its
@@ -57,6 +65,7 @@ import math
 import os
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,6 +309,18 @@ def _record(
     return _Record(question, answer, images, qtype, where, extra, shown)
 
 
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 class PromptDataset:
     """Checked and preprocessed samples; images are read from disk when a sample is accessed."""
 
@@ -360,9 +381,9 @@ class PromptDataset:
         kept = []
         for start in range(0, len(self.records), 512):
             chunk = self.records[start : start + 512]
-            lengths = prompt_lengths(
-                processor, [r.question for r in chunk], [r.sizes for r in chunk], instruction_for(instruction)
-            )
+            questions, sizes = [r.question for r in chunk], [r.sizes for r in chunk]
+            with _quiet_transformers():  # its "longer than the maximum" warning: the count is the point
+                lengths = prompt_lengths(processor, questions, sizes, instruction_for(instruction))
             for r, n in zip(chunk, lengths):
                 if limit and n > limit:
                     prompt = f"{r.source}: prompt of {n} tokens (images included)"
