@@ -54,6 +54,27 @@ def test_split_layout_of_the_shapes_export(folder):
     assert len(open_dataset(folder, split="val")) == 1
 
 
+def test_image_paths_stay_in_the_data_folder_of_each_layout(folder):
+    """The folder is the file's, or the one above a split folder (the shapes export's ../images/);
+    a symlink placed inside it is followed (the user put it there); other paths are counted skips."""
+    (folder / "val").mkdir()
+    (folder / "linked").symlink_to(folder / "images")
+    rows = [
+        {"image": "../images/0.png", "question": "q", "answer": "a"},
+        {"image": "../linked/1.png", "question": "q", "answer": "a"},
+        {"image": "../../images/0.png", "question": "q", "answer": "a"},  # above the dataset folder
+        {"image": str(folder / "images" / "2.png"), "question": "q", "answer": "a"},  # absolute, inside
+    ]
+    _write(folder / "val", rows)
+    ds = open_dataset(folder, split="val")
+    assert [r.source[-1] for r in ds.records] == ["1", "2", "4"]
+    assert ds.skipped == {"image outside the data folder": 1} and "data.jsonl:3" in ds.summary()
+    with pytest.raises(
+        DataError, match=r"data\.jsonl:3: image outside the data folder: '\.\./\.\./images/0\.png'"
+    ):
+        open_dataset(folder, split="val", strict=True)
+
+
 def test_broken_json_line_is_an_error_naming_the_line(folder):
     path = _write(
         folder, [{"image": "images/0.png", "question": "q", "answer": "a"}, "", '{"question": "q",']

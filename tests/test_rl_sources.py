@@ -250,6 +250,16 @@ def test_data_path_resolution_keeps_jsonl_relative_paths(tmp_path):
     assert Path(ds.base) == tmp_path
 
 
+def test_a_damaged_parquet_file_in_a_folder_is_named_before_datasets_reads_any(published, tmp_path):
+    folder = tmp_path / "parquet"
+    shutil.copytree(published["virl"], folder)
+    good = folder / "39Krelease.parquet"
+    bad = folder / "39Kextra.parquet"  # no split in the names: both are the training data
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # cut: its footer is gone
+    with pytest.raises(DataError, match=r"39Kextra\.parquet: not a readable parquet file .*write it again"):
+        open_dataset(folder)
+
+
 # --- each source end to end: cppo-train --max-steps 2 on the demo model, the paper's preprocessing
 def _train(out, *flags):
     from cli.train import main
