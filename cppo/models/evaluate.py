@@ -43,6 +43,7 @@ from PIL import Image
 from cppo.grading import grade
 from cppo.models.build import demo_model_path, load_model_and_processor
 from cppo.models.inputs import encode_prompts, generate_responses
+from cppo.models.model_dir import ModelError
 from cppo.prompt import INSTRUCTION
 from cppo.toy.shapes import (
     BACKGROUND,
@@ -299,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, processor = load_model_and_processor(args.model)
+    try:
+        model, processor = load_model_and_processor(args.model)
+    except (ModelError, FileNotFoundError) as e:  # a broken or missing model folder: one line
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
     result = evaluate_split(
         model,
         processor,
