@@ -134,13 +134,7 @@ def _processor_config(folder: Path) -> dict:
 def model_positions(path_or_id: str | os.PathLike) -> int | None:
     """The model's ``max_position_embeddings`` (its text decoder's), read from config.json; None when
     the config is not at hand (a hub id not in the cache)."""
-    folder = Path(str(path_or_id)).expanduser()
-    if not folder.is_dir():
-        cached = _cached_config(str(path_or_id))
-        if cached is None:
-            return None
-        folder = Path(cached).parent
-    config = read_config(folder)
+    config = config_of(path_or_id) or {}
     value = (config.get("text_config") or {}).get("max_position_embeddings")
     value = value or config.get("max_position_embeddings")
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
