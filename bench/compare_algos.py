@@ -68,7 +68,8 @@ def _one_run(algo: str, seed: int, data: str, args: argparse.Namespace, threads:
     run_dir = Path(args.out) / f"{algo}-s{seed}"
     flags = [
         *("--algo", algo, "--seed", str(seed), "--max-steps", str(args.steps), "--data", data),
-        *("--output-dir", str(run_dir), "--no-tensorboard", "--max-new-tokens", str(args.max_new_tokens)),
+        *("--output-dir", str(run_dir), "--overwrite", "--no-tensorboard"),
+        *("--max-new-tokens", str(args.max_new_tokens)),
         *(["--model", args.model] if args.model else []),
         *args.train_args.split(),
     ]

@@ -100,12 +100,13 @@ def test_demo_recipe_report_is_the_evaluators_with_chance_and_blank_images(tiny)
     from cppo.models import load_model_and_processor
     from cppo.models.evaluate import evaluate_split
     from cppo.toy import CHANCE, split_items
+    from cppo.toy.shapes import reasoning_agrees
 
     model, processor = load_model_and_processor(tiny / "model")
-    result = evaluate_split(model, processor, "test", 5, seed=0, batch_size=3, max_new_tokens=12)
+    result = evaluate_split(model, processor, "test", 5, seed=0, batch_size=3, max_new_tokens=12, sampled=2)
     assert set(result) == {
-        "accuracy", "format", "n", "chance", "per_type", "responses",
-        "blank_image_accuracy", "split", "seed", "image_size",
+        "accuracy", "format", "agreement", "n", "samples", "chance", "per_type", "responses",
+        "blank_image_accuracy", "sampled", "split", "seed", "image_size",
     }  # fmt: skip
     items = split_items("test", 5, seed=0)
     grades = [grade(r, it.answer) for r, it in zip(result["responses"], items)]
@@ -116,6 +117,9 @@ def test_demo_recipe_report_is_the_evaluators_with_chance_and_blank_images(tiny)
     for q, r in result["per_type"].items():
         assert r["chance"] == CHANCE[q] and r["n"] == sum(it.question_type == q for it in items)
     assert 0.0 <= result["blank_image_accuracy"] <= 1.0
+    agree = [reasoning_agrees(it.question_type, it.question, r) for r, it in zip(result["responses"], items)]
+    assert result["agreement"] == sum(agree) / 5
+    assert result["sampled"]["samples"] == 2 and 0.0 <= result["sampled"]["accuracy"] <= 1.0
 
 
 def test_cppo_eval_errors_exit_2(tiny, tmp_path, capsys):
