@@ -288,8 +288,7 @@ def _bad_dataset(tmp_path: Path, data: Path) -> Path:
     """Three good samples, then a corrupt image (line 4) and a sample without an answer (line 5)."""
     lines = data.read_text().splitlines()[:3]
     rows = [json.loads(line) for line in lines]
-    for r in rows:
-        r["image"] = str((data.parent / r["image"]).resolve())
+    shutil.copytree(data.parent / "images", tmp_path / "images")  # images stay in the data folder
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
     rows.append({**rows[0], "image": str(corrupt)})
@@ -357,6 +356,39 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_resume_continues(
     assert_same_run(run, reference)
 
 
+def test_a_full_disk_writing_config_yaml_is_one_line_and_keeps_the_previous_one(
+    tiny_dir, data, reference, tmp_path, monkeypatch, capsys
+):
+    """config.yaml is rewritten when a run starts (a resume may change safe fields): a full disk there is
+    the one-line RunDirError, the earlier config.yaml whole and no temporary left; then a resume works."""
+    run = _copy(reference, tmp_path)
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    real = run_mod.atomic_write
+
+    def disk_full_in_config_yaml(path, content, *args, **kwargs):
+        if Path(path).name != "config.yaml":
+            return real(path, content, *args, **kwargs)
+
+        def half_then_full(tmp):  # part of the file reaches the disk, then the disk is full
+            tmp.write_text(content[: len(content) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return real(path, half_then_full)
+
+    monkeypatch.setattr(run_mod, "atomic_write", disk_full_in_config_yaml)
+    assert train_main(_flags(tiny_dir, data, run, "--resume", "auto", "--max-steps", "6")) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("cppo-train")]  # not the load's bar
+    assert "Traceback" not in err and len(said) == 1, err
+    assert said[0].startswith(f"cppo-train: error: could not write {run / 'config.yaml'} (No space left")
+    assert "--resume auto" in said[0]
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not list(run.glob(".config.yaml*")) and _steps(run) == list(range(1, STEPS + 1))
+    monkeypatch.undo()
+    assert train_main(_flags(tiny_dir, data, run, "--resume", "auto")) == 0
+    assert_same_run(run, reference)
+
+
 # ----------------------------------------------------------------------------------- resume checks
 
 
@@ -400,8 +432,7 @@ def test_changed_config_is_refused_with_the_fields_unless_safe_or_forced(
 def test_changed_data_contents_at_the_same_path_are_refused(tiny_dir, data, tmp_path, capsys):
     copy = tmp_path / "data.jsonl"
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    for r in rows:
-        r["image"] = str((data.parent / r["image"]).resolve())
+    shutil.copytree(data.parent / "images", tmp_path / "images")  # images stay in the data folder
     copy.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
     assert train_main(_flags(tiny_dir, copy, run, "--max-steps", "1")) == 0

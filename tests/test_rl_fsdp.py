@@ -94,8 +94,7 @@ def fsdp_run(tiny_dir, data, tmp_path_factory):
     for i, row in enumerate(rows):
         if i % 2:
             del row["image"]
-        else:
-            row["image"] = str(data.parent / row["image"])
+    shutil.copytree(data.parent / "images", tmp / "images")  # images stay in the data folder
     mixed = tmp / "mixed.jsonl"
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
     flags = ["--model", str(tiny_dir), "--data", str(mixed), *FLAGS]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,8 +116,7 @@ def _half_text_only(data: Path, out: Path) -> Path:
     for i, row in enumerate(rows):
         if i % 2:
             del row["image"]
-        else:  # the copy lives elsewhere: image paths relative to the original file
-            row["image"] = str(data.parent / row["image"])
+    shutil.copytree(data.parent / "images", out.parent / "images")  # images stay in the data folder
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -237,8 +237,6 @@ def test_grpo_and_papo_are_the_same_loop_with_their_own_terms(
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(tiny_dir, data, tmp_path):
     """No checkpoint to resume (the earlier run died before writing one): the earlier log is set aside
     as metrics.earlier-1.jsonl and metrics.jsonl holds the new run's steps only, not [1, 2, 1, 2, 3]."""
-    import shutil
-
     out = tmp_path / "run"
     flags = _flags(tiny_dir, data, out, "--algo", "grpo")
     assert train_main(flags) == 0
