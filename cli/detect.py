@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--strict", action="store_true", help="with --data: unusable samples are errors, not skips"
     )
+    ap.add_argument(
+        "--data-allow-outside-images",
+        action="store_true",
+        help="with --data: let image paths point outside the data's folder; by default such a sample is "
+        "skipped, never opened (an error under --strict)",
+    )
     ap.add_argument("--preset", default="paper", help="preset whose removing views are drawn (name or .yaml)")
     ap.add_argument("--perturbation", default=None, help="one removing perturbation instead of the preset's")
     ap.add_argument("--seed", type=int, default=0, help="seeds the views and generated responses")
@@ -199,7 +205,9 @@ def _examples(args) -> tuple[list, str]:
             Example(images, args.prompt, args.response, name=", ".join(args.image), extra=extra)
         ], "--image"
     path = args.data or str(bundled_example_path())
-    dataset = open_dataset(path, split=args.split, strict=args.strict)
+    dataset = open_dataset(
+        path, split=args.split, strict=args.strict, allow_outside_images=args.data_allow_outside_images
+    )
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     examples, text_only = [], 0
     for i in range(n):

@@ -43,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         from cppo.rl.config import build_parser
         from cppo.rl.plan import describe
 
+        try:  # the plan first: a model config.json it cannot read is one line, with nothing printed
+            plan = describe(cfg, build_parser().read_flags(argv).dry_run_gpus)
+        except ConfigError as e:
+            print(f"cppo-train: error: {e}", file=sys.stderr)
+            return 2
         print(f"# resolved config\n{cfg.to_yaml()}", end="")
-        print(f"# plan\n{describe(cfg, build_parser().read_flags(argv).dry_run_gpus)}")
+        print(f"# plan\n{plan}")
         return 0
     from cppo.rl.checkpoint import RunDirError
     from cppo.rl.data import DataError

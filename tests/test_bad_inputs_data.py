@@ -164,11 +164,30 @@ def test_a_broken_model_folder_is_one_line_before_it_loads(
     assert expected in line and model in line
 
 
-@pytest.mark.parametrize("command", ["eval", "detect"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_weights_that_do_not_fit_the_config_are_one_line(d, tmp_path, capsys, command):
-    """Found only by loading (transformers would start the missing layer at random)."""
+    """Found only by loading (transformers would start the missing layer at random); cppo-train finds
+    it while building the policy, after the data, and writes nothing into its run folder."""
     line = _run(command, ["--model", "{d}/models/extra-layer"], d, tmp_path, capsys, loads=True)
     assert "weights do not fit its config.json (12 missing" in line
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("not-json", "config.json:2: the model's config is not valid JSON"),
+        ("qwen2", "model_type is 'qwen2' (a text-only model)"),
+    ],
+)
+def test_a_dry_run_refuses_a_model_config_it_cannot_read_in_one_line(d, tmp_path, capsys, model, expected):
+    """cppo-train --dry-run reads the model's config.json for the memory plan: one line and exit 2, the
+    run's own refusal, and no half-printed plan on stdout."""
+    argv = ["--model", f"{d}/models/{model}", "--output-dir", str(tmp_path / "run"), "--dry-run"]
+    assert train_main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cppo-train: error: ") and expected in lines[0], lines
+    assert out == "" and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -312,6 +331,20 @@ def test_the_allow_flag_reaches_the_data_from_both_commands():
     assert parse_args(["--data-allow-outside-images"]).data_allow_outside_images is True
     assert parse_args([]).data_allow_outside_images is False
     assert build_parser().parse_args(["--data", "x", "--data-allow-outside-images"]).data_allow_outside_images
+
+
+def test_cppo_detect_data_confines_images_unless_allowed(d, capsys):
+    """cppo-detect --data applies the same rule as train and eval, and takes the same flag."""
+    from cli.detect import _examples, build_parser
+
+    argv = ["--data", str(d / "data" / "escape.jsonl")]
+    confined, _ = _examples(build_parser().parse_args(argv))
+    assert "image outside the data folder" in capsys.readouterr().err
+    allowed, _ = _examples(build_parser().parse_args([*argv, "--data-allow-outside-images"]))
+    assert len(confined) == 1 and len(allowed) == 2
+    assert allowed[1].images[0].getpixel((0, 0)) == (10, 200, 10)  # ../outside.png, opened when allowed
+    with pytest.raises(ValueError, match=r"escape\.jsonl:2: image outside the data folder"):
+        _examples(build_parser().parse_args([*argv, "--strict"]))
 
 
 def test_a_long_prompt_is_a_counted_skip_with_the_length_limit_off(d, processor):

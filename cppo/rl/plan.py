@@ -12,7 +12,9 @@ the memory per GPU from cppo.rl.memory, without loading a model. What it cannot 
 - prompt lengths: counted with the model's processor (its tokenizer files, a local folder or the
   hub cache); without it the count is an upper bound, before the max_prompt_length filter;
 - the model's shape: from its config.json (a local folder or the hub cache), else the published
-  sizes of Qwen2.5-VL-3B/7B when the model's name says which (``SHAPES``), else unknown;
+  sizes of Qwen2.5-VL-3B/7B when the model's name says which (``SHAPES``), else unknown; a config.json
+  that is there but cannot be used (not JSON, not a Qwen2.5-VL's) is refused in one line, as the run
+  would refuse it;
 - the processes: ``--dry-run-gpus N``, else the launch's (``WORLD_SIZE``), else 1; FSDP when the
   launch exports an accelerate FSDP config, and otherwise both layouts are shown when N > 1;
 - the run directory: new, resumed, or holding an earlier run that the run would refuse (or, with
@@ -28,6 +30,7 @@ import re
 from pathlib import Path
 
 from cppo.models import demo_model_path
+from cppo.models.model_dir import read_config
 from cppo.rl.config import ConfigError, TrainConfig, resolve_max_steps
 from cppo.rl.data import DataError, Preprocessing, PromptDataset, data_processor
 from cppo.rl.fsdp import fsdp_settings
@@ -89,7 +92,8 @@ def count_samples(cfg: TrainConfig) -> tuple[int | None, str]:
 
 
 def model_shape(cfg: TrainConfig) -> tuple[ModelShape | None, str]:
-    """(the model's shape, where it came from) from its config.json, else from its name, else None."""
+    """(the model's shape, where it came from) from its config.json, else from its name, else None.
+    A config.json that is there but unusable (not JSON, another model type) is a ConfigError, one line."""
     name = str(cfg.model or demo_model_path())
     path = Path(name).expanduser() / "config.json"
     if not path.is_file():
@@ -102,7 +106,12 @@ def model_shape(cfg: TrainConfig) -> tuple[ModelShape | None, str]:
     if path is not None:
         from transformers import AutoConfig
 
-        return ModelShape.from_config(AutoConfig.from_pretrained(path.parent)), f"{name} (its config.json)"
+        try:  # not JSON, not a Qwen2.5-VL's: the run would refuse it too (cppo.models.model_dir)
+            read_config(path.parent)
+            config = AutoConfig.from_pretrained(path.parent)
+        except (ValueError, OSError) as e:  # ModelError is a ValueError
+            raise ConfigError(_line(e)) from None
+        return ModelShape.from_config(config), f"{name} (its config.json)"
     size = re.search(r"(?i)-(3b|7b)\b", name)
     if size:
         return SHAPES[size.group(1).lower()], (

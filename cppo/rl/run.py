@@ -7,9 +7,10 @@ run directory holding an earlier run is refused unless --resume or --overwrite s
 it (cppo.rl.rundir); --overwrite deletes the earlier run only after the model has loaded, the last
 moment before the new run writes its own files.
 
-Split from cppo/rl/loop.py so that the loop reads top to bottom on its own. It runs a few lines
-past 300 because `setup_run` keeps the whole set-up order (checks, data, resume point, policy,
-sharding, reference, optimizer) visible in one function, as the loop keeps the step.
+Split from cppo/rl/loop.py so that the loop reads top to bottom on its own. It runs past 300
+lines because `setup_run` keeps the whole set-up order (checks, data, resume point, policy,
+sharding, reference, optimizer) visible in one function, as the loop keeps the step, and each part
+it calls turns its library's failures into the one-line errors cppo-train prints.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import torch
 import torch.distributed as dist
 
 from cppo.models import demo_model_path, load_model_and_processor
+from cppo.models.model_dir import ModelError
 from cppo.perturb import get_preset, load_preset
 from cppo.precision import resolve_dtype
-from cppo.rl.atomic import atomic_write
+from cppo.rl.atomic import RunDirError, atomic_write
 from cppo.rl.checkpoint import check_writable
 from cppo.rl.config import ConfigError, TrainConfig, check_launch, resolve_max_steps
 from cppo.rl.data import PromptDataset, data_processor, find_split, open_config_data, shapes_data
 from cppo.rl.fsdp import fsdp_settings, shard_policy
+from cppo.rl.logfiles import write_failure
 from cppo.rl.perception import get_perception_term
 from cppo.rl.reference import build_reference, place_reference
 from cppo.rl.reporting import Counters, StepLogger
@@ -137,7 +140,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     else:  # a fresh start never appends to an earlier run's logs (one killed before its 1st checkpoint)
         logger.set_aside_earlier_logs()
     if rank == 0:  # the resolved config of the run as it goes on (a resume may change safe fields)
-        atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        write_config(run_dir, cfg)
     checkpointer = Checkpointer(
         cfg, run_dir, rank, sharded, model, processor, optimizer, scheduler, fingerprint, counters
     )
@@ -165,6 +168,19 @@ def setup_run(cfg: TrainConfig) -> Run:
         checkpointer=checkpointer,
         start=start,
     )
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """config.yaml, replaced whole (cppo.rl.atomic); a write that fails (a full disk) is a RunDirError
+    line, the earlier config.yaml kept, before the first step is trained."""
+    path = run_dir / "config.yaml"
+    try:
+        atomic_write(path, cfg.to_yaml())
+    except OSError as e:
+        raise RunDirError(
+            f"could not write {path} ({write_failure(e)}); nothing was trained. Free space or fix "
+            "permissions, then run again with --resume auto"
+        ) from None
 
 
 def _eval_set(cfg: TrainConfig, data_path, processor) -> PromptDataset:
@@ -239,12 +255,15 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
     its shards once the policy is built (and sharded, under FSDP)."""
     base = cfg.model or demo_model_path()
     full_resume = resume_from is not None and not cfg.lora_r and not is_sharded_checkpoint(resume_from)
-    model, processor = load_model_and_processor(
-        resume_from if full_resume else base, device, master_dtype(cfg, device)
-    )
-    ref = None
-    if cfg.beta > 0:  # a frozen copy of the starting policy (docs/method.md §3: k3 to a frozen reference)
-        ref = build_reference(model, compute_dtype(cfg, device), base=base if full_resume else None)
+    try:  # weights that do not fit the config are found only by loading them: one line, not a traceback
+        model, processor = load_model_and_processor(
+            resume_from if full_resume else base, device, master_dtype(cfg, device)
+        )
+        ref = None
+        if cfg.beta > 0:  # a frozen copy of the starting policy (docs/method.md §3: k3 to a frozen reference)
+            ref = build_reference(model, compute_dtype(cfg, device), base=base if full_resume else None)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
     if cfg.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
