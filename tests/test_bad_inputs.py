@@ -1,7 +1,8 @@
 """Hostile input to the commands: one line on stderr naming the problem, exit 2, no traceback, and
 nothing written (docs/reliability.md). The corpus is built here from small files the test writes.
 
-cppo-perturb and cppo-detect so far; each case is (argv, a piece of the expected message).
+cppo-perturb and cppo-detect, and the reward specs of cppo-train; each case is (argv, a piece of the expected
+message). The rest of the corpus: tests/test_bad_inputs_train_eval.py, _data.py and _checkpoint.py.
 """
 
 import os
