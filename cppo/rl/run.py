@@ -43,7 +43,7 @@ from cppo.rl.resume import Checkpointer, data_fingerprint, restore, resume_point
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rundir import check_fresh, clear_earlier_run
 from cppo.rl.sampler import PromptSampler
-from cppo.rl.sharded import is_sharded_checkpoint
+from cppo.rl.sharded import is_sharded_checkpoint, share_rank0_outcome
 
 
 @dataclass
@@ -139,8 +139,14 @@ def setup_run(cfg: TrainConfig) -> Run:
         start = restore(ckpt, state, cfg, model, optimizer, scheduler, sampler, counters, logger)
     else:  # a fresh start never appends to an earlier run's logs (one killed before its 1st checkpoint)
         logger.set_aside_earlier_logs()
+    failed = None
     if rank == 0:  # the resolved config of the run as it goes on (a resume may change safe fields)
-        write_config(run_dir, cfg)
+        try:
+            write_config(run_dir, cfg)
+        except RunDirError as e:
+            failed = e
+    # every process stops together when rank 0 could not write it, not only rank 0 (a hang)
+    share_rank0_outcome(failed, f"write {run_dir / 'config.yaml'}")
     checkpointer = Checkpointer(
         cfg, run_dir, rank, sharded, model, processor, optimizer, scheduler, fingerprint, counters
     )

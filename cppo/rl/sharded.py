@@ -80,7 +80,7 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _agree(error: BaseException | None, what: str) -> None:
+def share_rank0_outcome(error: BaseException | None, what: str) -> None:
     """Share rank 0's outcome of a stage: every process raises when rank 0 failed (rank 0 its own
     error; the others a RunDirError for an OSError, else a RuntimeError, naming it)."""
     if _distributed() and dist.get_world_size() > 1:
@@ -163,7 +163,7 @@ def save_sharded_checkpoint(
             (tmp / SHARDS).mkdir(parents=True)
         except OSError as e:
             error = write_error(run_dir, final, e)
-    _agree(error, f"create {tmp}")
+    share_rank0_outcome(error, f"create {tmp}")
     try:
         write_shards(tmp / SHARDS, model, optimizer)  # raises on every rank if one fails
     except BaseException as e:
@@ -193,7 +193,7 @@ def save_sharded_checkpoint(
             error = write_error(run_dir, final, e)
         except BaseException as e:
             error = e
-    _agree(error, f"write checkpoint {final}")
+    share_rank0_outcome(error, f"write checkpoint {final}")
     return final
 
 
