@@ -67,7 +67,6 @@ def test_overwrite_deletes_the_earlier_run_and_nothing_else(tiny_dir, data, tmp_
     assert train_main(_flags(tiny_dir, data, "--output-dir", str(run), "--max-steps", "2")) == 0
     (run / "notes.txt").write_text("mine")  # not the run's: kept
     (run / "metrics.earlier-1.jsonl").write_text('{"step": 9}\n')  # the run's: deleted
-    old = (run / "checkpoints" / "step-000002").stat().st_ino
     capsys.readouterr()
     assert train_main(_flags(tiny_dir, data, "--output-dir", str(run), "--overwrite", "--seed", "1")) == 0
     err = capsys.readouterr().err
@@ -75,7 +74,6 @@ def test_overwrite_deletes_the_earlier_run_and_nothing_else(tiny_dir, data, tmp_
     assert _steps(run) == [1] and (run / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
     assert not (run / "metrics.earlier-1.jsonl").exists() and not (run / TRASH).exists()
-    assert old not in [p.stat().st_ino for p in (run / "checkpoints").iterdir()]
     assert parse_args(["--config", str(run / "config.yaml")]).seed == 1
     # --resume auto still continues it; --resume auto with nothing to resume sets logs aside as before
     assert train_main(_flags(tiny_dir, data, "--output-dir", str(run), "--resume", "auto", "--seed", "1",
