@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -358,3 +359,59 @@ def test_warmstart_targets_end_with_im_end_and_describe_items_list_the_scene_lef
     # warmup is linear to the peak, then cosine down to 10 % of it
     assert lr_at(0, 100, 10, 1.0) == 0.1 and lr_at(9, 100, 10, 1.0) == 1.0
     assert abs(lr_at(100, 100, 10, 1.0) - 0.1) < 1e-9 and lr_at(50, 100, 10, 1.0) < 1.0
+
+
+def test_a_second_warmstart_stage_continues_the_first_and_the_card_gives_both_commands(tmp_path):
+    """--init trains on from an earlier stage's weights; warmstart.json lists every stage, and the
+    card prints one command per stage, the second reading the first's folder."""
+    from cppo.models.card import render_card
+    from cppo.models.warmstart import main as warmstart_main
+
+    common = ["--batch-size", "2", "--threads", "1", "--eval-n", "0", "--log-every", "1", "--hidden", "64"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert warmstart_main(["--out", str(one), "--steps", "2", "--warmup", "1", *common]) == 0
+    first = load_model_and_processor(one)[0].state_dict()
+    assert (
+        warmstart_main(
+            [
+                "--out",
+                str(two),
+                "--init",
+                str(one),
+                "--steps",
+                "3",
+                "--warmup",
+                "1",
+                "--seed",
+                "1",
+                *common[:-2],
+            ]
+            + ["--relabel-frac", "0.5", "--type-weights", "0", "0", "1", "0"]
+        )
+        == 0
+    )
+    second = load_model_and_processor(two)[0].state_dict()
+    assert second.keys() == first.keys() and any(not torch.equal(first[k], second[k]) for k in first)
+    meta = json.loads((two / "warmstart.json").read_text())
+    assert [s["steps"] for s in meta["stages"]] == [2, 3] and len(meta["stage_seconds"]) == 2
+    assert meta["model"]["hidden_size"] == 64  # the first stage's shape, whatever --hidden says
+    ev = {"accuracy": 0.5, "format": 1.0, "chance": 0.4, "n": 2, "seed": 0, "blank_image_accuracy": 0.4}
+    ev["per_type"] = {"further_left": {"n": 2, "accuracy": 0.5, "format": 1.0, "chance": 0.5}}
+    for name in ("eval.json", "eval_slice.json"):
+        (two / name).write_text(json.dumps(ev))
+    card = render_card(two)
+    assert "--out runs/warmstart-stage1 --steps 2" in card
+    assert (
+        "--out cppo/assets/demo-model --steps 3 --seed 1" in card and "--init runs/warmstart-stage1" in card
+    )
+    assert "--type-weights 0 0 1 0" in card and "Stage 2 of 2 (from the previous stage" in card
+
+
+def test_type_weights_draw_only_the_weighted_question_types():
+    import numpy as np
+
+    from cppo.models.warmstart import _question_type
+
+    rng = np.random.default_rng(0)
+    drawn = {_question_type(rng, np.array([0.0, 0.0, 1.0, 0.0])) for _ in range(20)}
+    assert drawn == {"further_left"} and _question_type(rng, None) is None

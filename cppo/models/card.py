@@ -18,6 +18,46 @@ def _pct(share: float | None) -> str:
     return "–" if share is None else f"{100 * share:.1f}"
 
 
+def _command(r: dict, out: str, index: int) -> str:
+    """The warm-start command line of one stage of the recipe."""
+    cmd = (
+        f"python -m cppo.models.warmstart --out {out} "
+        f"--steps {r['steps']} --seed {r['seed']} --batch-size {r['batch_size']} "
+        f"--lr {r['lr']} --warmup {r['warmup']} --threads {r['threads']}"
+    )
+    if r.get("init"):
+        cmd += f" --init runs/warmstart-stage{index}"
+    for flag, key, default in (
+        ("--describe-frac", "describe_frac", 0.0),
+        ("--relabel-frac", "relabel_frac", 0.0),
+        ("--layers", "layers", 2),
+        ("--hidden", "hidden", 128),
+    ):
+        if not r.get("init") or key not in ("layers", "hidden"):
+            if r.get(key, default) != default:
+                cmd += f" {flag} {r[key]}"
+    if r.get("type_weights"):
+        cmd += " --type-weights " + " ".join(f"{w:g}" for w in r["type_weights"])
+    return cmd
+
+
+def _stage_line(r: dict, index: int, n: int, seconds: float | None) -> str:
+    weights = r.get("type_weights")
+    mix = (
+        "question types in the proportions " + ":".join(f"{w:g}" for w in weights)
+        if weights
+        else "question types uniform"
+    )
+    took = "" if seconds is None else f", {seconds / 60:.0f} min"
+    start = "from the previous stage" if r.get("init") else "from a new model"
+    return (
+        f"- Stage {index + 1} of {n} ({start}{took}): {r['steps']} steps, lr {r['lr']}, "
+        f"warmup {r['warmup']}, "
+        f"{100 * r.get('describe_frac', 0.0):.0f} % describe items, {100 * r.get('relabel_frac', 0.0):.0f} % "
+        f"relabelled, {mix}."
+    )
+
+
 def render_card(model_dir: Path) -> str:
     ws = json.loads((model_dir / "warmstart.json").read_text())
     ev = json.loads((model_dir / "eval.json").read_text())
@@ -30,19 +70,16 @@ def render_card(model_dir: Path) -> str:
         f"{_pct(v.get('agreement'))} | {100 * v['chance']:.0f} |"
         for q, v in ev["per_type"].items()
     )
-    cmd = (
-        "python -m cppo.models.warmstart --out cppo/assets/demo-model "
-        f"--steps {r['steps']} --seed {r['seed']} --batch-size {r['batch_size']} "
-        f"--lr {r['lr']} --warmup {r['warmup']} --threads {r['threads']}"
+    stages = ws.get("stages", [r])
+    seconds = ws.get("stage_seconds", [ws["train_seconds"]])
+    out = "cppo/assets/demo-model"
+    cmds = [
+        _command(st, out if i == len(stages) - 1 else f"runs/warmstart-stage{i + 1}", i)
+        for i, st in enumerate(stages)
+    ]
+    stage_lines = "\n".join(
+        _stage_line(st, i, len(stages), sec) for i, (st, sec) in enumerate(zip(stages, seconds))
     )
-    for flag, key, default in (
-        ("--describe-frac", "describe_frac", 0.0),
-        ("--relabel-frac", "relabel_frac", 0.0),
-        ("--layers", "layers", 2),
-        ("--hidden", "hidden", 128),
-    ):
-        if r.get(key, default) != default:
-            cmd += f" {flag} {r[key]}"
     m = ws["model"]
     acc, fmt = 100 * ev["accuracy"], 100 * ev["format"]
     weak = [q for q, v in ev["per_type"].items() if v["accuracy"] < v["chance"] + 0.2]
@@ -98,15 +135,15 @@ knows nothing else.
 - Tokenizer: `Qwen2Tokenizer`, byte-level BPE learned on the task's text plus Qwen's 14 special tokens;
   official Qwen2.5-VL chat template. Weights stored in bfloat16: {size_mb:.1f} MB.
 
-## Recipe (seed {r["seed"]})
-    {cmd}
+## Recipe
+    {chr(10).join("    " + c if i else c for i, c in enumerate(cmds))}
 
-Supervised, a fresh batch of {r["batch_size"]} generated items every step, {r["steps"]} steps,
-{100 * r.get("describe_frac", 0.0):.0f} % of them the auxiliary "name every shape left to right" item;
-AdamW lr {r["lr"]} (betas 0.9/0.98, weight decay {r["weight_decay"]} on matrices), warmup
-{r["warmup"]} then cosine to 10 %, clip 1.0.
-{relabel_line}Training took {ws["train_seconds"] / 60:.1f} min with {ws["torch_threads"]} torch threads
-(CPU shared with other jobs).
+Supervised, a fresh batch of {r["batch_size"]} generated items every step (describe items: the auxiliary
+"name every shape left to right" item); AdamW (betas 0.9/0.98, weight decay {r["weight_decay"]} on
+matrices), warmup then cosine to 10 % of the peak, clip 1.0, {ws["torch_threads"]} torch threads on
+a 2-core CPU shared with other jobs.
+{stage_lines}
+{relabel_line}
 {loss_line}
 
 ## Results: test split (seed {ev["seed"]}, first {ev["n"]} items), greedy decoding
@@ -125,7 +162,8 @@ With every image replaced by a blank one the accuracy is {100 * ev["blank_image_
 ({looks}).
 
 CI re-scores the first {sl["n"]} test items (`tests/test_demo_model.py`):
-accuracy {100 * sl["accuracy"]:.1f} %, format {100 * sl["format"]:.1f} %; tolerance ±3 points
+accuracy {100 * sl["accuracy"]:.1f} %, format {100 * sl["format"]:.1f} %, reasoning agrees \
+{_pct(sl.get("agreement"))} %; tolerance ±3 points
 (bf16 weights on another CPU may flip a near-tied greedy token).
 
 ## Limits

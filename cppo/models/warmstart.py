@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cppo.models.build import TinyVLMConfig, build_tiny_model
+from cppo.models.build import TinyVLMConfig, build_tiny_model, load_model_and_processor
 from cppo.models.card import main as card_main
 from cppo.models.evaluate import main as evaluate_main
 from cppo.models.inputs import append_responses, encode_prompts, response_logits
 from cppo.toy.shapes import (
     COLORS,
     DEFAULT_IMAGE_SIZE,
+    QUESTION_TYPES,
     ShapesItem,
     make_item,
     make_scene,
@@ -136,6 +137,11 @@ def blind_floor(tokenizer, n: int = 20000, seed: int = 99, image_size: int = DEF
     return nats / tokens
 
 
+def _question_type(rng: np.random.Generator, weights: np.ndarray | None) -> str | None:
+    """A question type drawn with the recipe's weights, or None (make_item's uniform draw)."""
+    return None if weights is None else QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights))]
+
+
 def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -165,6 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="share of task items whose target names another valid answer (relabel_item)",
     )
+    ap.add_argument(
+        "--type-weights",
+        type=float,
+        nargs=4,
+        default=None,
+        metavar="W",
+        help="relative frequency of each question type (count_color color_of_shape further_left more_than)",
+    )
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="continue from this checkpoint (an earlier stage of the recipe) instead of a new model",
+    )
     ap.add_argument("--layers", type=int, default=2, help="text decoder layers (TinyVLMConfig.num_layers)")
     ap.add_argument("--hidden", type=int, default=128, help="text width (TinyVLMConfig.hidden_size)")
     ap.add_argument("--threads", type=int, default=2)
@@ -179,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         hidden_size=args.hidden,
         intermediate_size=3 * args.hidden,
     )
-    model, processor = build_tiny_model(config, seed=args.seed)
+    if args.init:  # a later stage: the earlier stage's weights (saved in bf16) trained on in fp32
+        model, processor = load_model_and_processor(args.init)
+        model.train()
+        config = TinyVLMConfig(**json.loads((Path(args.init) / "warmstart.json").read_text())["model"])
+    else:
+        model, processor = build_tiny_model(config, seed=args.seed)
+    weights = None if args.type_weights is None else np.array(args.type_weights) / sum(args.type_weights)
     tok = processor.tokenizer
     floor = blind_floor(tok, image_size=args.image_size)
     n_params = sum(p.numel() for p in model.parameters())
@@ -199,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         items = [
             describe_item(rng, args.image_size)
             if rng.random() < args.describe_frac
-            else make_item(rng, args.image_size)
+            else make_item(rng, args.image_size, _question_type(rng, weights))
             for _ in range(args.batch_size)
         ]
         items = [relabel_item(rng, it) if rng.random() < args.relabel_frac else it for it in items]
@@ -231,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     model.to(torch.bfloat16).save_pretrained(out)
     processor.save_pretrained(out)
     recipe = {k: v for k, v in vars(args).items() if k not in ("out", "log_every")}
+    earlier = json.loads((Path(args.init) / "warmstart.json").read_text()) if args.init else {}
     meta = {
         "recipe": recipe,
+        # every stage of the recipe in order, each one command (a stage after the first has --init)
+        "stages": earlier.get("stages", [earlier["recipe"]] if earlier else []) + [recipe],
+        "stage_seconds": earlier.get("stage_seconds", [earlier.get("train_seconds")] if earlier else [])
+        + [round(train_seconds, 1)],
         "model": asdict(config),
         "parameters": n_params,
         "blind_loss_floor": floor,
