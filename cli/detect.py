@@ -13,6 +13,9 @@ shift_NNNN.png and images/ (original and removing views); see ``cppo.detect.repo
 example's top tokens (one example), the accuracy and the share of answer-bearing tokens among the
 selected ones, and one warning line on stderr when an example's selected shifts are all near zero.
 Bad input prints one line naming what is wrong and exits 2.
+
+It runs past 300 lines because every input is checked before any work, each with its own
+one-line message.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ level, and the accuracy with every image replaced by a blank one of the backgrou
 that the model looks: a model whose answers do not change without the image has learned no
 perception. It writes the ``eval.json`` / ``eval_slice.json`` the model card is made from
 (``cppo.models.card``).
+
+It runs past 300 lines because the shapes recipe (chance levels, the blank-image check, the
+reasoning agreement, avg@K at the rollout temperature) sits beside the one evaluator it calls.
 """
 
 from __future__ import annotations

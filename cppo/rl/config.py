@@ -16,7 +16,7 @@ x G=5, 8 updates per step, lr 1e-6, 4096 new tokens). Batch sizes below the step
 rollouts (as TRL's ``per_device_train_batch_size``), not prompts (as verl's mini-batch), so one
 number means the same thing for the mini- and the micro-batch.
 
-The file is long (~770 lines) because every field carries its help text and paper value, and the
+The file is long (~900 lines) because every field carries its help text and paper value, and the
 rule "every check the trainer makes on the config lives here" keeps the parser, ``validate()`` and
 ``check_launch`` beside the fields they read.
 """
