@@ -96,16 +96,24 @@ def test_peak_memory_is_reset_each_step():
     of the test process (a prefetcher or reward worker left by an earlier test) can move the resident
     set by a few MiB, so the 256 MiB gap is asked for in one of three tries, not to the byte."""
     cpu = torch.device("cpu")
-    gaps = []
+    gaps, returned = [], []
     for _ in range(3):
         reset_peak_memory(cpu)
         big = torch.ones(64 * 2**20)  # 256 MiB, touched
-        first = peak_memory_mb(cpu)
+        first, held = peak_memory_mb(cpu), _rss_mb()
         del big
+        returned.append(held - _rss_mb())  # what the allocator gave back to the kernel
         reset_peak_memory(cpu)
         second = peak_memory_mb(cpu)
         assert first is not None and second is not None
         gaps.append(first - second)
         if gaps[-1] > 200:
             break
+    if max(returned) < 200:  # the freed buffer stayed resident, so no peak can drop below it
+        pytest.skip(f"the allocator kept the freed 256 MiB resident here ({returned} MiB returned)")
     assert max(gaps) > 200, gaps  # without the reset the second peak would include the buffer: gap ~0
+
+
+def _rss_mb() -> float:
+    line = next(x for x in open("/proc/self/status").read().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
