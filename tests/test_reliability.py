@@ -549,3 +549,17 @@ def test_keep_best_keeps_the_best_evaluated_checkpoint_outside_keep_last(
     assert best_checkpoint(out) == out / "checkpoints" / "step-000002"
     assert json.loads((out / "checkpoints" / "best.json").read_text())["score"] == 0.9
     assert train_main([*_flags(tiny_dir, data, tmp_path / "r2"), "--keep-best"]) == 2  # no eval_every
+
+
+def test_lora_targets_that_match_no_module_are_one_line_and_nothing_is_trained(
+    tiny_dir, data, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    flags = _flags(
+        tiny_dir, data, run, "--lora-r", "4", "--lora-targets", "nonexistent_proj", "--max-steps", "1"
+    )
+    assert train_main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert "lora_targets ['nonexistent_proj'] match no module of the model" in err[-1]
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()

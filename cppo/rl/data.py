@@ -370,7 +370,8 @@ class PromptDataset:
                 processor, prep.max_prompt_length, max_positions, strict, prep.instruction
             )
         if not self.records:
-            raise DataError(f"{self.source}: no usable sample. {self.summary()}")
+            reasons = self.summary().removeprefix(f"{self.source}:").lstrip("; ")
+            raise DataError(f"{self.source}: no usable sample; {reasons or 'the file holds none'}")
         self.text_only = sum(not r.images for r in self.records)
         self.multi_image = sum(len(r.images) > 1 for r in self.records)
 

@@ -278,15 +278,21 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=list(cfg.lora_targets),
-            ),
-        )
+        try:
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.lora_targets),
+                ),
+            )
+        except ValueError as e:  # peft's NoMatchingPeftModuleError: no module has those names
+            raise ConfigError(
+                f"lora_targets {list(cfg.lora_targets)} match no module of the model ({e}); "
+                "name linear layers it has, e.g. q_proj k_proj v_proj o_proj"
+            ) from None
         if resume_from is not None:
             _load_adapter(model, Path(resume_from))
     return model, processor, ref
