@@ -280,3 +280,16 @@ def test_refusals_are_one_line_in_a_fresh_interpreter_too(d, tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and expected in lines[0], p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_max_new_tokens_over_the_models_positions_is_refused_before_the_model_loads(
+    tmp_path, capsys, monkeypatch
+):
+    """The demo model has 2048 positions: a response that long could never follow a prompt."""
+    import cppo.rl.run as run_mod
+
+    monkeypatch.setattr(run_mod, "build_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    line = _refused(train_main, ["--max-new-tokens", "5000", "--output-dir", str(out)], capsys)
+    assert "max_new_tokens 5000 leaves no room for a prompt in the model's 2048 positions" in line
+    assert not (out / "metrics.jsonl").exists()

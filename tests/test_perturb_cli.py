@@ -75,3 +75,12 @@ def test_console_entry_in_a_subprocess(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert {"gallery.png", "params.json", "identity.png", "patch_blackout.png"} <= set(os.listdir(out))
+
+
+def test_a_gallery_never_has_more_columns_than_views():
+    """--columns 100000 once built a 25-million-pixel-wide blank sheet (and took minutes)."""
+    from cppo.perturb.gallery import contact_sheet
+
+    tiles = [(f"view {i}", Image.new("RGB", (20, 20), (i * 40, 0, 0))) for i in range(3)]
+    assert contact_sheet(tiles, columns=100_000, tile=32).width == 3 * 32
+    assert contact_sheet(tiles, columns=2, tile=32).width == 2 * 32

@@ -43,6 +43,7 @@ def contact_sheet(tiles: list[tuple[str, Image.Image]], columns: int = 4, tile: 
     font = _font(13)
     line_h = 16
     label_h = LABEL_LINES * line_h + 6
+    columns = max(1, min(columns, len(tiles)))  # more columns than tiles would only widen a blank sheet
     rows = -(-len(tiles) // columns)
     sheet = Image.new("RGB", (columns * tile, rows * (tile + label_h)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -504,6 +504,12 @@ def data_processor(cfg):
         set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     except ValueError as e:
         raise ConfigError(f"min_pixels/max_pixels: {e}") from None
+    positions = processor_positions(processor)
+    if positions is not None and cfg.max_new_tokens >= positions:
+        raise ConfigError(
+            f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's {positions} "
+            "positions (max_position_embeddings): lower it"
+        )
     return processor
 
 
