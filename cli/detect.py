@@ -84,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="K removing views per example (mean shift and spread); 1 is the paper's single view",
     )
     ap.add_argument("--top-percent", type=float, default=0.5, help="rho: fraction of candidates selected")
-    ap.add_argument("--selector", default="relative", choices=SELECTORS.names(), help="ranking rule")
+    ap.add_argument(
+        "--selector",
+        default="raw",
+        choices=SELECTORS.names(),
+        help="ranking rule (default raw: on the demo model the paper's relative ranks near-certain format "
+        "tokens first; docs/detect.md)",
+    )
     ap.add_argument("--temperature", type=float, default=1.0, help="divides the logits; sampling temperature")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="length cap of generated responses")
     ap.add_argument("--greedy", action="store_true", help="generate greedily instead of sampling")

@@ -56,7 +56,7 @@ def test_single_example_writes_every_output(model_dir, image_path, tmp_path, cap
     assert "report.html" in printed and "H(I-)" in printed  # where the report is; the top-token table
     assert "How to read this:" in printed and "accuracy 0/1" in printed
     doc = json.loads((out / "tokens.json").read_text())
-    assert doc["settings"]["draws"] == 2 and doc["settings"]["selector"] == "relative"
+    assert doc["settings"]["draws"] == 2 and doc["settings"]["selector"] == "raw"
     [ex] = doc["examples"]
     assert ex["generated"] and len(ex["perturbations"]) == 2
     assert {v["name"] for d in ex["perturbations"] for v in d["images"]} <= {"occlusion_noise", "zoom_crop"}
@@ -215,3 +215,9 @@ def test_no_arguments_runs_on_the_bundled_model_and_example(monkeypatch, tmp_pat
     assert doc["settings"]["draws"] == 4 and doc["examples"][0]["outcome"]["truth"] == "2"
     html = report.read_text()
     assert "truth 2 · " in html and ("✓ right" in html or "✗ wrong" in html)
+    # the default selector (raw, what docs/detect.md's evidence supports on this model) picks the
+    # answer-bearing tokens: the count in the reasoning and the one in the box
+    toks = doc["examples"][0]["tokens"]
+    answer = re.search(r"\\boxed\{([^}]*)\}", doc["examples"][0]["response"]).group(1)
+    picked = [t["text"].strip() for t in toks if t["selected"]]
+    assert doc["settings"]["selector"] == "raw" and picked.count(answer) == 2, picked
