@@ -504,13 +504,18 @@ def data_processor(cfg):
         set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     except ValueError as e:
         raise ConfigError(f"min_pixels/max_pixels: {e}") from None
+    return processor
+
+
+def check_response_room(cfg, processor) -> None:
+    """ConfigError when max_new_tokens alone fills the positions of the model the processor was
+    loaded from: no prompt could come before such a response."""
     positions = processor_positions(processor)
     if positions is not None and cfg.max_new_tokens >= positions:
         raise ConfigError(
             f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's {positions} "
             "positions (max_position_embeddings): lower it"
         )
-    return processor
 
 
 def open_config_data(cfg, source, split: str, processor, eval_data: bool = False, verify_images: bool = True):

@@ -33,7 +33,14 @@ from cppo.precision import resolve_dtype
 from cppo.rl.atomic import RunDirError, atomic_write
 from cppo.rl.checkpoint import check_writable
 from cppo.rl.config import ConfigError, TrainConfig, check_launch, resolve_max_steps
-from cppo.rl.data import PromptDataset, data_processor, find_split, open_config_data, shapes_data
+from cppo.rl.data import (
+    PromptDataset,
+    check_response_room,
+    data_processor,
+    find_split,
+    open_config_data,
+    shapes_data,
+)
 from cppo.rl.fsdp import fsdp_settings, shard_policy
 from cppo.rl.logfiles import write_failure
 from cppo.rl.perception import get_perception_term
@@ -90,6 +97,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     # All data is validated before the model loads: a bad file fails (strict) or is counted now.
     data_path = cfg.data or shapes_data(run_dir / "shapes", seed=cfg.seed)
     processor = data_processor(cfg)  # counts prompt tokens for max_prompt_length, with the run's pixel bounds
+    check_response_room(cfg, processor)
     dataset = open_config_data(cfg, data_path, "train", processor)
     from_epochs = resolve_max_steps(cfg, len(dataset))  # epochs -> max_steps, now that the data is counted
     eval_set = _eval_set(cfg, data_path, processor) if cfg.eval_every else None
