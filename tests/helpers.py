@@ -9,6 +9,7 @@ each call, so a test may train or modify it without touching other tests.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 from pathlib import Path
 
@@ -61,3 +62,24 @@ def shapes_batch(processor, n: int = 4, seed: int = 0) -> tuple[list[ShapesItem]
 def shapes_dataset(tmp_path: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
     """An exported shapes dataset under tmp_path with n items per split: {split: data.jsonl path}."""
     return export_shapes_dataset(Path(tmp_path) / "shapes", n_train=n, n_val=n, n_test=n, seed=seed)
+
+
+class FillsUp:
+    """A file whose write puts half its bytes on disk, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)

@@ -31,7 +31,7 @@ import cppo.rl.loop as loop_mod
 from cli.train import main as train_main
 from cppo.rl.checkpoint import latest_checkpoint, save_checkpoint
 from tests import test_reliability as reliability
-from tests.helpers import tiny_model_and_processor
+from tests.helpers import FillsUp, tiny_model_and_processor
 from tests.test_reliability import STEPS, _copy, _flags, _steps, assert_same_run
 
 # tests/test_reliability.py's fixtures, used here as there: the uninterrupted reference run (once per
@@ -142,27 +142,6 @@ def test_a_full_disk_in_torch_save_is_one_line_then_resume_equals_the_uninterrup
     assert_same_run(run, reference)
 
 
-class _FillsUp:
-    """A file whose write puts half its bytes on disk, then fails as a full disk does."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, data):
-        self.f.write(data[: len(data) // 2])
-        self.f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
 def test_a_full_disk_while_logging_metrics_is_one_line_then_resume_equals_the_uninterrupted_run(
     tiny_dir, data, reference, tmp_path, monkeypatch, capsys
 ):
@@ -172,7 +151,7 @@ def test_a_full_disk_while_logging_metrics_is_one_line_then_resume_equals_the_un
     def open_metrics_full_at_step_3(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
         if Path(path) == metrics and "a" in mode and len(metrics.read_text().splitlines()) == 2:
-            return _FillsUp(f)
+            return FillsUp(f)
         return f
 
     monkeypatch.setattr(logfiles_mod, "open", open_metrics_full_at_step_3, raising=False)

@@ -13,6 +13,7 @@ import torch
 from cppo.rl.atomic import RunDirError
 from cppo.rl.curves import moving_average, plot_curves
 from cppo.rl.logfiles import LogWriteError, RunLogger, read_metrics
+from tests.helpers import FillsUp
 
 
 def _lines(path):
@@ -158,34 +159,13 @@ def test_a_fresh_start_sets_an_earlier_runs_logs_aside(tmp_path):
 # ------------------------------------------------- writes that fail (a full disk)
 
 
-class _FillsUp:
-    """A file whose write puts half its bytes on disk, then fails as a full disk does."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, data):
-        self.f.write(data[: len(data) // 2])
-        self.f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
 def test_a_failed_append_names_the_file_and_leaves_no_part_of_a_line(tmp_path, monkeypatch):
     import cppo.rl.logfiles as logfiles_mod
 
     log = RunLogger(tmp_path, tensorboard=False)
     log.log(1, {"x": 1.0})
     before = (tmp_path / "metrics.jsonl").read_bytes()
-    monkeypatch.setattr(logfiles_mod, "open", lambda *a, **k: _FillsUp(open(*a, **k)), raising=False)
+    monkeypatch.setattr(logfiles_mod, "open", lambda *a, **k: FillsUp(open(*a, **k)), raising=False)
     with pytest.raises(LogWriteError) as info:
         log.log(2, {"x": 2.0})
     assert str(info.value) == f"could not write {tmp_path / 'metrics.jsonl'} (No space left on device)"
