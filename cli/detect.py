@@ -139,24 +139,6 @@ def _check_numbers(args) -> None:
         raise ValueError("; ".join(problems))
 
 
-def _check_device(name: str):
-    """The torch device `name` names, usable in this process; ValueError (one line) otherwise."""
-    import torch
-
-    from cppo.precision import resolve_device
-
-    try:
-        device = resolve_device(name)
-    except RuntimeError as e:
-        reason = str(e).splitlines()[0]
-        raise ValueError(f"--device {name!r} is not a device torch knows ({reason})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch has no usable CUDA device; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: cppo-detect runs on cpu or cuda")
-    return device
-
-
 def _check_out(out: Path) -> None:
     """Refuse, before the model loads, an --out that is a file or cannot be written."""
     if out.exists() and not out.is_dir():
@@ -241,27 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     from cppo.detect.detector import DetectError, PerceptionDetector
     from cppo.detect.evidence import data_summary
     from cppo.detect.report import terminal_summary
-    from cppo.models import check_model_path, demo_model_path, load_model_and_processor
+    from cppo.models import load_model_and_processor, model_path_or_demo
     from cppo.perturb import UnknownNameError, get_perturbation, get_preset
-    from cppo.precision import resolve_dtype
+    from cppo.precision import check_device, resolve_dtype
     from cppo.rl.data import DataError
 
     try:  # everything that needs no model, first
         _check_numbers(args)
-        device = _check_device(args.device)
+        device = check_device(args.device, "cppo-detect")
         get_preset(args.preset)
         if args.perturbation is not None:
             get_perturbation(args.perturbation)
         examples, source = _examples(args)
-        if args.model is None:
-            model_path = str(demo_model_path())
-            if not (Path(model_path) / "config.json").is_file():
-                return _fail(
-                    f"the bundled demo model is not at {model_path} (not trained yet, or an "
-                    "install without assets): pass --model DIR_OR_HUB_ID"
-                )
-        else:
-            model_path = check_model_path(args.model)
+        model_path = model_path_or_demo(args.model)
         out = Path(args.out)
         _check_out(out)
     except (ValueError, DataError, FileNotFoundError, UnknownNameError, OSError) as e:

@@ -159,30 +159,6 @@ def check_numbers(args) -> None:
         resolve_temperature(args.samples, t)  # K copies of one greedy answer: its own message
 
 
-def check_device(name: str):
-    """The torch device `name` names, usable here; ValueError (one line) otherwise."""
-    import torch
-
-    from cppo.precision import resolve_device
-
-    try:
-        device = resolve_device(name)
-    except RuntimeError as e:
-        reason = str(e).splitlines()[0]
-        raise ValueError(
-            f"--device {name!r} is not a device torch knows ({reason}); use auto, cpu or cuda"
-        ) from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: cppo-eval runs on cpu or cuda")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: this torch sees no CUDA device; use --device cpu (or auto)")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: this process sees {count} CUDA device(s), 0..{count - 1}")
-    return device
-
-
 def check_out(out: str | None) -> Path | None:
     """Refuse, before any work, an --out that is empty, a folder, or under a file, or whose folder
     cannot be written (a probe file is made and removed in the nearest existing folder; nothing is
@@ -228,31 +204,23 @@ def write_report(path: Path, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cppo.models import check_model_path, demo_model_path, load_model_and_processor, load_processor
+    from cppo.models import load_model_and_processor, load_processor, model_path_or_demo
     from cppo.models.evaluate import evaluate, format_table
     from cppo.models.prompt_tokens import set_pixel_bounds
-    from cppo.precision import resolve_dtype
+    from cppo.precision import check_device, resolve_dtype
     from cppo.prompt import instruction_for
     from cppo.rl.data import DataError, Preprocessing, open_dataset
     from cppo.rl.sources import parse_columns
 
     try:  # everything that needs no model, data or processor, first
         check_numbers(args)
-        device = check_device(args.device)
+        device = check_device(args.device, "cppo-eval")
         out = check_out(args.out)
         try:
             parse_columns(args.data_columns)
         except ValueError as e:
             raise ValueError(f"--data-columns {args.data_columns}: {e}") from None
-        if args.model is None:
-            model_path = str(demo_model_path())
-            if not (Path(model_path) / "config.json").is_file():
-                return _fail(
-                    f"the bundled demo model is not at {model_path} (not trained yet, or an install "
-                    "without assets): pass --model DIR_OR_HUB_ID"
-                )
-        else:
-            model_path = check_model_path(args.model)
+        model_path = model_path_or_demo(args.model)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     try:

@@ -65,3 +65,26 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def check_device(name: str, command: str) -> torch.device:
+    """The device `name` (a ``--device`` value) names, usable in this process; ValueError, one
+    line naming the flag and what to use, otherwise (a name torch does not know, a device type
+    other than cpu/cuda, CUDA where this torch sees none, a CUDA index past the visible devices).
+    ``command`` names the CLI in the message."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(
+            f"--device {name!r} is not a device torch knows ({reason}); use auto, cpu or cuda"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: {command} runs on cpu or cuda")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this torch sees no CUDA device; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this process sees {count} CUDA device(s), 0..{count - 1}")
+    return device

@@ -225,7 +225,7 @@ def fake_eval(monkeypatch):
             return "1 sample"
 
     report = {"accuracy": 0.5, "n": 1, "questions": [{"responses": ["\\boxed{2}"]}]}
-    monkeypatch.setattr(models, "check_model_path", str)
+    monkeypatch.setattr(models, "model_path_or_demo", str)
     monkeypatch.setattr(models, "load_processor", lambda *a, **k: object())
     monkeypatch.setattr(models, "load_model_and_processor", lambda *a, **k: (object(), None))
     monkeypatch.setattr(prompt_tokens, "set_pixel_bounds", lambda *a, **k: None)

@@ -194,9 +194,9 @@ def test_each_bad_input_is_one_line_and_exit_2(model_dir, image_path, tmp_path, 
 
 
 def test_no_arguments_without_the_demo_model_says_what_to_do(monkeypatch, tmp_path, capsys):
-    import cppo.models
+    import cppo.models.build
 
-    monkeypatch.setattr(cppo.models, "demo_model_path", lambda: tmp_path / "missing-demo")
+    monkeypatch.setattr(cppo.models.build, "demo_model_path", lambda: tmp_path / "missing-demo")
     monkeypatch.chdir(tmp_path)
     err = _bad(capsys, [])
     assert "bundled demo model is not at" in err and "--model" in err

@@ -145,3 +145,20 @@ def test_two_updates_at_lr_1e6_under_bf16_move_the_weights(tmp_path):
         assert dtypes == ({torch.float32} if name == "master" else {torch.bfloat16}), dtypes
     assert fractions["master"] >= 0.99, fractions
     assert fractions["pure"] < 0.5, fractions
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("tpu9", "--device 'tpu9' is not a device torch knows"),
+        ("meta", "cppo-x runs on cpu or cuda"),
+        *([("cuda", "this torch sees no CUDA device")] if not torch.cuda.is_available() else []),
+    ],
+)
+def test_check_device_is_one_line_naming_the_flag(name, expected):
+    from cppo.precision import check_device
+
+    with pytest.raises(ValueError) as e:
+        check_device(name, "cppo-x")
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert check_device("cpu", "cppo-x") == torch.device("cpu")

@@ -1,7 +1,8 @@
 """Tiny Qwen2.5-VL models, the loader every command uses, batch helpers, and the bundled demo model.
 
 - `build_tiny_model(config, seed)`, `TinyVLMConfig`: a real Qwen2.5-VL at CPU size (`build.py`).
-- `load_model_and_processor(path_or_id, device, dtype)`, `demo_model_path()` (`build.py`).
+- `load_model_and_processor(path_or_id, device, dtype)`, `demo_model_path()`, `model_path_or_demo(model)`
+  (a command's --model, checked, or the demo) (`build.py`).
 - `ImageOnlyQwen2_5_VLProcessor`: the stock `Qwen2_5_VLProcessor` without its video processor, a real
   `ProcessorMixin` that loads without torchvision (TRL accepts it) (`vl_processor.py`); the processor
   every command uses where `AutoProcessor` cannot load. `ImageTextProcessor` is its former name
@@ -20,6 +21,7 @@ from cppo.models.build import (
     demo_model_path,
     load_model_and_processor,
     load_processor,
+    model_path_or_demo,
 )
 from cppo.models.inputs import (
     append_responses,
@@ -51,5 +53,6 @@ __all__ = [
     "generate_responses",
     "load_model_and_processor",
     "load_processor",
+    "model_path_or_demo",
     "response_logits",
 ]

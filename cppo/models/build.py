@@ -194,6 +194,20 @@ def demo_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 
+def model_path_or_demo(model: str | None) -> str:
+    """A command's ``--model``: the checked path or hub id (`check_model_path`), or the bundled demo
+    model when None; FileNotFoundError (one line, what to pass) when that is not installed."""
+    if model is not None:
+        return check_model_path(model)
+    path = demo_model_path()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled demo model is not at {path} (not trained yet, or an install without assets): "
+            "pass --model DIR_OR_HUB_ID"
+        )
+    return str(path)
+
+
 def _torchvision_available() -> bool:
     import importlib.util
 
