@@ -369,7 +369,8 @@ def test_a_second_warmstart_stage_continues_the_first_and_the_card_gives_both_co
 
     common = ["--batch-size", "2", "--threads", "1", "--eval-n", "0", "--log-every", "1", "--hidden", "64"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert warmstart_main(["--out", str(one), "--steps", "2", "--warmup", "1", *common]) == 0
+    vision = ["--vision-hidden", "32", "--vision-depth", "3"]
+    assert warmstart_main(["--out", str(one), "--steps", "2", "--warmup", "1", *common, *vision]) == 0
     first = load_model_and_processor(one)[0].state_dict()
     assert (
         warmstart_main(
@@ -395,6 +396,8 @@ def test_a_second_warmstart_stage_continues_the_first_and_the_card_gives_both_co
     meta = json.loads((two / "warmstart.json").read_text())
     assert [s["steps"] for s in meta["stages"]] == [2, 3] and len(meta["stage_seconds"]) == 2
     assert meta["model"]["hidden_size"] == 64  # the first stage's shape, whatever --hidden says
+    assert (meta["model"]["vision_hidden_size"], meta["model"]["vision_depth"]) == (32, 3)
+    assert meta["model"]["vision_intermediate_size"] == 64
     ev = {"accuracy": 0.5, "format": 1.0, "chance": 0.4, "n": 2, "seed": 0, "blank_image_accuracy": 0.4}
     ev["per_type"] = {"further_left": {"n": 2, "accuracy": 0.5, "format": 1.0, "chance": 0.5}}
     for name in ("eval.json", "eval_slice.json"):

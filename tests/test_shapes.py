@@ -196,6 +196,14 @@ def test_reasoning_of_every_target_implies_its_answer_and_a_relabelled_one_stays
             "Which is further left, the red circle or the blue square?",
             "<think>The red circle is left of the blue circle.</think> \\boxed{red circle}",
         ),
+        (  # the names out of the question's order
+            "Which is further left, the red circle or the blue square?",
+            "<think>The blue square is right of the red circle.</think> \\boxed{red circle}",
+        ),
+        (
+            "Which is further left, the red circle or the blue square?",
+            "<think>The red circle is right of the blue square.</think> \\boxed{red circle}",
+        ),
         (
             "Are there more red shapes than blue shapes?",
             "<think>I see 1 red and 1 blue shapes.</think> \\boxed{no}",  # a tie implies no answer

@@ -90,11 +90,9 @@ def relabel_item(rng: np.random.Generator, item: ShapesItem) -> ShapesItem:
         return ShapesItem(item.image, q, color, item.question_type, scene, f"The {kind} is {color}.")
     if item.question_type == "further_left":
         a, b = q[len("Which is further left, the ") : -1].split(" or the ")
-        right = b if item.answer == a else a
-        left = item.answer
-        return ShapesItem(
-            item.image, q, right, item.question_type, scene, f"The {right} is left of the {left}."
-        )
+        other = b if item.answer == a else a
+        side = "left" if other == a else "right"
+        return ShapesItem(item.image, q, other, item.question_type, scene, f"The {a} is {side} of the {b}.")
     if item.question_type == "more_than":
         words = q.split()  # Are there more C1 shapes than C2 shapes?
         c1, c2 = words[3], words[6]
@@ -186,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--layers", type=int, default=2, help="text decoder layers (TinyVLMConfig.num_layers)")
     ap.add_argument("--hidden", type=int, default=128, help="text width (TinyVLMConfig.hidden_size)")
+    ap.add_argument(
+        "--vision-hidden", type=int, default=64, help="vision tower width; its MLP is twice as wide"
+    )
+    ap.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=400, help="test items evaluated after training (0: none)")
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         num_layers=args.layers,
         hidden_size=args.hidden,
         intermediate_size=3 * args.hidden,
+        vision_hidden_size=args.vision_hidden,
+        vision_depth=args.vision_depth,
+        vision_intermediate_size=2 * args.vision_hidden,
     )
     if args.init:  # a later stage: the earlier stage's weights (saved in bf16) trained on in fp32
         model, processor = load_model_and_processor(args.init)

@@ -169,12 +169,13 @@ def _ask(rng: np.random.Generator, scene: Scene, qtype: str, count: int) -> tupl
         a, b = pairs[int(rng.integers(len(pairs)))]
         if rng.random() < 0.5:
             a, b = b, a  # the question's order says nothing about the answer
-        left, right = (a, b) if a.x < b.x else (b, a)
-        name = {s: f"{s.color} {s.kind}" for s in (a, b)}
+        name_a, name_b = f"{a.color} {a.kind}", f"{b.color} {b.kind}"
+        side = "left" if a.x < b.x else "right"
         return (
-            f"Which is further left, the {name[a]} or the {name[b]}?",
-            name[left],
-            f"The {name[left]} is left of the {name[right]}.",
+            f"Which is further left, the {name_a} or the {name_b}?",
+            name_a if side == "left" else name_b,
+            # the two names in the question's order, so that the one word "left"/"right" decides
+            f"The {name_a} is {side} of the {name_b}.",
         )
     if qtype == "more_than":
         pairs = [(a, b) for a in colors for b in colors if scene.count(color=a) > scene.count(color=b)]
@@ -219,7 +220,7 @@ def target_response(item: ShapesItem) -> str:
 _REASONING = {
     "count_color": re.compile(r"I see (\d+) (\w+) shapes\."),
     "color_of_shape": re.compile(r"The (\w+) is (\w+)\."),
-    "further_left": re.compile(r"The (\w+ \w+) is left of the (\w+ \w+)\."),
+    "further_left": re.compile(r"The (\w+ \w+) is (left|right) of the (\w+ \w+)\."),
     "more_than": re.compile(r"I see (\d+) (\w+) and (\d+) (\w+) shapes\."),
 }
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
@@ -230,8 +231,8 @@ def answer_from_reasoning(question_type: str, question: str, response: str) -> s
     well-formed sentence of its question type about the things the question names.
 
     "How many red shapes are there?" + "<think>I see 2 red shapes.</think> ..." -> "2";
-    "Which is further left, the red circle or the blue square?" + "<think>The blue square is left of
-    the red circle.</think>" -> "blue square"; a sentence about another colour or shape, or a
+    "Which is further left, the red circle or the blue square?" + "<think>The red circle is right of
+    the blue square.</think>" -> "blue square"; a sentence about another colour or shape, or a
     more_than count that ties, gives None. The check that a model's reasoning and its boxed answer
     agree compares this with the boxed answer (`reasoning_agrees`).
     """
@@ -246,7 +247,9 @@ def answer_from_reasoning(question_type: str, question: str, response: str) -> s
         return m.group(2) if m.group(1) == words[-1] and m.group(2) in COLORS else None
     if question_type == "further_left":  # Which is further left, the A or the B
         a, b = question.rstrip("?")[len("Which is further left, the ") :].split(" or the ")
-        return m.group(1) if {m.group(1), m.group(2)} == {a, b} else None
+        if (m.group(1), m.group(3)) != (a, b):  # the names in the question's order
+            return None
+        return a if m.group(2) == "left" else b
     k1, c1, k2, c2 = m.groups()  # Are there more C1 shapes than C2 shapes
     if (c1, c2) != (words[3], words[6]) or k1 == k2:
         return None
