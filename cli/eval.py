@@ -1,6 +1,6 @@
 """cppo-eval: avg@K accuracy and format rate of a model on a dataset, per question type.
 
-    cppo-eval --model runs/cppo/checkpoints/step-000060 --data data/shapes --samples 4 --out eval.json
+    cppo-eval --model runs/cppo/checkpoints/step-000040 --data data/shapes --samples 4 --out eval.json
     cppo-eval --data data/shapes --split val --limit 100            # the bundled demo model, greedy
     cppo-eval --model RUN/checkpoints/step-000152 --data hiyouga/geometry3k@test \
               --samples 16 --temperature 1.0 --max-new-tokens 2048   # the paper's avg@16

@@ -20,6 +20,7 @@ PAPER = {
     "lr": 1e-6,
     "lr_schedule": "constant",
     "warmup_steps": 0,
+    "freeze_vision": False,
     "prompts_per_step": 512,
     "group_size": 5,
     "mini_batch_size": 64 * 5,  # 64 prompts

@@ -182,7 +182,7 @@ def test_cli_main_exit_codes(capsys):
     )
     assert main(["--print-config", "--algo", "grpo"]) == 0
     out = capsys.readouterr().out
-    assert "algo: grpo\n" in out and "group_size: 5\n" in out
+    assert "algo: grpo\n" in out and "group_size: 8\n" in out
 
 
 def test_unknown_flag_names_the_closest_one_and_exits_2(capsys):
@@ -204,7 +204,7 @@ def test_validate_changes_nothing():
     cfg = TrainConfig()
     cfg.rollouts_per_step = 12
     before = cfg.to_dict()
-    with pytest.raises(ConfigError, match="batch of 12 rollouts is not divisible by group size 5"):
+    with pytest.raises(ConfigError, match="batch of 12 rollouts is not divisible by group size 8"):
         cfg.validate()
     assert cfg.to_dict() == before
 
@@ -219,7 +219,7 @@ def test_reward_names_are_checked():
 
 def test_check_launch_lists_what_the_loop_cannot_run():
     check_launch(TrainConfig(), world=2)
-    with pytest.raises(ConfigError, match="8 prompts per step cannot be shared by 3 processes"):
+    with pytest.raises(ConfigError, match="16 prompts per step cannot be shared by 3 processes"):
         check_launch(TrainConfig(), world=3)
     with pytest.raises(ConfigError, match="LoRA is not supported with FSDP"):
         check_launch(TrainConfig(lora_r=8), sharded=True)

@@ -196,7 +196,7 @@ def test_hub_ids_and_their_errors(published, processor, monkeypatch, tmp_path):
 
 
 def test_epochs_set_max_steps_from_the_data():
-    assert TrainConfig().max_steps == 60 and TrainConfig(max_steps=5, epochs=2).max_steps == 5
+    assert TrainConfig().max_steps == 40 and TrainConfig(max_steps=5, epochs=2).max_steps == 5
     cfg = TrainConfig(epochs=2, prompts_per_step=4)
     assert cfg.max_steps is None
     assert resolve_max_steps(cfg, 10) and cfg.max_steps == 5  # 20 prompts, 4 a step

@@ -1,6 +1,6 @@
 """A model directory or hub id checked before anything loads: one line naming what is wrong.
 
-    path = check_model_path("runs/x/checkpoints/step-000060")  # ModelError (a ValueError) if unusable
+    path = check_model_path("runs/x/checkpoints/step-000040")  # ModelError (a ValueError) if unusable
     positions = model_positions(path)                           # max_position_embeddings, or None
 
 `check_model_path` reads only small files and headers, cheapest first, in the order a load needs
