@@ -133,6 +133,7 @@ def test_two_updates_at_lr_1e6_under_bf16_move_the_weights(tmp_path):
         "--algo", "grpo", "--dtype", "bfloat16", "--lr", "1e-6", "--warmup-steps", "0", "--max-steps", "2",
         "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "16", "--beta", "0",
         "--rewards", LENGTH_REWARD, "--reward-weights", "1.0", "--no-tensorboard", "--seed", "0",
+        "--no-freeze-vision",  # every weight, the vision tower included
     ]  # fmt: skip
     fractions = {}
     for name, extra in (("master", []), ("pure", ["--pure-bf16"])):

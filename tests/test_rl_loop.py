@@ -134,7 +134,10 @@ MULTI_PROCESS_CASES = {
         fsdp=True,
         mixed=True,
         bf16=True,
-        extra=["--algo", "cppo", "--dtype", "bfloat16", "--lr", "1e-6", "--warmup-steps", "0"],
+        extra=[
+            *("--algo", "cppo", "--dtype", "bfloat16", "--lr", "1e-6", "--warmup-steps", "0"),
+            "--no-freeze-vision",  # every weight must move, the vision tower's too
+        ],
     ),
 }
 
