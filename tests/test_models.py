@@ -408,6 +408,9 @@ def test_a_second_warmstart_stage_continues_the_first_and_the_card_gives_both_co
         "--out cppo/assets/demo-model --steps 3 --seed 1" in card and "--init runs/warmstart-stage1" in card
     )
     assert "--type-weights 0 0 1 0" in card and "Stage 2 of 2 (from the previous stage" in card
+    first_cmd, second_cmd = [line for line in card.splitlines() if "cppo.models.warmstart --out" in line]
+    assert "--vision-hidden 32 --vision-depth 3" in first_cmd  # the recipe rebuilds the same shape
+    assert "--vision-hidden" not in second_cmd  # a later stage takes the shape from --init
 
 
 def test_type_weights_draw_only_the_weighted_question_types():

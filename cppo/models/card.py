@@ -32,8 +32,10 @@ def _command(r: dict, out: str, index: int) -> str:
         ("--relabel-frac", "relabel_frac", 0.0),
         ("--layers", "layers", 2),
         ("--hidden", "hidden", 128),
+        ("--vision-hidden", "vision_hidden", 64),
+        ("--vision-depth", "vision_depth", 2),
     ):
-        if not r.get("init") or key not in ("layers", "hidden"):
+        if not r.get("init") or key not in ("layers", "hidden", "vision_hidden", "vision_depth"):
             if r.get(key, default) != default:
                 cmd += f" {flag} {r[key]}"
     if r.get("type_weights"):
@@ -64,6 +66,7 @@ def render_card(model_dir: Path) -> str:
     sl = json.loads((model_dir / "eval_slice.json").read_text())
     r = ws["recipe"]
     size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
+    image_tokens = (ws["model"]["image_size"] // 28) ** 2  # 14 px patches merged 2 x 2
     sampled = ev.get("sampled", {}).get("per_type", {})
     rows = "\n".join(
         f"| {q} | {v['n']} | {100 * v['accuracy']:.1f} | {_pct(sampled.get(q))} | {100 * v['format']:.1f} | "
@@ -131,7 +134,7 @@ knows nothing else.
 ## Size
 - {ws["parameters"]:,} parameters; text: hidden {m["hidden_size"]}, {m["num_layers"]} layers,
   {m["num_heads"]} heads ({m["num_kv_heads"]} KV); vision: hidden {m["vision_hidden_size"]},
-  depth {m["vision_depth"]}; images {m["image_size"]} px (16 image tokens).
+  depth {m["vision_depth"]}; images {m["image_size"]} px ({image_tokens} image tokens).
 - Tokenizer: `Qwen2Tokenizer`, byte-level BPE learned on the task's text plus Qwen's 14 special tokens;
   official Qwen2.5-VL chat template. Weights stored in bfloat16: {size_mb:.1f} MB.
 
