@@ -154,6 +154,7 @@ def train_config(args, algo: str) -> TrainConfig:
         logits_chunk_size=args.chunk,
         lr=1e-6,
         dtype=args.dtype,
+        freeze_vision=False,  # the whole model, as the paper's configs train it
     )
 
 

@@ -90,7 +90,7 @@ def run_ours(args, algo: str, data: Path, out: Path) -> dict:
         "--clip_low", "0.2", "--clip_high", "0.2", "--dual_clip", "none", "--loss_agg", "token-mean",
         "--temperature", "1.0", "--top_p", "1.0", "--top_k", "0", "--no_gradient_checkpointing",
         "--cpl_lambda", "0.01", "--seed", str(args.seed), "--eval_every", "0", "--log_rollouts", "0",
-        "--no_tensorboard",
+        "--no_tensorboard", "--no_freeze_vision",  # TRL trains every parameter too
     ]  # fmt: skip
     if args.in_process:
         from cli.train import main
