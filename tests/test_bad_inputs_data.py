@@ -60,7 +60,8 @@ def _break_models(root: Path) -> None:
     (adapter / "adapter_config.json").write_text("{}")
     layers = copy("extra-layer")  # the config asks for a layer the weights do not hold
     text = json.loads((layers / "config.json").read_text())
-    text["text_config"].update(num_hidden_layers=3, layer_types=["full_attention"] * 3)
+    extra = text["text_config"]["num_hidden_layers"] + 1
+    text["text_config"].update(num_hidden_layers=extra, layer_types=["full_attention"] * extra)
     (layers / "config.json").write_text(json.dumps(text))
 
 
@@ -148,7 +149,7 @@ MODELS = [
     ("no-config", "has no config.json"),
     ("no-weights", "has no weights"),
     ("missing-shard", "names shards that are missing: model-00002-of-00002.safetensors"),
-    ("image-token", "tokenizer.json: <|image_pad|> is 459, config.json's image_token_id 5"),
+    ("image-token", "tokenizer.json: <|image_pad|> is 463, config.json's image_token_id 5"),
     ("no-chat-template", "has no chat template"),
     ("lora-adapter", "it holds a LoRA adapter"),
 ]
