@@ -1,6 +1,6 @@
 """Supervised warm start of a tiny Qwen2.5-VL on the shapes task: the bundled demo model's recipe.
 
-    python -m cppo.models.warmstart --out cppo/assets/demo-model --steps 3000 --seed 0
+    python -m cppo.models.warmstart --out cppo/assets/demo-model --steps 8500 --seed 1 ...  (MODEL_CARD.md)
 
 Every step draws a fresh batch of shapes items (no epochs, no overfitting to a fixed set) and
 teacher-forces the docs/method.md §4 answer `<think>one sentence naming what decides it</think>
@@ -17,6 +17,10 @@ below that floor means the image is being used.
 The checkpoint is saved in bfloat16 (a few MB), then evaluated on the test split with
 `cppo.models.evaluate` (`eval.json`: the first `--eval-n` items; `eval_slice.json`: the first 100,
 which CI re-scores), and `MODEL_CARD.md` is written from those files (`cppo.models.card`).
+
+It runs just past 300 lines because the items only the warm start uses (`describe_item`,
+`relabel_item`) live beside the loop that mixes them into its batches, and every flag is recorded
+in `warmstart.json` so that the card can print the recipe.
 """
 
 from __future__ import annotations
