@@ -143,7 +143,7 @@ knows nothing else.
 
 Supervised, a fresh batch of {r["batch_size"]} generated items every step (describe items: the auxiliary
 "name every shape left to right" item); AdamW (betas 0.9/0.98, weight decay {r["weight_decay"]} on
-matrices), warmup then cosine to 10 % of the peak, clip 1.0, {ws["torch_threads"]} torch threads on
+matrices), warmup then cosine to 10 % of the peak, clip 1.0, {ws["torch_threads"]} torch thread{"s" if ws["torch_threads"] != 1 else ""} on
 a 2-core CPU shared with other jobs.
 {stage_lines}
 {relabel_line}
