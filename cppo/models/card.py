@@ -74,6 +74,7 @@ def render_card(model_dir: Path) -> str:
         for q, v in ev["per_type"].items()
     )
     stages = ws.get("stages", [r])
+    threads = f"{ws['torch_threads']} torch thread" + ("s" if ws["torch_threads"] != 1 else "")
     seconds = ws.get("stage_seconds", [ws["train_seconds"]])
     out = "cppo/assets/demo-model"
     cmds = [
@@ -143,7 +144,7 @@ knows nothing else.
 
 Supervised, a fresh batch of {r["batch_size"]} generated items every step (describe items: the auxiliary
 "name every shape left to right" item); AdamW (betas 0.9/0.98, weight decay {r["weight_decay"]} on
-matrices), warmup then cosine to 10 % of the peak, clip 1.0, {ws["torch_threads"]} torch thread{"s" if ws["torch_threads"] != 1 else ""} on
+matrices), warmup then cosine to 10 % of the peak, clip 1.0, {threads} on
 a 2-core CPU shared with other jobs.
 {stage_lines}
 {relabel_line}

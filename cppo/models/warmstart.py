@@ -1,6 +1,8 @@
 """Supervised warm start of a tiny Qwen2.5-VL on the shapes task: the bundled demo model's recipe.
 
-    python -m cppo.models.warmstart --out runs/warmstart-stage1 --steps 8500 --seed 1 ...  (stage 1 of 3: MODEL_CARD.md)
+    python -m cppo.models.warmstart --out runs/warmstart-stage1 --steps 8500 --seed 1 ...
+
+(the first of the three stages in MODEL_CARD.md; the later ones add `--init`).
 
 Every step draws a fresh batch of shapes items (no epochs, no overfitting to a fixed set) and
 teacher-forces the docs/method.md §4 answer `<think>one sentence naming what decides it</think>
