@@ -125,26 +125,34 @@ def _moved_fraction(ckpt, start: dict) -> tuple[float, set]:
 
 @pytest.mark.slow
 def test_two_updates_at_lr_1e6_under_bf16_move_the_weights(tmp_path):
-    """cppo-train --dtype bfloat16 at the paper's lr 1e-6: 2 updates move >= 99 % of the demo model's
-    weights and the checkpoint keeps the float32 master weights; --pure-bf16 (bf16 parameters, no
-    master copy) loses most of the same updates, which is what its help warns of."""
+    """cppo-train --dtype bfloat16 at the paper's lr 1e-6: 2 updates move as many of the demo model's
+    weights as a float32 run does (within 1 %), and the checkpoint keeps the float32 master weights;
+    --pure-bf16 (bf16 parameters, no master copy) loses most of the same updates, which is what its
+    help warns of. The float32 run is the reference because a few % of the weights get gradients so
+    small that AdamW's step is below float32's resolution too (96.5 % move on the bundled model)."""
     start = load_model_and_processor(demo_model_path())[0].state_dict()
     common = [
-        "--algo", "grpo", "--dtype", "bfloat16", "--lr", "1e-6", "--warmup-steps", "0", "--max-steps", "2",
+        "--algo", "grpo", "--lr", "1e-6", "--warmup-steps", "0", "--max-steps", "2",
         "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "16", "--beta", "0",
         "--rewards", LENGTH_REWARD, "--reward-weights", "1.0", "--no-tensorboard", "--seed", "0",
         "--no-freeze-vision",  # every weight, the vision tower included
     ]  # fmt: skip
     fractions = {}
-    for name, extra in (("master", []), ("pure", ["--pure-bf16"])):
+    runs = {
+        "float32": ["--dtype", "float32"],
+        "master": ["--dtype", "bfloat16"],
+        "pure": ["--dtype", "bfloat16", "--pure-bf16"],
+    }
+    for name, extra in runs.items():
         out = tmp_path / name
         assert train_main([*common, "--output-dir", str(out), *extra]) == 0
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [m["update/skipped_nonfinite"] for m in lines] == [0.0, 0.0]
         (ckpt,) = sorted((out / "checkpoints").glob("step-*"))
         fractions[name], dtypes = _moved_fraction(ckpt, start)
-        assert dtypes == ({torch.float32} if name == "master" else {torch.bfloat16}), dtypes
-    assert fractions["master"] >= 0.99, fractions
+        assert dtypes == ({torch.bfloat16} if name == "pure" else {torch.float32}), dtypes
+    assert fractions["float32"] >= 0.9, fractions
+    assert fractions["master"] >= 0.99 * fractions["float32"], fractions
     assert fractions["pure"] < 0.5, fractions
 
 
