@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cppo.models import demo_model_path, load_model_and_processor
-from cppo.models.inputs import append_responses, encode_prompts, response_logits
+from cppo.models.inputs import append_responses, encode_prompts, response_logits, right_pad
 from cppo.toy.shapes import split_items
 
 BINS = ((8, 16), (16, 28), (28, 45), (45, 1000))  # |x_A - x_B| in px; 28 px is one image-token column
@@ -43,12 +43,7 @@ def word_probs(model, processor, items, batch_size: int = 32) -> np.ndarray:
             tok(f"<think>The {names(it.question)[0]} is left", add_special_tokens=False)["input_ids"]
             for it in chunk
         ]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = True
+        ids, mask = right_pad(rows, tok.pad_token_id)  # (N, T) each
         batch = encode_prompts(processor, [it.question for it in chunk], [[it.image] for it in chunk])
         with torch.no_grad():
             logits = response_logits(model, append_responses(batch, ids, mask))  # (N, T, V)

@@ -350,6 +350,7 @@ def test_warmstart_targets_end_with_im_end_and_describe_items_list_the_scene_lef
     for row, m, it in zip(ids.tolist(), mask.tolist(), items):
         n = sum(m)
         assert row[n - 1] == end and all(m[:n]) and not any(m[n:])
+        assert all(x == tok.pad_token_id for x in row[n:])  # right-padded (cppo.models.inputs.right_pad)
         assert tok.decode(row[: n - 1]).endswith(f"\\boxed{{{it.answer}}}")
     for it in items[:5]:
         xs = sorted(it.scene.shapes, key=lambda s: s.x)

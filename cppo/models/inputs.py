@@ -172,6 +172,17 @@ def generate_responses(
     return ids.long(), mask
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one right-padded batch: ids (N, T) long, mask (N, T) bool (True on tokens)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
 def append_responses(batch: dict, response_ids: torch.Tensor, response_mask: torch.Tensor) -> dict:
     """Model inputs for teacher forcing prompt + response, and the prompt length.
 

@@ -42,7 +42,7 @@ import torch
 from cppo.models.build import TinyVLMConfig, build_tiny_model, load_model_and_processor
 from cppo.models.card import main as card_main
 from cppo.models.evaluate import main as evaluate_main
-from cppo.models.inputs import append_responses, encode_prompts, response_logits
+from cppo.models.inputs import append_responses, encode_prompts, response_logits, right_pad
 from cppo.toy.shapes import (
     COLORS,
     DEFAULT_IMAGE_SIZE,
@@ -115,13 +115,7 @@ def response_batch(tokenizer, items: list[ShapesItem]) -> tuple[torch.Tensor, to
     rows = [
         tokenizer(target_response(it) + "<|im_end|>", add_special_tokens=False)["input_ids"] for it in items
     ]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
-    return ids, mask
+    return right_pad(rows, tokenizer.pad_token_id)
 
 
 def blind_floor(tokenizer, n: int = 20000, seed: int = 99, image_size: int = DEFAULT_IMAGE_SIZE) -> float:
