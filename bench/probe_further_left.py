@@ -20,15 +20,10 @@ import torch
 
 from cppo.models import demo_model_path, load_model_and_processor
 from cppo.models.inputs import append_responses, encode_prompts, response_logits, right_pad
+from cppo.toy.shapes import further_left_names as names
 from cppo.toy.shapes import split_items
 
 BINS = ((8, 16), (16, 28), (28, 45), (45, 1000))  # |x_A - x_B| in px; 28 px is one image-token column
-
-
-def names(question: str) -> tuple[str, str]:
-    """("red circle", "blue square") from "Which is further left, the red circle or the blue square?"."""
-    a, b = question.rstrip("?")[len("Which is further left, the ") :].split(" or the ")
-    return a, b
 
 
 def word_probs(model, processor, items, batch_size: int = 32) -> np.ndarray:

@@ -48,6 +48,7 @@ from cppo.toy.shapes import (
     DEFAULT_IMAGE_SIZE,
     QUESTION_TYPES,
     ShapesItem,
+    further_left_names,
     make_item,
     make_scene,
     render,
@@ -95,7 +96,7 @@ def relabel_item(rng: np.random.Generator, item: ShapesItem) -> ShapesItem:
         color = str(rng.choice([c for c in COLORS if c != item.answer]))
         return ShapesItem(item.image, q, color, item.question_type, scene, f"The {kind} is {color}.")
     if item.question_type == "further_left":
-        a, b = q[len("Which is further left, the ") : -1].split(" or the ")
+        a, b = further_left_names(q)
         other = b if item.answer == a else a
         side = "left" if other == a else "right"
         return ShapesItem(item.image, q, other, item.question_type, scene, f"The {a} is {side} of the {b}.")

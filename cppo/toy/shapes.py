@@ -226,6 +226,13 @@ _REASONING = {
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 
 
+def further_left_names(question: str) -> tuple[str, str]:
+    """The two shapes a further_left question names, in its order: "Which is further left, the red
+    circle or the blue square?" -> ("red circle", "blue square")."""
+    a, b = question.rstrip("?")[len("Which is further left, the ") :].split(" or the ")
+    return a, b
+
+
 def answer_from_reasoning(question_type: str, question: str, response: str) -> str | None:
     """The answer a response's reasoning sentence implies, or None when the sentence is not the
     well-formed sentence of its question type about the things the question names.
@@ -246,7 +253,7 @@ def answer_from_reasoning(question_type: str, question: str, response: str) -> s
     if question_type == "color_of_shape":  # What color is the KIND
         return m.group(2) if m.group(1) == words[-1] and m.group(2) in COLORS else None
     if question_type == "further_left":  # Which is further left, the A or the B
-        a, b = question.rstrip("?")[len("Which is further left, the ") :].split(" or the ")
+        a, b = further_left_names(question)
         if (m.group(1), m.group(3)) != (a, b):  # the names in the question's order
             return None
         return a if m.group(2) == "left" else b
