@@ -61,6 +61,7 @@ from cppo.batching import trim_padding
 from cppo.loss import grpo_loss
 from cppo.precision import autocast, resolve_dtype
 from cppo.response_stats import response_stats
+from cppo.rl.clip import clip_grad_norm
 from cppo.rl.fsdp import compute_device, is_sharded
 from cppo.rl.perception import PerceptionTerm, get_perception_term
 from cppo.rl.rollout import Rollouts, micro_batches, select_rows
@@ -289,8 +290,7 @@ def policy_update(
                 if world_size > 1 and not sharded:  # FSDP reduce-scatters (a sum) in the backward
                     _all_reduce_grads(params)
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+                norm = clip_grad_norm(params, max_norm)  # FSDP: local shards, one scalar all-reduce
                 if torch.isfinite(norm):
                     optimizer.step()
                     scheduler.step()
