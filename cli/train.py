@@ -19,11 +19,15 @@ Exit status, each with one line on stderr saying what happened and what to do:
 - 2: the config, the data, the run directory (unwritable, full) or the resume point cannot be used,
   found before training (or a checkpoint write that failed: the previous checkpoint is intact);
 - 3: stopped after ``max_bad_steps`` consecutive steps with a non-finite loss or gradient norm;
+- 4: a collective between the processes waited longer than ``--dist-timeout`` (another process
+  stalled or died; under NCCL the process is aborted by torch's watchdog instead: its log names the
+  timed-out collective and ``Timeout(ms)``);
 - 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM after checkpointing the last completed step.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 from cppo.rl.config import ConfigError, parse_args
@@ -73,8 +77,30 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except RuntimeError as e:
+        line = collective_timeout_line(e, cfg.dist_timeout)
+        if line is None:
+            raise
+        print(f"cppo-train: error: {line}", file=sys.stderr)
+        return 4
     print(f"cppo-train: done; run directory {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
     return 0
+
+
+def collective_timeout_line(e: BaseException, seconds: float) -> str | None:
+    """What to tell the user when `e` is a collective that outlived the process group's timeout
+    (gloo: "Timed out waiting 2000ms for recv ..."; NCCL with TORCH_NCCL_BLOCKING_WAIT=1: a
+    DistBackendError naming the timeout), else None."""
+    text = str(e)
+    gloo = isinstance(e, RuntimeError) and re.search(r"Timed out waiting \d+ ?ms", text) is not None
+    nccl = type(e).__name__ == "DistBackendError" and re.search(r"(?i)time(d)? ?out", text) is not None
+    if not (gloo or nccl):
+        return None
+    return (
+        f"a collective between the processes waited longer than --dist-timeout ({seconds:g} s): another "
+        "process stalled or died (its own output says why); if it was only slow (hashing a large "
+        "checkpoint at resume, a slow disk), raise --dist-timeout and resume with --resume auto"
+    )
 
 
 if __name__ == "__main__":

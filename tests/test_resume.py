@@ -21,6 +21,7 @@ SAFE = set(
 )
 SAFE |= {"generation_batch_size", "sort_by_length", "prefetch"}  # how rollouts and updates are batched
 SAFE |= {"reward_timeout"}  # a reward call's time limit
+SAFE |= {"dist_timeout"}  # how long a collective may wait
 SAFE |= {"overwrite"}  # what a fresh start does with an earlier run's files (cppo.rl.rundir)
 
 

@@ -311,6 +311,16 @@ class TrainConfig:
         "when this torch sees no CUDA device. CUDA_VISIBLE_DEVICES and the launcher choose the GPUs",
         resume_safe=True,
     )
+    dist_timeout: float = _f(
+        3600.0,
+        "seconds a collective between processes may wait (the process group's timeout; torch's NCCL "
+        "default is 600): a process that stalled or died then stops the others with an error naming "
+        "this option instead of a hang. The longest wait a healthy run has is the resume check, which "
+        "reads every byte of the checkpoint (split across processes, but a file is read by one): the "
+        "largest file of an unsharded 7B checkpoint, trainer_state.pt with AdamW (~56 GB), takes ~19 "
+        "min at 50 MB/s (a slow network disk), so 3600 leaves three times that",
+        resume_safe=True,
+    )
     gradient_checkpointing: bool | str = _f(
         "auto",
         "recompute activations in backward: true | false | auto (on with CUDA, off on the CPU: "
@@ -443,6 +453,8 @@ class TrainConfig:
             errors.append(
                 f"temperature must be a number > 0 (logits are divided by it), got {self.temperature}"
             )
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            errors.append(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout}")
         if not 0 < self.top_p <= 1:
             errors.append(f"top_p must be in (0, 1], got {self.top_p}")
         if (rows := self.generation_batch_size) is not None and rows < 1:

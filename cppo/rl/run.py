@@ -222,10 +222,15 @@ def reward_scorer(cfg: TrainConfig) -> RewardScorer:
 def process_info(cfg: TrainConfig):
     """(rank, world size, device) from accelerate's process state (starts gloo/NCCL under torchrun).
 
-    accelerate treats a CPU machine as one process unless told `cpu=True`, even under torchrun."""
+    accelerate treats a CPU machine as one process unless told `cpu=True`, even under torchrun. The
+    process group it starts waits `--dist-timeout` seconds in a collective (accelerate hands `timeout`
+    to `init_process_group`); a group started before this call keeps its own timeout."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=cfg.dist_timeout))
     device = torch.device("cpu") if state.device.type == "cpu" else state.device
     return state.process_index, state.num_processes, device
 
