@@ -272,6 +272,26 @@ def load_model_and_processor(
     return model.to(device).eval(), processor
 
 
+def meta_model(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The model `load_model_and_processor` would return for `path_or_id`, built on the meta device:
+    its config.json and generation config read, not one weight (every tensor is a meta tensor, so
+    it costs no memory). For FSDP, which shards it and then fills the shards (cppo.rl.fsdp)."""
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    path = check_model_path(path_or_id)
+    try:
+        config = Qwen2_5_VLConfig.from_pretrained(path)
+    except Exception as e:  # a config the checks let through that the library refuses: one line
+        raise ModelError(f"{path}: cannot read its config ({_first_line(e)})") from e
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    try:  # from_pretrained reads generation_config.json too (end tokens, sampling defaults)
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # none saved: the defaults derived from the config, as from_pretrained keeps
+        pass
+    return model.eval()
+
+
 def _check_loaded(path: str, info: dict) -> None:
     """Refuse a model whose config asks for weights the files lack or hold in another shape:
     transformers would start those at random, without a word but a warning table."""

@@ -31,6 +31,9 @@ What changes in the loop, and why:
   gathered `from_pretrained` weights. A run resumes with another number of processes, or without FSDP.
 - The frozen reference model (beta > 0) is sharded the same way (`shard_reference`; where it lives
   and how its passes keep the ranks in step: cppo.rl.reference).
+- The weights are read once, by rank 0, into CPU memory; every process builds the model on the meta
+  device, shards it, and receives its shards from rank 0 (`fill_from_rank0`), the reference too. No
+  process holds a full copy on its device, and only rank 0 one in host memory (cppo.rl.run.build_policy).
 - LoRA is not supported together with FSDP here (the trainer says so).
 """
 
@@ -140,9 +143,60 @@ def _shard(model, reshard_after_forward: bool, offload: bool, device, compute_dt
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
     model._cppo_reshard_after_forward = reshard_after_forward
+    model._cppo_offload = offload
     model._cppo_device = device  # where it computes: its shards may sit in CPU memory (offload)
     model.cppo_response_stats = types.MethodType(plain_response_stats, model)
     register_fsdp_forward_method(model, "cppo_response_stats")
+
+
+def fill_from_rank0(models: list, read, device: torch.device) -> None:
+    """Materialize `models` (built on the meta device, then sharded: `shard_policy`, `shard_reference`)
+    and fill them with the weights of the model `read()` returns, called on rank 0 only (a CPU copy,
+    from_pretrained). A collective: every process calls it with the same number of models.
+
+    Parameters go out with torch's `set_model_state_dict(..., broadcast_from_rank0=True)`: one tensor
+    at a time, each process keeping its shard of it, cast to the shard's dtype (the reference's
+    compute dtype), so a process other than rank 0 holds its shards and one full tensor at most.
+    Buffers are then broadcast from rank 0's model: the non-persistent ones (the rotary `inv_freq`
+    tables, computed at construction, garbage after `to_empty`) are in no state dict, and this way
+    every rank computes with rank 0's exact values (verl broadcasts them too). An error in `read()`
+    (a bad checkpoint) stops every process, not rank 0 alone."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from cppo.rl.sharded import share_rank0_outcome  # cppo.rl.sharded imports this module
+
+    loaded, failed = None, None
+    if dist.get_rank() == 0:
+        try:
+            loaded = read()
+        except Exception as e:  # raised on rank 0 after the others are told (share_rank0_outcome)
+            failed = e
+    share_rank0_outcome(failed, "load the model's weights")
+    full = loaded.state_dict() if loaded is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for model in models:
+        offloaded = getattr(model, "_cppo_offload", False)  # FSDP wants offloaded shards on the CPU
+        model.to_empty(device="cpu" if offloaded else device)  # swaps tensors: tied weights stay tied
+        set_model_state_dict(model, dict(full), options=options)  # it writes into the dict it is given
+        _broadcast_buffers(model, loaded, device)
+
+
+def _broadcast_buffers(model, loaded, device: torch.device) -> None:
+    """Every buffer of `model` placed on `device` (FSDP shards parameters only, and offloads only
+    those) and set to rank 0's value from `loaded` (None on the other ranks), in `model`'s dtype."""
+    import torch.distributed as dist
+
+    source = dict(loaded.named_buffers()) if loaded is not None else {}
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            for name, buffer in list(module._buffers.items()):
+                if buffer is None:
+                    continue
+                buffer = module._buffers[name] = torch.empty_like(buffer, device=device)
+                if loaded is not None:
+                    buffer.copy_(source[f"{prefix}.{name}" if prefix else name])
+                dist.broadcast(buffer, src=0)
 
 
 def compute_device(model) -> torch.device:

@@ -11,7 +11,10 @@ never updated (docs/method.md §3: k3 to a frozen reference).
 
 - Under FSDP it is sharded like the policy (`cppo.rl.fsdp.shard_reference`): one unit per decoder
   layer and per vision block plus the root, the same MixedPrecisionPolicy, so each of K processes
-  holds 1/K of it (3B: 7.0 GiB unsharded, 0.9 GiB on each of 8 GPUs). Its units are resharded after
+  holds 1/K of it (3B: 7.0 GiB unsharded, 0.9 GiB on each of 8 GPUs). It is never whole on any
+  process: `build_reference` copies the policy while that is still an empty (meta-device) skeleton,
+  and after sharding rank 0 sends each process its shards of the starting weights, cast to the
+  compute dtype (cppo.rl.run.build_policy, cppo.rl.fsdp.fill_from_rank0). Its units are resharded after
   every forward: a frozen model has no backward, which is where gathered weights would be freed.
   Sharded, its passes are collectives, and they stay in step as the policy's do (cppo.rl.update,
   "FSDP: how ranks stay in step"): `rollout_logprobs` scores every process's rows in micro-batches,
@@ -45,7 +48,8 @@ from cppo.rl.fsdp import shard_reference
 def build_reference(policy, compute_dtype: torch.dtype, base: str | Path | None = None):
     """A frozen copy of the starting policy in `compute_dtype`, in eval mode: `policy` copied, or
     the model at `base` loaded on the policy's device (when the policy was loaded from a checkpoint,
-    so no longer the start). Call before the policy is sharded or wrapped."""
+    so no longer the start). Call before the policy is sharded or wrapped. A policy on the meta
+    device (FSDP's skeleton) gives a reference on the meta device, filled once sharded."""
     if base is not None:
         device = next(policy.parameters()).device
         ref = load_model_and_processor(base, device, compute_dtype)[0]

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cppo.models import demo_model_path, load_model_and_processor
+from cppo.models import demo_model_path, load_model_and_processor, load_processor
+from cppo.models.build import meta_model
 from cppo.models.model_dir import ModelError
 from cppo.perturb import get_preset, load_preset
 from cppo.precision import resolve_dtype
@@ -41,7 +42,7 @@ from cppo.rl.data import (
     open_config_data,
     shapes_data,
 )
-from cppo.rl.fsdp import fsdp_settings, shard_policy
+from cppo.rl.fsdp import FSDPSettings, fill_from_rank0, fsdp_settings, shard_policy
 from cppo.rl.logfiles import write_failure
 from cppo.rl.perception import get_perception_term
 from cppo.rl.reference import build_reference, place_reference
@@ -117,17 +118,13 @@ def setup_run(cfg: TrainConfig) -> Run:
     fingerprint = data_fingerprint(dataset)
     ckpt, state = resume_point(cfg, run_dir, fingerprint, rank)
 
-    model, _, ref = build_policy(cfg, device, resume_from=ckpt)  # the processor is the data's
     sharded = fsdp is not None and dist.is_initialized()
     if fsdp is not None and not sharded and rank == 0:
         print("[cppo] the FSDP config has one process to shard over: training unsharded", flush=True)
-    if sharded:
-        if fsdp.activation_checkpointing and not use_gradient_checkpointing(cfg, device):
-            enable_gradient_checkpointing(model)
-        model = shard_policy(model, fsdp, device, compute_dtype(cfg, device))
-    if ref is not None:  # sharded like the policy, or kept in CPU memory (cppo.rl.reference)
-        offload = cfg.ref_offload or (sharded and fsdp.offload_params)
-        ref = place_reference(ref, device, sharded, compute_dtype(cfg, device), offload)
+    # sharded, the policy and the reference come back sharded, their weights read by rank 0 alone
+    model, _, ref = build_policy(cfg, device, resume_from=ckpt, fsdp=fsdp if sharded else None)
+    if ref is not None and not sharded:  # kept in CPU memory with --ref-offload (cppo.rl.reference)
+        ref = place_reference(ref, device, False, compute_dtype(cfg, device), cfg.ref_offload)
     n_local = cfg.rollouts // world
     mini_local = (cfg.mini_batch_size or cfg.rollouts) // world
     updates_per_step = cfg.ppo_epochs * math.ceil(n_local / mini_local)
@@ -262,7 +259,9 @@ def views_preset(name: str):
     return load_preset(name) if str(name).endswith((".yaml", ".yml")) else get_preset(name)
 
 
-def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | None = None):
+def build_policy(
+    cfg: TrainConfig, device: torch.device, resume_from: Path | None = None, fsdp: FSDPSettings | None = None
+):
     """(policy, processor, frozen reference or None) as the config asks.
 
     The policy is loaded in float32 whatever the checkpoint was saved in (master weights; the
@@ -271,23 +270,21 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
     (transformers maps the saved key names back; a raw `load_state_dict` of the files does not fit),
     and a LoRA run builds the same adapter on the base model, then loads `resume_from/adapter`. A
     sharded checkpoint (an FSDP run's, cppo.rl.sharded) starts from the base model: `restore` loads
-    its shards once the policy is built (and sharded, under FSDP)."""
+    its shards once the policy is built (and sharded, under FSDP). With `fsdp` (FSDP settings, more
+    than one process) the policy and the reference come back sharded (`_build_sharded`)."""
     base = cfg.model or demo_model_path()
     full_resume = resume_from is not None and not cfg.lora_r and not is_sharded_checkpoint(resume_from)
+    start = resume_from if full_resume else base
+    if fsdp is not None:
+        return _build_sharded(cfg, device, fsdp, start, base if full_resume else None)
     try:  # weights that do not fit the config are found only by loading them: one line, not a traceback
-        model, processor = load_model_and_processor(
-            resume_from if full_resume else base, device, master_dtype(cfg, device)
-        )
+        model, processor = load_model_and_processor(start, device, master_dtype(cfg, device))
         ref = None
         if cfg.beta > 0:  # a frozen copy of the starting policy (docs/method.md §3: k3 to a frozen reference)
             ref = build_reference(model, compute_dtype(cfg, device), base=base if full_resume else None)
     except ModelError as e:
         raise ConfigError(str(e)) from None
-    if cfg.freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
-    if use_gradient_checkpointing(cfg, device):
-        enable_gradient_checkpointing(model)
+    _train_settings(model, cfg, device)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -308,6 +305,54 @@ def build_policy(cfg: TrainConfig, device: torch.device, resume_from: Path | Non
             ) from None
         if resume_from is not None:
             _load_adapter(model, Path(resume_from))
+    return model, processor, ref
+
+
+def _train_settings(model, cfg: TrainConfig, device: torch.device) -> None:
+    """The vision tower frozen (--freeze-vision) and activations recomputed (--gradient-checkpointing)."""
+    if cfg.freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    if use_gradient_checkpointing(cfg, device):
+        enable_gradient_checkpointing(model)
+
+
+def _build_sharded(cfg: TrainConfig, device: torch.device, fsdp: FSDPSettings, start, ref_base):
+    """`build_policy` under FSDP: (policy, processor, reference or None), sharded, the weights read once.
+
+    Every process builds the models on the meta device (no memory) and shards them; rank 0 then
+    loads `start` into CPU memory (`ref_base` too, one after the other, when the reference starts
+    elsewhere: a resumed full checkpoint) and sends each process its shards (cppo.rl.fsdp:
+    `fill_from_rank0`). Loading as one process does would put the whole float32 model on every
+    device before sharding, and a reference copy beside it (30 GB per GPU at 3B), and one full copy
+    per process in host memory."""
+    compute, master = compute_dtype(cfg, device), master_dtype(cfg, device)
+    try:
+        model = meta_model(start, master)
+        ref = None
+        if cfg.beta > 0:  # the policy's skeleton copied, or the base's
+            ref = build_reference(model if ref_base is None else meta_model(ref_base, compute), compute)
+        processor = load_processor(start)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+    _train_settings(model, cfg, device)
+    if fsdp.activation_checkpointing and not use_gradient_checkpointing(cfg, device):
+        enable_gradient_checkpointing(model)
+    model = shard_policy(model, fsdp, device, compute)
+    if ref is not None:  # shard_reference, and offloaded with the policy or --ref-offload
+        ref = place_reference(ref, device, True, compute, cfg.ref_offload or fsdp.offload_params)
+
+    def read(path, dtype):
+        return lambda: load_model_and_processor(path, "cpu", dtype)[0]
+
+    try:
+        if ref is None or ref_base is None:  # the reference starts from the policy's weights
+            fill_from_rank0([model] + ([ref] if ref is not None else []), read(start, master), device)
+        else:
+            fill_from_rank0([model], read(start, master), device)
+            fill_from_rank0([ref], read(ref_base, compute), device)
+    except ModelError as e:  # rank 0's (the others raise RuntimeError naming it)
+        raise ConfigError(str(e)) from None
     return model, processor, ref
 
 
