@@ -40,9 +40,9 @@ def backbone_and_head(model):
     return inner.model, inner.lm_head
 
 
-def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
-    """`mm_encoder_outputs` for `backbone.forward` with each run of identical consecutive images
-    encoded once.
+def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """(image tokens of the batch, D) features of every image of the batch, in order, with each run of
+    identical consecutive images encoded once.
 
     The G rows of a prompt's group carry the same pixels (rows of a group are adjacent), and the
     model's own forward runs the vision tower once per row. Here each image equal to the previous
@@ -51,8 +51,6 @@ def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: 
     before one backward through the tower, so the loss is the same and the gradients equal up to
     float summation order (tests/test_bench_fast_paths.py). The official code encodes every row.
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     sizes = image_grid_thw.prod(-1).tolist()  # patches per image
     parts = torch.split(pixel_values, sizes)
     which, uniq = [], []  # which[i]: index into uniq of image i
@@ -65,7 +63,26 @@ def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: 
     feats = backbone.get_image_features(
         torch.cat([parts[i] for i in uniq]), image_grid_thw[uniq], return_dict=True
     ).pooler_output  # one (tokens, D) per distinct image
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats[w] for w in which))}
+    return torch.cat([feats[w] for w in which])  # (image tokens, D)
+
+
+def embeddings_with_images(backbone, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    """(N, S, D) input embeddings of `input_ids` (N, S) with `image_features` (image tokens, D) in
+    place of the image placeholder tokens, in order: what Qwen2.5-VL's forward builds from
+    `pixel_values`, here from features computed once per distinct image.
+
+    Handed to the backbone as `inputs_embeds` together with `input_ids` (which it still reads for the
+    3-D M-RoPE positions), the two arguments every transformers release this project accepts takes
+    alike. transformers 5.25 also takes precomputed features as `mm_encoder_outputs`, but 5.17 has
+    no such argument: it lands in `**kwargs` and is dropped, and the pass scores with no image."""
+    embeds = backbone.get_input_embeddings()(input_ids)  # (N, S, D)
+    slots = input_ids == backbone.config.image_token_id  # (N, S)
+    if int(slots.sum()) != image_features.shape[0]:
+        raise ValueError(
+            f"{int(slots.sum())} image tokens in the batch but {image_features.shape[0]} image features"
+        )
+    feats = image_features.to(embeds.device, embeds.dtype)
+    return embeds.masked_scatter(slots.unsqueeze(-1), feats)
 
 
 def blank_image_features(backbone) -> torch.Tensor:
@@ -100,12 +117,13 @@ def response_hidden(
     fwd = {k: v for k, v in inputs.items() if k != "prompt_length"}
     if pixel_values is not None:
         fwd["pixel_values"] = pixel_values
-    if share_images and fwd.get("pixel_values") is not None and fwd.get("image_grid_thw") is not None:
-        pixels = fwd.pop("pixel_values")
-        fwd["mm_encoder_outputs"] = shared_image_features(backbone, pixels, fwd["image_grid_thw"])
+    has_images = fwd.get("pixel_values") is not None
+    if share_images and has_images and fwd.get("image_grid_thw") is not None:
+        feats = shared_image_features(backbone, fwd.pop("pixel_values"), fwd["image_grid_thw"])
+        fwd["inputs_embeds"] = embeddings_with_images(backbone, fwd["input_ids"], feats)
     T = fwd["input_ids"].shape[1] - L
     blank = None  # the tower runs where a pass with images runs it: before the language model
-    if run_vision and fwd.get("pixel_values") is None and fwd.get("mm_encoder_outputs") is None:
+    if run_vision and not has_images:
         blank = blank_image_features(backbone)  # (1, D)
     hidden = backbone(**fwd, use_cache=False).last_hidden_state  # (N, L+T, D)
     if blank is not None:
