@@ -135,7 +135,7 @@ def test_processor_matches_a_manual_expansion_of_image_pads():
 def test_processor_refuses_placeholder_image_mismatch():
     _, processor = tiny_model_and_processor()
     text = processor.apply_chat_template(build_messages("q", 2), add_generation_prompt=True)
-    # the stock processor's own check
+    # checked before the stock processor (5.17 would raise a bare StopIteration)
     with pytest.raises(ValueError, match="2 <\\|image_pad\\|> tokens and 1 images"):
         processor(text=[text], images=[_images()[0]])
 

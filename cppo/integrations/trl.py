@@ -42,6 +42,7 @@ from cppo.loss import (
     gate_responses,
     select_perception_tokens,
 )
+from cppo.models.versions import check_transformers
 from cppo.perturb import get_preset
 
 TESTED_TRL = ">=1.16,<1.17"
@@ -115,6 +116,7 @@ class CPPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer + lambda·CPL (module docstring). Takes GRPOTrainer's arguments."""
 
     def __init__(self, model, reward_funcs=None, args: CPPOConfig | None = None, **kwargs):
+        check_transformers()
         check_trl_internals()
         if not isinstance(args, CPPOConfig):
             raise TypeError("CPPOTrainer needs args=CPPOConfig(...) (a GRPOConfig with the CPL fields)")

@@ -23,6 +23,7 @@ import torch
 
 from cppo.models.model_dir import ModelError, check_model_path, check_processor, config_of
 from cppo.models.tokenizer import build_tokenizer
+from cppo.models.versions import check_transformers
 from cppo.models.vl_processor import ImageOnlyQwen2_5_VLProcessor
 
 
@@ -256,6 +257,7 @@ def load_model_and_processor(
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
+    check_transformers()  # a release below the floor would score without the image: refused first
     path = check_model_path(path_or_id)
     processor = _load_processor(path)
     verbosity = hf_logging.get_verbosity()

@@ -46,6 +46,7 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801  (transfo
             raise NotImplementedError(
                 f"{type(self).__name__} has no video processor; install torchvision and use AutoProcessor"
             )
+        _check_image_count(text, images, self.image_token)
         return super().__call__(images=images, text=text, **kwargs)
 
     def to_dict(self):
@@ -64,3 +65,28 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801  (transfo
         self.tokenizer.init_kwargs["processor_class"] = STOCK_PROCESSOR_CLASS
         self.image_processor.save_pretrained(d)  # preprocessor_config.json, for older loaders
         return files
+
+
+def _leaves(images) -> int:
+    """How many images `images` holds: one image, a list of them, or a list of lists per text."""
+    if images is None:
+        return 0
+    if isinstance(images, (list, tuple)):
+        return sum(_leaves(x) for x in images)
+    return 1
+
+
+def _check_image_count(text, images, image_token: str) -> None:
+    """ValueError when the texts' image placeholders and the images differ in number.
+
+    transformers 5.25's processor says so itself; 5.17's runs out of images mid-text and raises a
+    bare StopIteration. Checked here so that every accepted release gives the same one line."""
+    if text is None:
+        return
+    texts = [text] if isinstance(text, str) else list(text)
+    tokens, given = sum(t.count(image_token) for t in texts), _leaves(images)
+    if tokens != given:
+        raise ValueError(
+            f"the prompts hold {tokens} {image_token} tokens and {given} images: give one image per "
+            "placeholder in the chat template"
+        )
