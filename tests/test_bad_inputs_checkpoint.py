@@ -9,7 +9,8 @@ reference run.
   and exit 2 with the previous checkpoint intact, and --resume auto afterwards (space freed) ends as
   the uninterrupted run: metrics.jsonl holds steps [1, ..., 5] once each.
 
-- Under several processes rank 0 alone verifies and moves a checkpoint; every process takes its choice.
+- Under several processes each hashes a share of the files; rank 0 alone moves a checkpoint; every
+  process takes the same choice.
 
 Faults come from patched writers, and where this process may mount a tmpfs (root), from a real full
 disk. Every case asserts the exit status, the one line and that no traceback was printed.
@@ -29,7 +30,14 @@ import cppo.rl.checkpoint as checkpoint_mod
 import cppo.rl.logfiles as logfiles_mod
 import cppo.rl.loop as loop_mod
 from cli.train import main as train_main
-from cppo.rl.checkpoint import latest_checkpoint, save_checkpoint
+from cppo.rl.checkpoint import (
+    checkpoint_corruption,
+    checkpoint_dir,
+    hash_shares,
+    latest_checkpoint,
+    save_checkpoint,
+)
+from cppo.rl.manifest import read_manifest
 from tests import test_reliability as reliability
 from tests.helpers import FillsUp, tiny_model_and_processor
 from tests.test_reliability import STEPS, _copy, _flags, _steps, assert_same_run
@@ -240,24 +248,56 @@ def test_a_real_full_disk_is_one_line_then_resume_equals_the_uninterrupted_run(
 # ----------------------------------------------------------------------------- several processes
 
 
-def test_every_process_resumes_from_the_checkpoint_rank_0_verified(tmp_path):
-    """Rank 0 alone hashes, warns and moves a corrupted checkpoint aside; the other process takes its
-    choice (no process reads a folder rank 0 is moving), and its refusal of a named one."""
+def test_hash_shares_balance_bytes_largest_file_first():
+    # a 10 -> share 0; b 7 -> 1; c 5 -> 1 (7 < 10); d 4 -> 0 (10 < 12); e 1 -> 1 (12 < 14): 14 and 13 bytes
+    sizes = {"e": 1, "d": 4, "c": 5, "b": 7, "a": 10}
+    assert hash_shares(sizes, 2) == [["a", "d"], ["b", "c", "e"]]
+    assert hash_shares(sizes, 1) == [["a", "b", "c", "d", "e"]]
+    assert hash_shares({"x": 3}, 3) == [["x"], [], []]  # more processes than files: some hash nothing
+
+
+def test_a_corrupted_file_is_found_by_the_process_whose_share_holds_it(tmp_path):
+    model, processor = tiny_model_and_processor()
+    ckpt = save_checkpoint(tmp_path, 1, model, processor, None, None, {"step": 1})
+    shares = hash_shares(read_manifest(ckpt)["files"], 2)
+    _flip_byte(ckpt / shares[1][0])
+    found = f"{shares[1][0]} does not match the sha256"
+    assert checkpoint_corruption(ckpt, 0, 2) is None  # rank 0's share is intact
+    assert checkpoint_corruption(ckpt, 1, 2).startswith(found)
+    assert checkpoint_corruption(ckpt).startswith(found)  # one process: every file, as before
+
+
+def test_the_processes_hash_a_share_each_and_all_resume_from_the_checkpoint_they_agreed_on(tmp_path):
+    """Each of two processes hashes its share of a checkpoint's files (hash_shares: balanced by size,
+    each file once); a byte flipped in a file of rank 1's share is found, rank 0 alone warns and moves
+    the checkpoint aside, and both resume from the one before (no process reads a folder rank 0 is
+    moving); a checkpoint named with --resume is refused on both, from rank 1's verdict."""
     model, processor = tiny_model_and_processor()
     run = tmp_path / "run"
     for step in (1, 2, 3):
         save_checkpoint(run, step, model, processor, None, None, {"step": step}, keep_last=0)
-    _flip_byte(run / "checkpoints" / "step-000003" / "model.safetensors")
+    sizes = {name: size for name, size in read_manifest(checkpoint_dir(run, 3))["files"].items()}
+    shares = hash_shares(sizes, 2)
+    flipped = shares[1][0]  # the largest file of rank 1's share
+    _flip_byte(checkpoint_dir(run, 3) / flipped)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(reliability.REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
     cmd += [str(reliability.REPO / "tests" / "workers" / "resume_ranks.py"), str(run), str(tmp_path / "out")]
     done = subprocess.run(cmd, env=env, cwd=reliability.REPO, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stderr.count("skipping corrupted checkpoint") == 1  # rank 0's warning only
+    assert f"{flipped} does not match the sha256" in done.stderr
     got = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
-    assert got[0] == got[1]
-    assert got[0]["ckpt"] == str(run / "checkpoints" / "step-000002") and got[0]["step"] == 2
-    assert "model.safetensors does not match the sha256" in got[0]["refused"]
+    for r in (0, 1):  # step 3 (corrupted) then step 2, each process its own share of each
+        want = sorted([folder, name] for folder in ("step-000002", "step-000003") for name in shares[r])
+        assert got[r]["hashed_auto"] == want
+        assert got[r]["hashed_named"] == sorted(["step-000003.corrupt", name] for name in shares[r])
+    assert sorted(name for share in shares for name in share) == sorted(sizes)  # every file once
+    assert abs(sum(sizes[n] for n in shares[0]) - sum(sizes[n] for n in shares[1])) <= max(sizes.values())
+    same = ("ckpt", "step", "refused")
+    assert [got[0][k] for k in same] == [got[1][k] for k in same]
+    assert got[0]["ckpt"] == str(checkpoint_dir(run, 2)) and got[0]["step"] == 2
+    assert f"{flipped} does not match the sha256" in got[0]["refused"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-000001",
         "step-000002",

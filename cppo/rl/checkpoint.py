@@ -49,7 +49,7 @@ from safetensors import SafetensorError
 
 from cppo.rl.atomic import RunDirError, atomic_write
 from cppo.rl.manifest import MARKER as MARKER
-from cppo.rl.manifest import content_problem, manifest_problem, write_marker
+from cppo.rl.manifest import content_problem, manifest_problem, read_manifest, write_marker
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
@@ -281,11 +281,34 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in _step_dirs(Path(run_dir) / CHECKPOINTS_DIR)]
 
 
-def checkpoint_corruption(ckpt: Path) -> str | None:
+def checkpoint_corruption(ckpt: Path, rank: int = 0, world_size: int = 1) -> str | None:
     """Why the bytes of a complete checkpoint are not those it was saved with (a file whose sha256
     differs from its manifest's: changed in place, same size), or None. Reads every file, so it is
-    run only on the checkpoint a run resumes from (cppo.rl.manifest says what that costs)."""
-    return content_problem(ckpt)
+    run only on the checkpoint a run resumes from (cppo.rl.manifest says what that costs).
+
+    With `world_size` > 1 it reads only process `rank`'s share of the files (`hash_shares`, by the
+    manifest's sizes): the caller gathers every process's verdict (cppo.rl.resume)."""
+    if world_size == 1:
+        return content_problem(ckpt)
+    try:
+        manifest = read_manifest(ckpt)
+    except (OSError, ValueError):
+        return content_problem(ckpt)  # fails the same way before hashing, and says why
+    sizes = {name: manifest["files"].get(name, 0) for name in manifest.get("sha256", {})}
+    return content_problem(ckpt, hash_shares(sizes, world_size)[rank])
+
+
+def hash_shares(sizes: dict[str, int], parts: int) -> list[list[str]]:
+    """The files of `sizes` ({name: bytes}) split into `parts` shares of about equal bytes, the same
+    on every process: the largest file first, each to the share with the fewest bytes so far (the
+    lowest index on a tie). A file is one process's to read, so a share is at least its largest file."""
+    shares: list[list[str]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        k = loads.index(min(loads))
+        shares[k].append(name)
+        loads[k] += sizes[name]
+    return shares
 
 
 def set_aside(ckpt: Path, why: str = "corrupt") -> Path:

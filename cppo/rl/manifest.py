@@ -106,11 +106,14 @@ def manifest_problem(ckpt: Path) -> str | None:
     return None
 
 
-def content_problem(ckpt: Path) -> str | None:
+def content_problem(ckpt: Path, names: list[str] | None = None) -> str | None:
     """Why a checkpoint whose sizes match (`manifest_problem` is None) has other bytes than it was
-    saved with: the first file whose sha256 differs from its manifest's, or None. Reads every file."""
+    saved with: the first file whose sha256 differs from its manifest's, or None. Reads every file,
+    or only `names` (one process's share: cppo.rl.checkpoint.checkpoint_corruption)."""
     try:
         digests = read_manifest(ckpt).get("sha256", {})
+        if names is not None:
+            digests = {name: digests[name] for name in names if name in digests}
         found = _sha256_all(Path(ckpt), list(digests))
     except (OSError, ValueError) as e:
         return f"its files cannot be read to check their sha256 ({e})"

@@ -7,8 +7,9 @@ and optimizer state (cppo.rl.sharded), rank 0 the rest; the run's last checkpoin
 `export_pretrained`) also gets the gathered from_pretrained weights.
 
 `resume_point(cfg, run_dir, data_fingerprint(dataset), rank)` picks the checkpoint (`--resume
-auto`: the latest complete one whose files match the sha256 its manifest recorded; a corrupted one
-is moved aside to `step-NNNNNN.corrupt` with a warning and the one before is used) and refuses,
+auto`: the latest complete one whose files match the sha256 its manifest recorded, each process
+hashing a share of the files; a corrupted one is moved aside to `step-NNNNNN.corrupt` with a warning
+and the one before is used) and refuses,
 with one line listing why,
 
 - a checkpoint that is incomplete, corrupted (given by path) or unreadable with `weights_only`;
@@ -24,7 +25,7 @@ GPUs than this one is refused even when forced (`gpu_count`, stored in the train
 with the policy, cppo.rl.run.build_policy; a sharded checkpoint's weights and optimizer state from
 its shards, resharded to this run's processes, with or without FSDP).
 
-It runs a few lines past 300 because choosing the checkpoint (verifying it, every check that can
+It runs past 300 lines because choosing the checkpoint (verifying it, every check that can
 refuse it, and the processes agreeing on it) reads the trainer state that `Checkpointer` writes and
 `restore` loads: the layout of that state is in this one file.
 """
@@ -36,6 +37,7 @@ import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,26 +117,30 @@ def resume_point(cfg, run_dir: Path, fingerprint: str, rank: int = 0):
     incomplete or corrupted checkpoint, a changed config or data, and abandoning newer checkpoints,
     unless forced.
 
-    Rank 0 alone picks, verifies (sha256), warns and deletes; the other processes take its choice
-    (or its refusal), so that all resume from the same checkpoint and none reads a folder rank 0 is
-    moving, and then read that checkpoint's trainer state themselves."""
+    Every process hashes its share of the checkpoint's files (`_verified_checkpoint`); rank 0 alone
+    lists, warns, moves aside and deletes, and checks the trainer state; the other processes take
+    its choice (or its refusal), so that all resume from the same checkpoint and none reads a folder
+    rank 0 is moving, and then read that checkpoint's trainer state themselves."""
     if not cfg.resume:
+        return None, None
+    ckpt = _verified_checkpoint(cfg, run_dir, rank)
+    if ckpt is None:
         return None, None
     picked: dict = {}
 
-    def pick() -> str | None:
-        ckpt = _pick_checkpoint(cfg, run_dir)
-        if ckpt is not None:
-            picked["state"] = _checked_state(cfg, run_dir, ckpt, fingerprint)
-        return None if ckpt is None else str(ckpt)
+    def check() -> None:
+        picked["state"] = _checked_state(cfg, run_dir, ckpt, fingerprint)
 
-    chosen = _decided_on_rank0(rank, pick)
-    if chosen is None:
-        return None, None
-    ckpt = Path(chosen)
+    _decided_on_rank0(rank, check)
     state = picked["state"] if rank == 0 else _read_state(ckpt)
     check_gpu_count(ckpt, state)
     return ckpt, state
+
+
+def _world_size() -> int:
+    """The processes of a distributed run (1 without a process group)."""
+    initialized = dist.is_available() and dist.is_initialized()
+    return dist.get_world_size() if initialized else 1
 
 
 def _decided_on_rank0(rank: int, decide):
@@ -146,7 +152,7 @@ def _decided_on_rank0(rank: int, decide):
             result = decide()
         except Exception as e:
             error = e
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world_size() > 1:
         failed = None if error is None else (isinstance(error, ConfigError), str(error))
         box = [(result, failed)]
         dist.broadcast_object_list(box, src=0)
@@ -158,32 +164,64 @@ def _decided_on_rank0(rank: int, decide):
     return result
 
 
-def _pick_checkpoint(cfg, run_dir: Path) -> Path | None:
+def _verified_checkpoint(cfg, run_dir: Path, rank: int) -> Path | None:
     """The checkpoint `--resume` names, or for `auto` the latest complete one whose files match their
     sha256: a corrupted one is set aside (`step-NNNNNN.corrupt`) with a warning and the one before
-    is tried. An explicit checkpoint that is incomplete or corrupted is refused (ConfigError)."""
-    if cfg.resume != "auto":
-        ckpt = Path(cfg.resume)
-        problem = checkpoint_problem(ckpt) or checkpoint_corruption(ckpt)
-        if problem:
-            raise ConfigError(
-                f"cannot resume from {ckpt}: {problem}; give another checkpoint or --resume auto"
-            )
-        return ckpt
-    for path, problem in incomplete_checkpoints(run_dir):
-        print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
-    for ckpt in reversed(complete_checkpoints(run_dir)):
-        problem = checkpoint_corruption(ckpt)
+    is tried. An explicit checkpoint that is incomplete or corrupted is refused (ConfigError).
+
+    Rank 0 lists the candidates; every process hashes its share of a candidate's files (a 7B
+    checkpoint is ~85 GB: each of W processes reads about 1/W of it, a file being one process's)
+    and the verdicts are gathered, so every process reaches the same decision; rank 0 alone warns and
+    moves. Without a process group, this one process hashes every file."""
+    candidates = _decided_on_rank0(rank, lambda: [str(p) for p in _candidates(cfg, run_dir)])
+    for ckpt in map(Path, candidates):
+        problem = _corruption_on_every_rank(ckpt, rank)
         if problem is None:
             return ckpt
-        moved = set_aside(ckpt, "corrupt")
-        print(
-            f"[cppo] skipping corrupted checkpoint {ckpt}: {problem}; moved to {moved.name}, "
-            "trying the one before",
-            file=sys.stderr,
-        )
-    print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
+        if cfg.resume != "auto":
+            raise _refusal(ckpt, problem)
+        _decided_on_rank0(rank, partial(_set_aside_corrupted, ckpt, problem))
+    if rank == 0:
+        print(f"[cppo] resume auto: no complete checkpoint in {run_dir}; starting at step 0")
     return None
+
+
+def _candidates(cfg, run_dir: Path) -> list[Path]:
+    """The checkpoints to try, in order: the one `--resume` names (refused with ConfigError when
+    incomplete), or for `auto` every complete one, newest first (the incomplete ones named on stderr)."""
+    if cfg.resume != "auto":
+        ckpt = Path(cfg.resume)
+        if problem := checkpoint_problem(ckpt):
+            raise _refusal(ckpt, problem)
+        return [ckpt]
+    for path, problem in incomplete_checkpoints(run_dir):
+        print(f"[cppo] ignoring incomplete checkpoint {path}: {problem}", file=sys.stderr)
+    return list(reversed(complete_checkpoints(run_dir)))
+
+
+def _refusal(ckpt: Path, problem: str) -> ConfigError:
+    return ConfigError(f"cannot resume from {ckpt}: {problem}; give another checkpoint or --resume auto")
+
+
+def _corruption_on_every_rank(ckpt: Path, rank: int) -> str | None:
+    """`checkpoint_corruption` of `ckpt`, each process hashing its share: the first problem any
+    process found (in rank order), the same on every process; None when every share is intact."""
+    world = _world_size()
+    problem = checkpoint_corruption(ckpt, rank, world)
+    if world == 1:
+        return problem
+    verdicts: list[str | None] = [None] * world
+    dist.all_gather_object(verdicts, problem)
+    return next((p for p in verdicts if p is not None), None)
+
+
+def _set_aside_corrupted(ckpt: Path, problem: str) -> None:
+    moved = set_aside(ckpt, "corrupt")
+    print(
+        f"[cppo] skipping corrupted checkpoint {ckpt}: {problem}; moved to {moved.name}, "
+        "trying the one before",
+        file=sys.stderr,
+    )
 
 
 def _read_state(ckpt: Path) -> dict:
