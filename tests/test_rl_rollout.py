@@ -77,8 +77,7 @@ class _FakeRollouts:
         self.response_mask, self.truncated = mask, truncated
         self.inputs = {"attention_mask": torch.ones(len(ids), 3), "prompt_length": 3}
         self.advantages = torch.zeros(len(ids))
-        self.reward_result = RewardResult.__new__(RewardResult)
-        self.reward_result.metrics = lambda: {}
+        self.reward_result = RewardResult(total=[0.0] * len(ids), components={})
 
 
 def test_response_clipped_counts_responses_cut_at_max_new_tokens():

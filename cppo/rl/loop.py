@@ -35,7 +35,11 @@ Faults (docs/reliability.md has the table of what was tried):
   counted (update/bad_steps_total, update/bad_streak); it is not checkpointed (except at the run's
   end or on a signal), and max_bad_steps in a row stop the run (BadStepsError) with the last good
   checkpoint in place;
-- reward functions that raise or return NaN score 0 and go to reward_errors.jsonl with the sample.
+- reward functions that raise or return NaN score 0 and go to reward_errors.jsonl with the sample;
+- with several processes the logged metrics are the whole step's (every rank's rows, the evaluation
+  split across ranks and gathered), and every decision that leads into a collective (keep_best's
+  save, the skip of a bad step's save, the early stop) is read from rank 0's copy of them; a log or
+  checkpoint write that fails on rank 0 raises on every rank (cppo/rl/ranks.py).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from cppo.rl.config import TrainConfig
 from cppo.rl.curves import draw_curves
 from cppo.rl.fsdp import gathered
 from cppo.rl.prefetch import Prefetcher
+from cppo.rl.ranks import rank0_stage, rank0s
 from cppo.rl.reference import reference_on
 from cppo.rl.reporting import bad_steps_message, reset_peak_memory, step_metrics
 from cppo.rl.rollout import Prompts, collect_rollouts, prepare_prompts
@@ -125,26 +130,30 @@ def run_training(cfg: TrainConfig):
                                 ro.ref_logp = rollout_logprobs(run.ref, ro, cfg)
             except AbortStep:  # the state is the end of step `step`: save that, unless it is saved
                 raise stops.interrupted(step, checkpoints.save_unless_saved(step, sampler_at_start)) from None
+            # every metric is the whole step's, over all ranks' rows (cppo.rl.ranks), on every rank
             metrics = policy_update(model, run.optimizer, run.scheduler, ro, cfg, timer, world_size=world)
             metrics.update(step_metrics(ro, timer, time.perf_counter() - t0, device, world))
             last = step + 1 == cfg.max_steps
             if run.eval_set is not None and ((step + 1) % cfg.eval_every == 0 or last):
                 with timer("eval"), gathered(model), autocast(device, compute_dtype(cfg, device)):
-                    metrics.update(_evaluate(model, run.processor, run.eval_set, cfg))
-                metrics["time/eval"] = timer["eval"]
+                    metrics.update(_evaluate(model, run.processor, run.eval_set, cfg, rank, world))
+                metrics["time/eval"] = timer["eval"]  # rank 0's: the gather at its end syncs the ranks
+            metrics = rank0s(metrics, world)  # every decision below is taken once, from rank 0's metrics
             bad = counters.count(metrics)
-            run.logger.step(step + 1, metrics, ro, bad)
+            with rank0_stage("write the step's logs", world):
+                run.logger.step(step + 1, metrics, ro, bad)
             if cfg.max_bad_steps and counters.bad_streak >= cfg.max_bad_steps:
                 raise BadStepsError(bad_steps_message(step + 1, counters, metrics, run.run_dir, cfg))
             saved = None
-            if cfg.keep_best and not bad and metrics.get("eval/accuracy", -1.0) > counters.best_score:
-                counters.best_step, counters.best_score = step + 1, metrics["eval/accuracy"]
-                saved = checkpoints.save(step + 1, sampler.state_dict())
-                if rank == 0:
-                    write_best(run.run_dir, step + 1, counters.best_score, "eval/accuracy")
-            due = last or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not bad)
-            if saved is None and due:
-                saved = checkpoints.save(step + 1, sampler.state_dict())
+            with rank0_stage("save the checkpoint", world):  # rank 0 alone writes unless sharded
+                if cfg.keep_best and not bad and metrics.get("eval/accuracy", -1.0) > counters.best_score:
+                    counters.best_step, counters.best_score = step + 1, metrics["eval/accuracy"]
+                    saved = checkpoints.save(step + 1, sampler.state_dict())
+                    if rank == 0:
+                        write_best(run.run_dir, step + 1, counters.best_score, "eval/accuracy")
+                due = last or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not bad)
+                if saved is None and due:
+                    saved = checkpoints.save(step + 1, sampler.state_dict())
             if not last and stops.requested(world, device):
                 raise stops.interrupted(step + 1, saved or checkpoints.save(step + 1, sampler.state_dict()))
     if rank == 0:  # a figure that cannot be written (a full disk) is a warning: the run is complete
@@ -162,11 +171,11 @@ def _prepare(run, processor, draws) -> Prompts:
     )
 
 
-def _evaluate(model, processor, dataset, cfg: TrainConfig) -> dict[str, float]:
+def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
     """avg@K accuracy and format on (at most 64 items of) the held-out set, as eval/* metrics.
 
-    Each process grades the same items: evaluation is cheap next to a step, and it keeps every
-    rank's RNG in step."""
+    Each process answers its share of the batches and the graded questions are gathered
+    (`cppo.models.evaluate.evaluate`, rank/world): every rank gets the report one process would."""
     report = evaluate(
         model,
         processor,
@@ -177,6 +186,8 @@ def _evaluate(model, processor, dataset, cfg: TrainConfig) -> dict[str, float]:
         limit=64,
         temperature=None if cfg.eval_samples == 1 else cfg.temperature,
         instruction=instruction_for(cfg.instruction),
+        rank=rank,
+        world=world,
     )
     return {"eval/accuracy": report["accuracy"], "eval/format": report["format"]}
 

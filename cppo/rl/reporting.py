@@ -26,6 +26,7 @@ import torch
 from cppo.rl.atomic import RunDirError
 from cppo.rl.checkpoint import latest_checkpoint
 from cppo.rl.logfiles import LogWriteError, RunLogger
+from cppo.rl.ranks import Tally
 from cppo.rl.update import Timer
 
 _STATUS = Path("/proc/self/status")
@@ -60,20 +61,35 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 
 def step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict[str, float]:
-    mask = ro.response_mask
-    tokens = int(mask.sum()) + int(ro.inputs["attention_mask"][:, : ro.inputs["prompt_length"]].sum())
-    out = dict(ro.reward_result.metrics())
-    out["response/length"] = float(mask.sum(1).float().mean())
-    out["response/clipped"] = float(ro.truncated.float().mean())  # reached max_new_tokens, no end token
-    out["adv/positive_frac"] = float((ro.advantages > 0).float().mean())
+    """The step's reward, length, advantage, time, throughput and memory metrics over EVERY process's
+    rows (cppo.rl.ranks.Tally; a collective when world > 1, the same dict on every rank): means over
+    the step's rows, reward/errors summed, time/* the slowest rank's (the step waits for it),
+    memory/peak_mb the highest rank's, throughput the step's tokens over the slowest rank's time."""
+    mask = ro.response_mask  # (N, T) this process's rows
+    N = mask.shape[0]
+    rr = ro.reward_result  # as RewardResult.metrics names them, over every rank's rows
+    tally = Tally()
+    tally.mean("reward/total", sum(rr.total), len(rr.total))
+    for name, values in rr.components.items():
+        tally.mean(f"reward/{name}", sum(values), len(values))
+    tally.count("reward/errors", len(rr.errors))
+    tally.mean("response/length", float(mask.sum()), N)
+    tally.mean("response/clipped", float(ro.truncated.float().sum()), N)  # max_new_tokens, no end token
+    tally.mean("adv/positive_frac", float((ro.advantages > 0).float().sum()), N)
     for phase in ("rollout", "reward", "old_ref_logprobs", "update", "perception"):
-        out[f"time/{phase}"] = timer.get(phase, 0.0)
-    out["time/step"] = step_time
-    out["throughput/tokens_per_s"] = tokens * world / step_time
+        tally.max(f"time/{phase}", timer.get(phase, 0.0))
+    tally.max("time/step", step_time)
+    prompt = ro.inputs["attention_mask"][:, : ro.inputs["prompt_length"]]
+    tally.count(_TOKENS, int(mask.sum()) + int(prompt.sum()))
     peak = peak_memory_mb(device)  # since the step began (reset_peak_memory)
     if peak is not None:
-        out["memory/peak_mb"] = peak
+        tally.max("memory/peak_mb", peak)
+    out = tally.over_ranks(world).values()
+    out["throughput/tokens_per_s"] = out.pop(_TOKENS) / out["time/step"]
     return out
+
+
+_TOKENS = "_tokens"  # the step's prompt and response tokens, for throughput (not logged)
 
 
 def rollout_rows(ro, n: int) -> list[dict]:
