@@ -118,18 +118,27 @@ def evaluate(
     seed: int = 0,
     limit: int | None = None,
     instruction: str | None = INSTRUCTION,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
     """Answer each question ``samples`` times and grade; returns ``score``'s report plus ``questions``
     (per question: source, question_type, answer, responses, accuracy and format lists). Each prompt
-    is the question followed by ``instruction`` (None: the question alone)."""
+    is the question followed by ``instruction`` (None: the question alone).
+
+    ``world`` > 1 (a collective over torch.distributed's ``world`` processes): this process
+    (``rank``) answers batches rank, rank + world, ... of the one-process run, each with that
+    batch's seed, so every batch is answered as one process answers it; the graded questions are
+    gathered and every process returns the one-process report, value for value."""
     temperature = resolve_temperature(samples, temperature)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     per_batch = max(1, batch_size // samples)  # questions per generate call; each repeated K times
     pad = processor.tokenizer.pad_token_id
     was_training = model.training
     model.eval()
-    questions = []
+    answered: dict[int, list[dict]] = {}  # batch index -> its graded questions, this process's batches
     for b, start in enumerate(range(0, n, per_batch)):
+        if b % world != rank:
+            continue
         items = [dataset[i] for i in range(start, min(n, start + per_batch))]
         rep = [s for s in items for _ in range(samples)]  # (N = questions x K)
         batch = encode_prompts(processor, [s.question for s in rep], [s.images for s in rep], instruction)
@@ -144,6 +153,7 @@ def evaluate(
             generator_seed=seed * 100_003 + b,
         )
         texts = processor.batch_decode(ids.masked_fill(~mask.to(ids.device), pad), skip_special_tokens=True)
+        questions = answered[b] = []
         for j, s in enumerate(items):
             responses = texts[j * samples : (j + 1) * samples]
             grades = [grade(r, s.answer) for r in responses]
@@ -158,6 +168,7 @@ def evaluate(
                 }
             )
     model.train(was_training)
+    questions = [q for _, qs in sorted(_gathered(answered, world).items()) for q in qs]
     report = score(questions)
     report.update(
         samples=samples,
@@ -167,6 +178,17 @@ def evaluate(
         questions=questions,
     )
     return report
+
+
+def _gathered(answered: dict[int, list[dict]], world: int) -> dict[int, list[dict]]:
+    """Every process's answered batches (one all_gather when world > 1)."""
+    if world == 1:
+        return answered
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, answered)
+    return {b: qs for part in parts for b, qs in part.items()}
 
 
 def format_table(report: dict) -> str:

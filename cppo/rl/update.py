@@ -64,6 +64,7 @@ from cppo.response_stats import response_stats
 from cppo.rl.clip import clip_grad_norm
 from cppo.rl.fsdp import compute_device, is_sharded
 from cppo.rl.perception import PerceptionTerm, get_perception_term
+from cppo.rl.ranks import Tally
 from cppo.rl.rollout import Rollouts, micro_batches, select_rows
 
 
@@ -261,7 +262,8 @@ def policy_update(
     term: PerceptionTerm | None = None,
     trim: bool = True,
 ) -> dict[str, float]:
-    """All optimizer updates of one step over this process's rows; returns mean metrics. `score`
+    """All optimizer updates of one step over this process's rows; returns the metrics' means over
+    every process's micro-batches (a collective when world_size > 1: cppo.rl.ranks). `score`
     scores every pass, `term` is the perception term (default: `cfg.algo`'s); `trim`: every pass on
     its own rows' tokens (False: the step's L + T columns, the padded path, for comparison).
     `cfg.sort_by_length` sorts each mini-batch's rows by length into its micro-batches."""
@@ -299,7 +301,11 @@ def policy_update(
                 sums["grad_norm"] += float(norm)
                 counts["grad_norm"] += 1
     model.eval()
-    out = {k: sums[k] / counts[k] for k in sums}
-    out["update/skipped_nonfinite"] = float(skipped)
+    # means over every process's micro-batches (cppo.rl.ranks): one process's value on the same rows
+    tally = Tally()
+    for k in sums:
+        tally.mean(k, sums[k], counts[k])
+    tally.max("update/skipped_nonfinite", skipped)  # the same on every rank: the norm is global
+    out = tally.over_ranks(world_size).values()
     out["lr"] = scheduler.get_last_lr()[0]
     return out
