@@ -37,10 +37,15 @@ def transformers_problem(version: str, floor: str = TRANSFORMERS_FLOOR) -> str |
     )
 
 
-def check_transformers() -> None:
-    """Raise ModelError with one line when the installed transformers is below the floor."""
+def installed_transformers() -> str:
+    """The version of the transformers that imports here."""
     import transformers
 
-    problem = transformers_problem(transformers.__version__)
+    return transformers.__version__
+
+
+def check_transformers() -> None:
+    """Raise ModelError with one line when the installed transformers is below the floor."""
+    problem = transformers_problem(installed_transformers())
     if problem is not None:
         raise ModelError(problem)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from cppo.models import demo_model_path, load_model_and_processor, load_processor
 from cppo.models.build import meta_model
 from cppo.models.model_dir import ModelError
+from cppo.models.versions import check_transformers
 from cppo.perturb import get_preset, load_preset
 from cppo.precision import resolve_dtype
 from cppo.rl.atomic import RunDirError, atomic_write
@@ -86,6 +87,7 @@ def setup_run(cfg: TrainConfig) -> Run:
 
     Raises ConfigError / DataError / RunDirError before any model loads when the config, the data,
     the run directory or the resume point cannot be used."""
+    check_versions()  # first: a transformers below the floor would train without seeing the image
     rank, world, device = process_info(cfg)
     fsdp = fsdp_settings()  # from an accelerate config (accelerate launch); None without FSDP
     check_launch(cfg, world, sharded=fsdp is not None)
@@ -179,6 +181,14 @@ def setup_run(cfg: TrainConfig) -> Run:
         checkpointer=checkpointer,
         start=start,
     )
+
+
+def check_versions() -> None:
+    """ConfigError (one line) when the installed transformers is below cppo's floor."""
+    try:
+        check_transformers()
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:

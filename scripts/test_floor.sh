@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The suite's fast tests again on the lowest transformers cppo accepts (scripts/floor-requirements.txt),
+# so that a release that silently drops an argument (5.17 and `mm_encoder_outputs`) fails CI.
+# The main ./.venv is reused; the floor's packages go into ./.venv/transformers-floor, first on
+# PYTHONPATH. Extra arguments go to pytest, e.g. `bash scripts/test_floor.sh tests/test_image_is_seen.py`.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$repo"
+floor="$venv/transformers-floor"
+want="$(sha256sum scripts/floor-requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$floor/.stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[setup] installing the floor's packages into $floor"
+    rm -rf "$floor"
+    python -m pip install -q --no-deps --target "$floor" -r scripts/floor-requirements.txt
+    echo "$want" > "$floor/.stamp"
+fi
+export PYTHONPATH="$floor${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import transformers, sys; print(f'[floor] transformers {transformers.__version__}'); \
+sys.exit(transformers.__version__ != '$(sed -n 's/^transformers==//p' scripts/floor-requirements.txt)')"
+if [ $# -eq 0 ]; then
+    set -- -m "not slow" -p no:cacheprovider
+fi
+exec python -m pytest "$@"
