@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches, on this machine (which reaches PyPI), the wheels that a GPU machine with no network needs
 # beside its own PyTorch/transformers image to import cppo: the perturbation libraries and the
-# grader. They land in .whl/ (ignored by git); bench/gpu_check.sh installs them from there.
+# grader, and in .whl/floor/ the lowest transformers cppo accepts. They land in .whl/ (ignored by git);
+# bench/gpu_check.sh installs them from there.
 #   bash bench/gpu_wheels.sh            # then carry .whl to the GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +19,11 @@ for spec in albumentations==2.0.8 albucore==0.0.24 pydantic==2.14.4 pydantic-cor
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
         --implementation cp "${platforms[@]}" -d .whl "$spec"
 done
-ls -l .whl
+# The transformers floor (scripts/floor-requirements.txt) in its own folder: bench/gpu_check.sh
+# installs it only on an image whose transformers is below cppo's floor.
+mkdir -p .whl/floor
+grep -v '^#' scripts/floor-requirements.txt | grep . | while read -r spec; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
+        --implementation cp "${platforms[@]}" -d .whl/floor "$spec"
+done
+ls -l .whl .whl/floor
