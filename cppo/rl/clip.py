@@ -60,15 +60,21 @@ def _sharded_group(params: list[torch.nn.Parameter]):
     return mesh.get_group()
 
 
-def _local_norm_term(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """This process's part of the total norm, float32 on the CPU: sum of |g|^p over `grads`, or
-    max |g| for p = inf (0 without gradients)."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    norms = torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float32).cpu() for g in grads])
+def _local_norm_term(grads: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
+    """This process's part of the total norm, a float32 scalar on `device`: sum of |g|^p over
+    `grads`, or max |g| for p = inf (0 without gradients). Reduced where the gradients lie, one
+    scalar per device moved (no host sync per gradient)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    parts = [torch.zeros((), dtype=torch.float32, device=device)]
+    for on_device in by_device.values():
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in on_device])
+        part = norms.max() if math.isinf(norm_type) else norms.pow(norm_type).sum()  # (,)
+        parts.append(part.to(device))
     if math.isinf(norm_type):  # a MAX all-reduce may drop a nan (max(1, nan) = 1): send it as inf
-        return torch.nan_to_num(norms.max(), nan=math.inf)  # (,)
-    return norms.pow(norm_type).sum()  # (,) a SUM all-reduce keeps nan and inf
+        return torch.nan_to_num(torch.stack(parts).max(), nan=math.inf)
+    return torch.stack(parts).sum()  # a SUM all-reduce keeps nan and inf
 
 
 @torch.no_grad()
@@ -76,8 +82,9 @@ def clip_grad_norm(
     params: Iterable[torch.nn.Parameter], max_norm: float, norm_type: float = 2.0
 ) -> torch.Tensor:
     """Scale the gradients of `params` in place so that their global `norm_type`-norm is at most
-    `max_norm` (inf: never scaled); returns that norm before scaling, a plain tensor (not a DTensor),
-    the same on every process. A collective under FSDP2: every process calls it (module docstring)."""
+    `max_norm` (inf: never scaled); returns that norm before scaling, a plain tensor (not a DTensor;
+    sharded: on the collective device), the same on every process. A collective under FSDP2: every
+    process calls it (module docstring)."""
     from torch.distributed.tensor import DTensor
 
     params = list(params)
@@ -88,14 +95,19 @@ def clip_grad_norm(
     grads = [p.grad for p in params if p.grad is not None]
     shards = [g.to_local() for g in grads if isinstance(g, DTensor)]  # this process's rows
     replicated = [g for g in grads if not isinstance(g, DTensor)]  # unsharded: the same on every process
-    term = _local_norm_term(shards, norm_type).to(collective_device(group))
+    device = collective_device(group)
+    term = _local_norm_term(shards, norm_type, device)
     dist.all_reduce(term, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=group)
-    term, own = term.cpu(), _local_norm_term(replicated, norm_type)  # counted once, not once per process
+    own = _local_norm_term(replicated, norm_type, device)  # counted once, not once per process
     if math.isinf(norm_type):
         total = torch.maximum(term, own)
     else:
         total = (term + own).pow(1.0 / norm_type)
     coef = (max_norm / (total + _EPS)).clamp(max=1.0)  # torch's factor, applied even when it is 1
+    coefs: dict[tuple, torch.Tensor] = {}  # one copy per device and dtype (offload: one to the CPU)
     for g in [*shards, *replicated]:
-        g.mul_(coef.to(g.device, g.dtype))
+        key = (g.device, g.dtype)
+        if key not in coefs:
+            coefs[key] = coef.to(g.device, g.dtype)
+        g.mul_(coefs[key])
     return total
