@@ -126,3 +126,45 @@ def test_cppo_eval_errors_exit_2(tiny, tmp_path, capsys):
     assert main(["--model", str(tiny / "model"), "--data", str(tmp_path / "none")]) == 2
     assert "data path" in capsys.readouterr().err
     assert main(["--data", str(tiny / "shapes"), "--samples", "2", "--temperature", "0"]) == 2
+
+
+def _split_worker(rank: int, init: str, model_dir: str, results) -> None:
+    """One of two gloo processes: the split evaluation, counting this process's generate calls; rank 0
+    also the one-process evaluation of the same items first."""
+    import torch
+    import torch.distributed as dist
+
+    import cppo.models.evaluate as ev
+    from cppo.models import load_model_and_processor
+    from cppo.toy import split_items
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, processor = load_model_and_processor(model_dir)
+        items = ev._shapes_prompts(split_items("test", 5, seed=0), "test", blank_images=False)
+        kw = dict(samples=2, max_new_tokens=12, batch_size=4, seed=7)  # 2 questions a call: 3 calls
+        one = ev.evaluate(model, processor, items, **kw) if rank == 0 else None
+        calls, generate = [], ev.generate_responses
+        ev.generate_responses = lambda *a, **k: calls.append(k["generator_seed"]) or generate(*a, **k)
+        split = ev.evaluate(model, processor, items, rank=rank, world=2, **kw)
+        results[rank] = (one, split, calls)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_evaluation_split_over_two_processes_equals_one_process(tiny, tmp_path):
+    """Two gloo processes each answer their share of the batches (rank 0 batches 0 and 2, rank 1
+    batch 1, each with its one-process seed 7 * 100003 + b) and both return the one-process report,
+    sampled responses, grades, per-type table and all, value for value."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    results = mp.Manager().dict()
+    mp.spawn(_split_worker, args=(f"file://{tmp_path / 'store'}", str(tiny / "model"), results), nprocs=2)
+    (one, split0, calls0), (_, split1, calls1) = results[0], results[1]
+    assert calls0 == [700021, 700023] and calls1 == [700022]
+    assert split0 == one and split1 == one
+    assert one["n"] == 5 and len({r for q in one["questions"] for r in q["responses"]}) > 1
