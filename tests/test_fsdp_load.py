@@ -7,6 +7,7 @@ That the first training steps from such a start equal one unsharded process is c
 tests/test_rl_loop.py::test_two_processes_equal_one_process_on_the_combined_batch[fsdp2], and the
 sharded reference's log-probs and the resumes from sharded checkpoints by tests/test_rl_fsdp.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +27,8 @@ WIDE = TinyVLMConfig(hidden_size=512, num_layers=16, num_heads=8, num_kv_heads=4
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     """(rank 0's record, rank 1's record, the model's float32 size in MiB) of the worker's run on a
-    base model and a full checkpoint of the same shape (another seed)."""
+    base model, a full checkpoint of the same shape (another seed) and a model whose weights do not
+    fit its config."""
     tmp = tmp_path_factory.mktemp("fsdp_load")
     for seed, name in ((0, "base"), (1, "checkpoint")):
         model, processor = build_tiny_model(WIDE, seed=seed)
@@ -34,10 +36,16 @@ def loaded(tmp_path_factory):
         processor.save_pretrained(tmp / name)
     mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20  # the tied head counted once
     del model
+    model, processor = build_tiny_model(seed=0)  # a small one whose config asks for a wider MLP
+    model.save_pretrained(tmp / "bad")
+    processor.save_pretrained(tmp / "bad")
+    config = json.loads((tmp / "bad" / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 64
+    (tmp / "bad" / "config.json").write_text(json.dumps(config))
     env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29647"]
     cmd += [str(REPO / "tests/workers/fsdp_load.py"), str(tmp / "out")]
-    cmd += [str(tmp / "base"), str(tmp / "checkpoint")]
+    cmd += [str(tmp / "base"), str(tmp / "checkpoint"), str(tmp / "bad")]
     done = subprocess.run(cmd, env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-6000:]
     records = [torch.load(tmp / f"out.rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -86,3 +94,12 @@ def test_only_rank_0_holds_a_full_copy_in_host_memory(loaded):
     assert 0.95 < share["policy_mb"][0] < 1.75  # the copy it read, its shard, not a second copy
     assert share["policy_and_reference_mb"][1] < 1.2  # two halves: the policy's and the reference's
     assert share["before_mb"][1] > 1.0  # the measure sees a full copy where there is one
+
+
+@pytest.mark.slow
+def test_weights_rank_0_cannot_load_stop_every_rank_with_one_line(loaded):
+    """Only rank 0 reads the weights; the other rank, waiting for them, stops too instead of hanging."""
+    rank0, rank1, _ = loaded
+    assert rank0["bad"][0] == "ConfigError" and "do not fit its config.json" in rank0["bad"][1]
+    assert rank1["bad"][0] == "RuntimeError"
+    assert rank1["bad"][1].startswith("rank 0 could not load the model's weights: ModelError:")

@@ -8,9 +8,11 @@ weights, the other rank builds on the meta device and receives its shards) and r
 - weights: the sharded policy and reference gathered, with the plain load's weights (to compare),
   logits of one image prompt through the sharded policy and the plain model, whether the output
   head is still tied to the embeddings, and the generation configs;
-- a resume from a full checkpoint: the policy holds the checkpoint's weights, the reference the base's.
+- a resume from a full checkpoint: the policy holds the checkpoint's weights, the reference the base's;
+- what each rank raises when rank 0 cannot load the weights (BAD_DIR: weights that do not fit its
+  config, found only by loading them).
 
-torchrun --nproc_per_node 2 tests/workers/fsdp_load.py OUT_PREFIX BASE_DIR CHECKPOINT_DIR
+torchrun --nproc_per_node 2 tests/workers/fsdp_load.py OUT_PREFIX BASE_DIR CHECKPOINT_DIR BAD_DIR
 writes OUT_PREFIX.rank{R}.pt.
 """
 
@@ -77,7 +79,7 @@ def logits(model, processor) -> torch.Tensor:
         return model(**inputs).logits
 
 
-def main(prefix: str, base: str, ckpt: str) -> None:
+def main(prefix: str, base: str, ckpt: str, bad: str) -> None:
     torch.set_num_threads(1)
     cfg = parse_args(["--model", base, "--beta", "0"])
     rank, world, _ = process_info(cfg)
@@ -108,9 +110,15 @@ def main(prefix: str, base: str, ckpt: str) -> None:
     out["resumed_policy"] = full_model_state(model, every_rank=True)
     out["resumed_reference"] = full_model_state(ref, every_rank=True)
     out["checkpoint"] = load_model_and_processor(ckpt)[0].state_dict()
+    del model, ref
+
+    try:
+        build_policy(parse_args(["--model", bad, "--beta", "0"]), CPU, fsdp=fsdp)
+    except Exception as e:  # rank 0's own error; the other rank's naming it
+        out["bad"] = (type(e).__name__, str(e))
     torch.save(out, f"{prefix}.rank{rank}.pt")
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
