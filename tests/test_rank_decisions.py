@@ -84,34 +84,49 @@ def test_two_processes_gather_the_same_metrics_and_take_rank_0s_decisions(tmp_pa
     assert o1[2].startswith(RunDirError.__name__) and "rank 0 could not write metrics.jsonl" in o1[2]
 
 
-@pytest.mark.slow
-def test_ranks_fed_different_accuracies_and_skips_take_the_same_decisions(tiny_dir, data, tmp_path):
-    """Under FSDP (every checkpoint save is a collective) the ranks get different evaluation
-    accuracies and only rank 0 reports skipped updates (tests/workers/rank_decisions.py has the
-    table). Both follow rank 0: the best checkpoint at steps 1 and 2, no save at step 3 (a bad step,
-    although rank 1's accuracy rose), and both stop at step 4 (max_bad_steps 2) instead of one
-    waiting in a save."""
-    out = tmp_path / "run"
+def _train_two(tmp_path, tiny_dir, data, mode: str, *extra: str) -> list[dict]:
+    """tests/workers/rank_decisions.py MODE under torchrun, 2 processes sharded by FSDP (every
+    checkpoint save is a collective); each rank's saves and ending."""
     flags = [
-        *("--model", str(tiny_dir), "--data", str(data), "--output-dir", str(out)),
-        *("--max-steps", "4", "--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "2"),
-        *("--max-new-tokens", "4", "--no-tensorboard", "--algo", "grpo", "--beta", "0"),
-        *("--eval-every", "1", "--keep-best", "--keep-last", "0", "--max-bad-steps", "2"),
+        *("--model", str(tiny_dir), "--data", str(data), "--output-dir", str(tmp_path / "run")),
+        *("--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "2"),
+        *("--max-new-tokens", "4", "--no-tensorboard", "--algo", "grpo", "--beta", "0", *extra),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
     worker = str(REPO / "tests" / "workers" / "rank_decisions.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631"]
-    cmd += [worker, str(tmp_path / "r"), *flags]
+    cmd += [worker, mode, str(tmp_path / "r"), *flags]
     done = subprocess.run(cmd, env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-9000:]
-    ranks = [json.loads((tmp_path / f"r.rank{r}.json").read_text()) for r in (0, 1)]
-    for r in ranks:
+    return [json.loads((tmp_path / f"r.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ranks_fed_different_accuracies_and_skips_take_the_same_decisions(tiny_dir, data, tmp_path):
+    """The ranks get different evaluation accuracies and only rank 0 reports skipped updates
+    (tests/workers/rank_decisions.py has the table). Both follow rank 0: the best checkpoint at steps
+    1 and 2, no save at step 3 (a bad step, although rank 1's accuracy rose), and both stop at step 4
+    (max_bad_steps 2) instead of one waiting in a save (each rank on its own: a hang)."""
+    extra = ("--max-steps", "4", "--eval-every", "1", "--keep-best", "--keep-last", "0")
+    extra += ("--max-bad-steps", "2")
+    for r in _train_two(tmp_path, tiny_dir, data, "decisions", *extra):
         assert r["saves"] == [1, 2] and r["steps"] == 4, r
         assert r["ended"].startswith("BadStepsError: stopped at step 4: 2 consecutive steps"), r["ended"]
+    out = tmp_path / "run"
     best = json.loads((out / "checkpoints" / "best.json").read_text())
     assert (best["step"], best["score"]) == (2, 0.5)  # rank 0's accuracy, not rank 1's 0.75 at step 1
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["eval/accuracy"] for m in logged] == [0.25, 0.5, 0.75, 0.75]
     assert [m["update/bad_streak"] for m in logged] == [0.0, 0.0, 1.0, 2.0]
+
+
+@pytest.mark.slow
+def test_a_log_write_that_fails_on_rank_0_stops_every_rank(tiny_dir, data, tmp_path):
+    """Rank 0 alone writes the logs; its full disk at step 2 stops rank 1 too, with a line naming it,
+    before any save of step 2 (rank 1 on its own would wait for rank 0 in the next collective)."""
+    r0, r1 = _train_two(tmp_path, tiny_dir, data, "log_fails", "--max-steps", "3", "--save-every", "1")
+    assert r0["saves"] == r1["saves"] == [1] and r0["steps"] == r1["steps"] == 2
+    assert r0["ended"] == "RunDirError: cannot write runs/x/metrics.jsonl: [Errno 28] No space left on device"
+    assert r1["ended"].startswith("RunDirError: rank 0 could not write the step's logs: RunDirError: cannot")
