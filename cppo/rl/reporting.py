@@ -63,7 +63,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
 def step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict[str, float]:
     """The step's reward, length, advantage, time, throughput and memory metrics over EVERY process's
     rows (cppo.rl.ranks.Tally; a collective when world > 1, the same dict on every rank): means over
-    the step's rows, reward/errors summed, time/* the slowest rank's (the step waits for it),
+    the step's rows, reward/errors summed, each time/* the highest over ranks (the step waits for it),
     memory/peak_mb the highest rank's, throughput the step's tokens over the slowest rank's time."""
     mask = ro.response_mask  # (N, T) this process's rows
     N = mask.shape[0]
