@@ -95,6 +95,19 @@ def _only_given_settings(model):
         inner.generation_config = saved
 
 
+def _refuse_sharded(model) -> None:
+    """Raise when `model` holds FSDP shards (DTensor parameters), i.e. it is sharded and not gathered."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise RuntimeError(
+            "generate_responses got a sharded model: call it inside cppo.rl.fsdp.gathered(model), "
+            "so that generation runs on the gathered weights with no collective per new token"
+        )
+
+
 @torch.no_grad()
 def generate_responses(
     model,
@@ -128,7 +141,13 @@ def generate_responses(
     block samples from its own generator (`cppo.models.sampling.BlockSampler`), so what it samples
     does not depend on the other rows of the call. `generator_seed` is then not used, and
     `return_logprobs` is not available (the sampler hands `generate` its draws, not its scores).
+
+    A model sharded with FSDP2 must be gathered (`cppo.rl.fsdp.gathered`): generation then needs no
+    collective, and `synced_gpus` is off (transformers turns it on for an FSDP-managed model: one
+    all-reduce per new token, which hangs when ranks make different numbers of calls). The inputs go
+    to the gathered parameters' device, which is the compute device under CPU offload too.
     """
+    _refuse_sharded(model)
     tok = processor.tokenizer
     end_ids = _token_ids(tok, END_TOKENS)
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -140,6 +159,7 @@ def generate_responses(
         eos_token_id=end_ids,
         pad_token_id=pad_id,
         repetition_penalty=repetition_penalty,
+        synced_gpus=False,  # no all-reduce per new token under FSDP (docstring)
     )
     if seeds is not None:
         if return_logprobs or not do_sample:

@@ -14,12 +14,17 @@ What the samples depend on:
   through the calls in order: with one call (every row fitting the batch) the samples are those of
   the one-call trainer, and another generation batch size draws other samples from the same policy.
 
+Under FSDP the calls run inside `cppo.rl.fsdp.gathered` (every unit gathered once) and issue no
+collective of their own (`generate_responses` turns transformers' `synced_gpus` off), so ranks
+may make different numbers of calls; the rows per call are agreed all the same (`generation_rows`).
+
 Letters: B prompts, G group, N = B·G rows, L prompt columns, T response columns.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from cppo.batching import take_rows, trim_prompt
 from cppo.models import generate_responses
@@ -34,24 +39,52 @@ KV_SHARE = 0.5  # of the free device memory, for the KV cache of one call
 
 def generation_rows(model, cfg, prompt_length: int) -> int:
     """Rows per `generate` call: `cfg.generation_batch_size`, else sized from memory on CUDA
-    (`memory_sized_rows` of one row's KV cache for prompt + max_new_tokens tokens) and 64 on the
-    CPU; rounded down to whole groups, at least one."""
+    (`memory_sized_rows` of one row's KV cache for prompt + max_new_tokens tokens, after freeing the
+    allocator's cache) and 64 on the CPU; rounded down to whole groups, at least one.
+
+    Unconfigured and distributed, the rows are the minimum over the processes (`agreed_rows`, a
+    collective: every process calls this at the same point of the step), so that every rank makes
+    calls of the same size whatever its own free memory and prompt length."""
     G = cfg.group_size
     rows = cfg.generation_batch_size
-    device = compute_device(model)  # not the parameters' device under FSDP's CPU offload
-    if rows is None and device.type == "cuda":
-        compute = resolve_dtype(cfg.dtype, device)
-        shape = ModelShape.from_config(getattr(model, "module", model).config)
-        row_bytes = shape.kv_bytes_per_token(compute.itemsize) * (prompt_length + cfg.max_new_tokens)
-        rows = memory_sized_rows(torch.cuda.mem_get_info(device)[0], row_bytes)
-    elif rows is None:
-        rows = CPU_GENERATION_ROWS
+    if rows is None:
+        device = compute_device(model)  # not the parameters' device under FSDP's CPU offload
+        free = free_device_memory(device)
+        if free is None:
+            rows = CPU_GENERATION_ROWS
+        else:
+            compute = resolve_dtype(cfg.dtype, device)
+            shape = ModelShape.from_config(getattr(model, "module", model).config)
+            row_bytes = shape.kv_bytes_per_token(compute.itemsize) * (prompt_length + cfg.max_new_tokens)
+            rows = memory_sized_rows(free, row_bytes)
+        rows = agreed_rows(rows, device)
     return max(G, rows // G * G)
 
 
 def memory_sized_rows(free_bytes: int, row_bytes: int) -> int:
     """Rows whose KV cache (`row_bytes` each) fits in half of `free_bytes`, at most 256."""
     return min(MAX_GENERATION_ROWS, int(KV_SHARE * free_bytes) // max(1, row_bytes))
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA `device` once the caching allocator has returned its unused blocks (None
+    off CUDA). Without `empty_cache` the update's cached peak reads as used: the same rank then got
+    195 rows at step 1 and 90-115 later."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def agreed_rows(rows: int, device: torch.device) -> int:
+    """The smallest of every process's `rows` (one all-reduce MIN; `rows` itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    # the tensor lives where the backend reduces: the GPU under NCCL, the CPU under gloo
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    least = torch.tensor([rows], device=where)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return int(least)
 
 
 def sampler_settings(cfg) -> dict:

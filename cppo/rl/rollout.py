@@ -160,6 +160,7 @@ def collect_rollouts(
     device = compute_device(model)
     # FSDP: one all-gather for the whole generation; bf16 compute under --dtype bfloat16
     with gathered(model), autocast(device, resolve_dtype(cfg.dtype, device)):
+        # memory-sized rows are agreed over the ranks here (a collective every rank reaches)
         per_call = generation_rows(model, cfg, batch_b["input_ids"].shape[1])
         ids, mask = generate_groups(
             model, processor, batch_b, cfg, generator_seed, per_prompt_seeds, token_id, per_call
