@@ -15,17 +15,20 @@ each unit all-gathers its parameters in bf16 and reduce-scatters gradients in fl
 forwards also run under autocast (cppo.precision).
 
 What changes in the loop, and why:
-- The trainer never calls the root's `forward`: it runs the backbone and the output head itself
-  (cppo.response_stats, head on response positions only) and calls `generate`. Both are registered as
-  FSDP forward methods (`register_fsdp_forward_method`), so the root's parameters are gathered
-  around them and its gradients reduce-scattered after the backward, as for `forward`.
+- The trainer never calls the root's `forward` to score: it runs the backbone and the output head
+  itself (cppo.response_stats, head on response positions only), registered as an FSDP forward
+  method (`register_fsdp_forward_method`), so the root's parameters are gathered around it and its
+  gradients reduce-scattered after the backward, as for `forward`.
 - FSDP averages gradients over processes; the loop's hand-written all-reduce sums them (each
   micro-batch loss is scaled by its share of the GLOBAL mini-batch). Under FSDP the reduction is
   set to a sum too (`set_gradient_divide_factor(1.0)`), so the same scaling gives the same update.
 - Every rank issues the same sharded forwards in every micro-batch, whatever its rows (how:
   cppo.rl.update's module docstring).
 - Generation gathers every unit once and keeps it gathered until `generate` returns, instead of one
-  all-gather per layer per new token.
+  all-gather per layer per new token; it then issues no collective (cppo.models.generate_responses).
+  `generate` is not registered as a forward method: its per-token `forward` calls would nest in it,
+  and the outer post-forward reshards the root whatever `reshard_after_forward` says, so that the
+  next call inside `gathered` all-gathered the root once per new token.
 - Checkpoints are sharded (cppo.rl.sharded: each process writes its own shards of the weights and
   the optimizer state with torch.distributed.checkpoint); the run's last checkpoint also holds the
   gathered `from_pretrained` weights. A run resumes with another number of processes, or without FSDP.
@@ -101,7 +104,6 @@ def shard_policy(
     Parameters keep their dtype in the shards (float32 master weights); `compute_dtype` other than
     float32 all-gathers them in that dtype and reduces gradients in float32. Call before building
     the optimizer (its parameters become DTensor shards)."""
-    from torch.distributed.fsdp import register_fsdp_forward_method
 
     if settings.offload_params and device.type != "cuda":
         raise ConfigError("fsdp_offload_params needs CUDA: set fsdp_offload_params: false in the config")
@@ -109,7 +111,6 @@ def shard_policy(
     for unit in [*_units(model), model]:  # each unit's own setting
         unit.set_gradient_divide_factor(1.0)  # a sum over processes, as the loop's own all-reduce
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
-    register_fsdp_forward_method(model, "generate")
     return model
 
 
@@ -216,6 +217,9 @@ def gathered(model):
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # FSDP2 takes the first unit to run forward as the root; transformers' `generate` runs the vision
+    # blocks before the root's forward, so the root is initialised here (a no-op after the first time)
+    model._get_fsdp_state()._lazy_init()
     model.set_reshard_after_forward(False, recurse=True)
     for m in modules:
         m.unshard()
