@@ -9,8 +9,14 @@ from cppo.models import encode_prompts, generate_responses
 from cppo.perturb import get_preset
 from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import open_dataset
-from cppo.rl.generation import CPU_GENERATION_ROWS, generation_rows, memory_sized_rows
-from cppo.rl.memory import SHAPES
+from cppo.rl.generation import (
+    CPU_GENERATION_ROWS,
+    agreed_rows,
+    free_device_memory,
+    generation_rows,
+    memory_sized_rows,
+)
+from cppo.rl.memory import SHAPES, ModelShape
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
 from tests.helpers import shapes_batch, shapes_dataset, tiny_model_and_processor
@@ -109,3 +115,44 @@ def test_generation_rows_is_configured_sized_from_memory_or_the_cpu_default():
     assert row == 36 * 1024 * 4608
     assert memory_sized_rows(100 * 2**30, row) == 256
     assert memory_sized_rows(20 * 2**30, row) == 63  # 10 GiB for the cache
+
+
+def test_free_memory_is_read_after_the_allocator_returns_its_cache(monkeypatch):
+    """On CUDA the free bytes are read after `torch.cuda.empty_cache()` (otherwise the update's cached
+    peak reads as used); off CUDA nothing is read (None: the CPU default applies)."""
+    order = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: order.append("empty_cache"))
+    free_total = (7 * 2**30, 80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: order.append("mem_get_info") or free_total)
+    assert free_device_memory(torch.device("cpu")) is None and order == []
+    assert free_device_memory(torch.device("cuda", 0)) == 7 * 2**30
+    assert order == ["empty_cache", "mem_get_info"]
+
+
+def test_memory_sized_rows_on_a_faked_cuda_device(monkeypatch):
+    """The CUDA path end to end on the CPU (compute device and memory reading faked): the tiny model's
+    bf16 KV cache is 2 (K, V) x 2 layers x 2 KV heads x 32 dims x 2 bytes = 512 bytes a token, so a row
+    of 50 prompt + 100 new tokens takes 76,800 bytes; 1,000,000 bytes free: 500,000 // 76,800 = 6
+    rows, 5 as whole groups of 5. One process: no agreement to make (`agreed_rows` returns its own)."""
+    import cppo.rl.generation as generation
+
+    model, _ = tiny_model_and_processor()
+    monkeypatch.setattr(generation, "compute_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (1_000_000, 2_000_000))
+    assert ModelShape.from_config(model.config).kv_bytes_per_token(2) == 512
+    assert generation_rows(model, TrainConfig(group_size=5, max_new_tokens=100), 50) == 5
+    assert generation_rows(model, TrainConfig(group_size=2, max_new_tokens=100), 50) == 6
+    assert agreed_rows(6, torch.device("cpu")) == 6
+
+
+def test_generate_is_told_not_to_sync_processes(monkeypatch):
+    """`synced_gpus=False` reaches `model.generate`: transformers would otherwise turn it on for an
+    FSDP-managed model (one all-reduce per new token; tests/test_fsdp_generation.py)."""
+    model, processor = tiny_model_and_processor()
+    _, batch = shapes_batch(processor, n=1, seed=3)
+    seen = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["synced_gpus"]) or generate(**kw))
+    generate_responses(model, processor, batch, **KW)
+    assert seen == [False]
