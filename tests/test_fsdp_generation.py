@@ -25,7 +25,7 @@ FLAGS = [
     *("--algo", "grpo", "--beta", "0", "--seed-per-prompt", "--reward-weights", "1.0"),
     *("--rewards", str(REPO / "tests/workers/length_reward.py") + ":by_length"),  # a reward that varies
 ]
-TIMEOUT_S = 180  # a run takes ~25 s on 2 CPU cores; a hang fails here instead of hanging CI
+TIMEOUT_S = 180  # a run takes 10-25 s on 2 shared CPU cores; a hang fails here, not in CI
 
 
 def _two_processes(tmp: Path, mode: str, per_rank: str, flags: list[str], port: int) -> list[dict]:
@@ -78,6 +78,8 @@ def test_ranks_with_8_and_4_rows_per_call_finish_with_the_same_weights(tiny_dir,
     assert [r["calls"] for r in ranks] == [[8], [4, 4]]
     assert [r["inside"] for r in ranks] == [[0], [0, 0]]
     assert all(r["rollouts"][0] > 0 for r in ranks)  # the counter sees FSDP's all-gathers
+    for r in ranks:  # outside `gathered` the sharded model is refused with what to do
+        assert "call it inside cppo.rl.fsdp.gathered(model)" in r["refused"]
     _assert_same_trained_weights(ranks, tiny_dir)
 
 

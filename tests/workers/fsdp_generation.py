@@ -10,7 +10,8 @@ B bytes, and the trainer sizes and agrees the rows itself.
 
 Writes OUT_FILE_PREFIX.rank{R}.pt (final weights, gathered) and OUT_FILE_PREFIX.gen.rank{R}.pt: a
 dict with `calls` (rows of each generate call), `inside` (collectives issued during each call),
-`rollouts` (collectives issued during each collect_rollouts), `local` ((free bytes, bytes of one
+`rollouts` (collectives issued during each collect_rollouts), `refused` (what generate_responses
+said to the sharded model outside `gathered`), `local` ((free bytes, bytes of one
 row's KV cache, rows) of each memory sizing, before the agreement) and `agreed` (what the agreement
 returned).
 """
@@ -49,7 +50,7 @@ if __name__ == "__main__":
     mode, (a, b), prefix, flags = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4:]
     rank = int(os.environ["RANK"])
     mine = int(a if rank == 0 else b)
-    record = {"calls": [], "inside": [], "rollouts": [], "local": [], "agreed": []}
+    record = {"calls": [], "inside": [], "rollouts": [], "local": [], "agreed": [], "refused": None}
     counter = [0]
     count_collectives(counter)
 
@@ -66,9 +67,13 @@ if __name__ == "__main__":
 
     real_collect = loop.collect_rollouts
 
-    def recording_collect(*args, **kw):
+    def recording_collect(model, processor, *args, **kw):
+        try:  # outside `gathered` a sharded model is refused before anything runs
+            real_generate(model, processor, {})
+        except RuntimeError as e:
+            record["refused"] = str(e)
         before = counter[0]
-        out = real_collect(*args, **kw)
+        out = real_collect(model, processor, *args, **kw)
         record["rollouts"].append(counter[0] - before)
         return out
 
