@@ -143,7 +143,7 @@ def test_memory_sized_rows_on_a_faked_cuda_device(monkeypatch):
     assert ModelShape.from_config(model.config).kv_bytes_per_token(2) == 512
     assert generation_rows(model, TrainConfig(group_size=5, max_new_tokens=100), 50) == 5
     assert generation_rows(model, TrainConfig(group_size=2, max_new_tokens=100), 50) == 6
-    assert agreed_rows(6, torch.device("cpu")) == 6
+    assert agreed_rows(6) == 6
 
 
 def test_generate_is_told_not_to_sync_processes(monkeypatch):

@@ -29,15 +29,9 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from cppo.rl.ranks import collective_device
+
 _EPS = 1e-6  # torch's clip_grad_norm_ divides by norm + 1e-6
-
-
-def collective_device(group=None) -> torch.device:
-    """Where a small all-reduce tensor must live for `group`: the GPU when its backend has NCCL
-    (also the mixed `cuda:nccl,cpu:gloo`), the CPU under gloo."""
-    if "nccl" in str(dist.get_backend(group)):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _sharded_group(params: list[torch.nn.Parameter]):

@@ -31,6 +31,7 @@ from cppo.models import generate_responses
 from cppo.precision import resolve_dtype
 from cppo.rl.fsdp import compute_device
 from cppo.rl.memory import ModelShape
+from cppo.rl.ranks import collective_device
 
 CPU_GENERATION_ROWS = 64  # rows per call on the CPU, where memory is not the limit
 MAX_GENERATION_ROWS = 256  # at most this many rows per call on CUDA
@@ -57,7 +58,7 @@ def generation_rows(model, cfg, prompt_length: int) -> int:
             shape = ModelShape.from_config(getattr(model, "module", model).config)
             row_bytes = shape.kv_bytes_per_token(compute.itemsize) * (prompt_length + cfg.max_new_tokens)
             rows = memory_sized_rows(free, row_bytes)
-        rows = agreed_rows(rows, device)
+        rows = agreed_rows(rows)
     return max(G, rows // G * G)
 
 
@@ -76,13 +77,11 @@ def free_device_memory(device: torch.device) -> int | None:
     return torch.cuda.mem_get_info(device)[0]
 
 
-def agreed_rows(rows: int, device: torch.device) -> int:
+def agreed_rows(rows: int) -> int:
     """The smallest of every process's `rows` (one all-reduce MIN; `rows` itself in one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return rows
-    # the tensor lives where the backend reduces: the GPU under NCCL, the CPU under gloo
-    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    least = torch.tensor([rows], device=where)
+    least = torch.tensor([rows], device=collective_device())
     dist.all_reduce(least, op=dist.ReduceOp.MIN)
     return int(least)
 

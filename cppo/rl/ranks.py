@@ -29,9 +29,18 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from cppo.rl.sharded import share_rank0_outcome
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a small tensor for a collective of `group` must live: the current GPU when the group's
+    backend has NCCL (also accelerate's mixed `cuda:nccl,cpu:gloo`), the CPU under gloo."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass

@@ -64,7 +64,7 @@ from cppo.response_stats import response_stats
 from cppo.rl.clip import clip_grad_norm
 from cppo.rl.fsdp import compute_device, is_sharded
 from cppo.rl.perception import PerceptionTerm, get_perception_term
-from cppo.rl.ranks import Tally
+from cppo.rl.ranks import Tally, collective_device
 from cppo.rl.rollout import Rollouts, micro_batches, select_rows
 
 
@@ -125,13 +125,6 @@ def _stats(
     return entropy, logp
 
 
-def _collective_device(model) -> torch.device:
-    """Where a small all-reduce tensor must live: the GPU under NCCL, the CPU under gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _rows_in_step(model, n: int) -> int:
     """How many rows this process scores in a pass for which it has `n` rows of its own.
 
@@ -139,7 +132,7 @@ def _rows_in_step(model, n: int) -> int:
     the pass, `n` when this one has, and -1 when only others have: score one stand-in row, weight 0."""
     if not is_sharded(model):
         return n
-    most = torch.tensor([n], device=_collective_device(model))
+    most = torch.tensor([n], device=collective_device())
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     if int(most) == 0:
         return 0

@@ -88,8 +88,8 @@ if __name__ == "__main__":
             record["local"].append((free_bytes, row_bytes, real_sized(free_bytes, row_bytes)))
             return record["local"][-1][-1]
 
-        def agreed(rows, device):
-            record["agreed"].append(real_agreed(rows, device))
+        def agreed(rows):
+            record["agreed"].append(real_agreed(rows))
             return record["agreed"][-1]
 
         generation.free_device_memory = lambda device: mine
