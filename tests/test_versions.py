@@ -7,8 +7,7 @@ import pytest
 import transformers
 
 from cli.train import main as train_main
-from cppo.models import load_model_and_processor
-from cppo.models import versions
+from cppo.models import load_model_and_processor, versions
 from cppo.models.model_dir import ModelError
 from cppo.models.versions import TRANSFORMERS_FLOOR, check_transformers, transformers_problem
 
