@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (bench/ is not a package)
 
-from cppo.rl.run import enable_gradient_checkpointing  # noqa: E402
+from cppo.rl.policy import enable_gradient_checkpointing  # noqa: E402
 
 
 def one(args) -> dict:

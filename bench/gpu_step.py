@@ -44,10 +44,11 @@ from cppo.models import TinyVLMConfig, build_tiny_model  # noqa: E402
 from cppo.perturb import get_preset  # noqa: E402
 from cppo.rl.config import TrainConfig  # noqa: E402
 from cppo.rl.generation import generation_rows  # noqa: E402
+from cppo.rl.policy import enable_gradient_checkpointing  # noqa: E402
 from cppo.rl.reporting import reset_peak_memory, step_metrics  # noqa: E402
 from cppo.rl.rewards import RewardScorer  # noqa: E402
 from cppo.rl.rollout import collect_rollouts  # noqa: E402
-from cppo.rl.run import build_optimizer, enable_gradient_checkpointing  # noqa: E402
+from cppo.rl.run import build_optimizer  # noqa: E402
 from cppo.rl.update import Timer, policy_update, rollout_logprobs  # noqa: E402
 
 REPORTED = (

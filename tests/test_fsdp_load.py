@@ -1,4 +1,4 @@
-"""One copy of the weights at load under FSDP (cppo.rl.run.build_policy with FSDP settings): rank 0
+"""One copy of the weights at load under FSDP (cppo.rl.policy.build_policy with FSDP settings): rank 0
 reads the checkpoint, the other ranks build on the meta device and receive their shards. On two CPU
 processes (gloo, tests/workers/fsdp_load.py), with a tiny Qwen2.5-VL wide and deep enough (195 MiB
 in float32) that its weights dominate a process's memory.

@@ -6,7 +6,7 @@ import torch
 
 from cli.train import main
 from cppo.rl.config import ALGOS, ConfigError, TrainConfig, build_parser, check_launch, parse_args
-from cppo.rl.run import use_gradient_checkpointing
+from cppo.rl.policy import use_gradient_checkpointing
 
 
 def test_defaults_are_valid_and_match_the_paper_where_the_demo_allows():

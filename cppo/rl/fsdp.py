@@ -36,7 +36,7 @@ What changes in the loop, and why:
   and how its passes keep the ranks in step: cppo.rl.reference).
 - The weights are read once, by rank 0, into CPU memory; every process builds the model on the meta
   device, shards it, and receives its shards from rank 0 (`fill_from_rank0`), the reference too. No
-  process holds a full copy on its device, and only rank 0 one in host memory (cppo.rl.run.build_policy).
+  process holds a full copy on its device, and only rank 0 one in host memory (cppo.rl.policy.build_policy).
 - LoRA is not supported together with FSDP here (the trainer says so).
 """
 

@@ -59,12 +59,13 @@ from cppo.rl.checkpoint import write_best
 from cppo.rl.config import TrainConfig
 from cppo.rl.curves import draw_curves
 from cppo.rl.fsdp import gathered
+from cppo.rl.policy import compute_dtype
 from cppo.rl.prefetch import Prefetcher
 from cppo.rl.ranks import rank0_stage, rank0s
 from cppo.rl.reference import reference_on
 from cppo.rl.reporting import bad_steps_message, reset_peak_memory, step_metrics
 from cppo.rl.rollout import Prompts, collect_rollouts, prepare_prompts
-from cppo.rl.run import compute_dtype, seed_everything, setup_run
+from cppo.rl.run import seed_everything, setup_run
 from cppo.rl.signals import AbortStep, StopSignals
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 

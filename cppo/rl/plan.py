@@ -194,7 +194,7 @@ def trainable_fraction(cfg: TrainConfig, shape: ModelShape) -> float:
 
 def _frozen_float32(shape: ModelShape, run: RunShape) -> float:
     """Bytes the memory model leaves out for frozen weights: it counts them in bf16, and this trainer
-    loads every weight in float32 (the master dtype, cppo.rl.run.build_policy)."""
+    loads every weight in float32 (the master dtype, cppo.rl.policy.build_policy)."""
     return 2 * shape.params() * (1 - run.trainable_fraction) if not run.pure_bf16 else 0.0
 
 

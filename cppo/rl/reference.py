@@ -14,7 +14,7 @@ never updated (docs/method.md §3: k3 to a frozen reference).
   holds 1/K of it (3B: 7.0 GiB unsharded, 0.9 GiB on each of 8 GPUs). It is never whole on any
   process: `build_reference` copies the policy while that is still an empty (meta-device) skeleton,
   and after sharding rank 0 sends each process its shards of the starting weights, cast to the
-  compute dtype (cppo.rl.run.build_policy, cppo.rl.fsdp.fill_from_rank0). Its units are resharded after
+  compute dtype (cppo.rl.policy.build_policy, cppo.rl.fsdp.fill_from_rank0). Its units are resharded after
   every forward: a frozen model has no backward, which is where gathered weights would be freed.
   Sharded, its passes are collectives, and they stay in step as the policy's do (cppo.rl.update,
   "FSDP: how ranks stay in step"): `rollout_logprobs` scores every process's rows in micro-batches,

@@ -22,7 +22,7 @@ unless `force_resume` (which then deletes those newer checkpoints, so that a lat
 cannot pick the abandoned branch). A checkpoint written by a process that saw another number of
 GPUs than this one is refused even when forced (`gpu_count`, stored in the trainer state).
 `restore` then loads the optimizer, schedule, sampler position and counters (the weights are loaded
-with the policy, cppo.rl.run.build_policy; a sharded checkpoint's weights and optimizer state from
+with the policy, cppo.rl.policy.build_policy; a sharded checkpoint's weights and optimizer state from
 its shards, resharded to this run's processes, with or without FSDP).
 
 It runs past 300 lines because choosing the checkpoint (verifying it, every check that can

@@ -30,8 +30,9 @@ from cppo.models import load_model_and_processor
 from cppo.models.build import meta_model
 from cppo.rl.config import parse_args
 from cppo.rl.fsdp import FSDPSettings, full_model_state, is_sharded, shard_policy
+from cppo.rl.policy import build_policy
 from cppo.rl.reporting import peak_memory_mb, reset_peak_memory
-from cppo.rl.run import build_policy, process_info
+from cppo.rl.run import process_info
 
 CPU = torch.device("cpu")
 
