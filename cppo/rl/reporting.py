@@ -67,12 +67,13 @@ def step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict
     memory/peak_mb the highest rank's, throughput the step's tokens over the slowest rank's time."""
     mask = ro.response_mask  # (N, T) this process's rows
     N = mask.shape[0]
-    rr = ro.reward_result  # as RewardResult.metrics names them, over every rank's rows
     tally = Tally()
-    tally.mean("reward/total", sum(rr.total), len(rr.total))
-    for name, values in rr.components.items():
-        tally.mean(f"reward/{name}", sum(values), len(values))
-    tally.count("reward/errors", len(rr.errors))
+    scored = len(ro.reward_result.total)  # this process's scored responses
+    for key, value in ro.reward_result.metrics().items():  # means over them, and an error count
+        if key == "reward/errors":
+            tally.count(key, value)
+        else:
+            tally.mean(key, value * scored, scored)
     tally.mean("response/length", float(mask.sum()), N)
     tally.mean("response/clipped", float(ro.truncated.float().sum()), N)  # max_new_tokens, no end token
     tally.mean("adv/positive_frac", float((ro.advantages > 0).float().sum()), N)
