@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import errno
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ from cppo.models import (
     load_model_and_processor,
 )
 from cppo.toy import ShapesItem, export_shapes_dataset, make_item
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_pythonpath() -> str:
+    """PYTHONPATH for a test's subprocess: the repository first, then the caller's own entries (so
+    that scripts/test_floor.sh's transformers reaches the workers too)."""
+    inherited = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([str(REPO), *([inherited] if inherited else [])])
 
 
 @functools.lru_cache(maxsize=4)

@@ -39,7 +39,7 @@ from cppo.rl.checkpoint import (
 )
 from cppo.rl.manifest import read_manifest
 from tests import test_reliability as reliability
-from tests.helpers import FillsUp, tiny_model_and_processor
+from tests.helpers import FillsUp, repo_pythonpath, tiny_model_and_processor
 from tests.test_reliability import STEPS, _copy, _flags, _steps, assert_same_run
 
 # tests/test_reliability.py's fixtures, used here as there: the uninterrupted reference run (once per
@@ -280,7 +280,7 @@ def test_the_processes_hash_a_share_each_and_all_resume_from_the_checkpoint_they
     shares = hash_shares(sizes, 2)
     flipped = shares[1][0]  # the largest file of rank 1's share
     _flip_byte(checkpoint_dir(run, 3) / flipped)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(reliability.REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
     cmd += [str(reliability.REPO / "tests" / "workers" / "resume_ranks.py"), str(run), str(tmp_path / "out")]
     done = subprocess.run(cmd, env=env, cwd=reliability.REPO, timeout=300, capture_output=True, text=True)

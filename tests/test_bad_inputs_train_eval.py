@@ -17,6 +17,7 @@ import torch
 
 from cli.eval import main as eval_main
 from cli.train import main as train_main
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = not torch.cuda.is_available()
@@ -264,7 +265,7 @@ def test_cppo_eval_writes_atomically_and_a_full_disk_keeps_the_previous_file(
 
 def test_refusals_are_one_line_in_a_fresh_interpreter_too(d, tmp_path):
     """The same refusals from the installed entry points' code, run as a user would (python -m)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo_pythonpath()}
     cases = [
         (
             ["-m", "cli.train", "--config", str(d / "dup.yaml"), "--output-dir", str(tmp_path / "run")],

@@ -17,6 +17,7 @@ import cppo.rl.loop as loop_mod
 from cli.train import collective_timeout_line
 from cli.train import main as train_main
 from cppo.rl.config import ConfigError, parse_args
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT, LATE = 2.0, 8.0
@@ -31,7 +32,7 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused(value):
 
 
 def test_a_collective_past_the_timeout_stops_with_a_line_naming_the_option(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29671"]
     cmd += [str(REPO / "tests" / "workers" / "dist_timeout.py"), str(tmp_path / "out")]
     cmd += [str(TIMEOUT), str(LATE)]

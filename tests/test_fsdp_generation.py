@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cppo.models import load_model_and_processor
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
@@ -31,7 +32,7 @@ TIMEOUT_S = 180  # a run takes 10-25 s on 2 shared CPU cores; a hang fails here,
 def _two_processes(tmp: Path, mode: str, per_rank: str, flags: list[str], port: int) -> list[dict]:
     """Run the worker on two processes; a hang is killed (the whole process group) after TIMEOUT_S.
     Returns each rank's {"weights": ..., **the worker's record}."""
-    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     cmd += [str(REPO / "tests" / "workers" / "fsdp_generation.py"), mode, per_rank, str(tmp / "two"), *flags]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cppo.models import TinyVLMConfig, build_tiny_model
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
@@ -42,7 +43,7 @@ def loaded(tmp_path_factory):
     config = json.loads((tmp / "bad" / "config.json").read_text())
     config["text_config"]["intermediate_size"] += 64
     (tmp / "bad" / "config.json").write_text(json.dumps(config))
-    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29647"]
     cmd += [str(REPO / "tests/workers/fsdp_load.py"), str(tmp / "out")]
     cmd += [str(tmp / "base"), str(tmp / "checkpoint"), str(tmp / "bad")]

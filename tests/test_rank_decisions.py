@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from cppo.rl.atomic import RunDirError
 from cppo.rl.ranks import Tally, rank0_stage, rank0s
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def _train_two(tmp_path, tiny_dir, data, mode: str, *extra: str) -> list[dict]:
         *("--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "2"),
         *("--max-new-tokens", "4", "--no-tensorboard", "--algo", "grpo", "--beta", "0", *extra),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath()}
     env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
     worker = str(REPO / "tests" / "workers" / "rank_decisions.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631"]

@@ -28,6 +28,7 @@ import cppo.rl.run as run_mod
 import cppo.rl.update as update_mod
 from cli.train import main as train_main
 from cppo.rl.checkpoint import MARKER, latest_checkpoint, load_trainer_state
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 CHAOS = REPO / "tests" / "workers" / "chaos_reward.py"
@@ -108,7 +109,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _subprocess_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath(), "HF_HUB_OFFLINE": "1"}
 
 
 def _start(flags) -> subprocess.Popen:

@@ -21,6 +21,7 @@ from cppo.rl.checkpoint import checkpoint_problem, load_trainer_state
 from cppo.rl.config import ConfigError
 from cppo.rl.fsdp import FSDPSettings, fsdp_settings
 from cppo.rl.sharded import export_sharded
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def test_the_example_accelerate_config_turns_fsdp2_on(tmp_path):
     )
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(REPO / "examples/accelerate/fsdp2.yaml")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
     done = subprocess.run(
         [*cmd, "--num_processes", "1", str(probe)], env=env, capture_output=True, text=True, timeout=120
     )
@@ -77,7 +78,7 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AF
 
 
 def _torchrun(worker: str, prefix: Path, flags: list[str], port: int) -> None:
-    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     cmd += [str(REPO / "tests" / "workers" / worker), str(prefix), *flags]
     done = subprocess.run(cmd, env=env, cwd=REPO, timeout=300, capture_output=True, text=True)

@@ -12,6 +12,7 @@ import torch
 
 from cli.train import main as train_main
 from cppo.models import load_model_and_processor
+from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +185,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_dir, data, t
         extra += ["--rewards", str(REPO / "tests/workers/length_reward.py") + ":by_length"]
         extra += ["--reward-weights", "1.0", "--max-steps", "3"]
     flags = _flags(tiny_dir, data, tmp_path / "run", *extra)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_pythonpath()}
     if fsdp:
         env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
     worker = str(REPO / "tests" / "workers" / "ddp_train.py")

@@ -24,6 +24,7 @@ from cppo.models import ImageOnlyQwen2_5_VLProcessor, demo_model_path  # noqa: E
 from cppo.perturb import get_preset  # noqa: E402
 from cppo.prompt import build_messages  # noqa: E402
 from cppo.toy.shapes import split_items  # noqa: E402
+from tests.helpers import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(
@@ -242,7 +243,7 @@ def test_two_processes_draw_the_same_views_for_a_group(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            str(ROOT / "tests" / "workers" / "trl_two_processes.py"), str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
