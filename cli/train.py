@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# resolved config\n{cfg.to_yaml()}", end="")
         print(f"# plan\n{plan}")
         return 0
+    status = _train(cfg)
+    if status != 4:  # a group with a timed-out collective can hang in its destruction: left alone
+        _end_process_group()  # alive at exit, a rank's group can abort in its teardown (SIGABRT)
+    return status
+
+
+def _train(cfg) -> int:
+    """Run the training; the exit status, with the one line for each way it can end."""
     from cppo.rl.checkpoint import RunDirError
     from cppo.rl.data import DataError
     from cppo.rl.loop import BadStepsError, train
@@ -85,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     print(f"cppo-train: done; run directory {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
     return 0
+
+
+def _end_process_group() -> None:
+    """Destroy the process group this run started, if any, before the interpreter exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def collective_timeout_line(e: BaseException, seconds: float) -> str | None:

@@ -73,6 +73,7 @@ def main(mode: str, prefix: str, flags: list[str]) -> None:
         ended = f"{type(e).__name__}: {e}"
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump({"saves": saves, "ended": ended, "steps": len(updates)}, f)
+    torch.distributed.destroy_process_group()  # as cppo-train does (cli/train.py): no teardown abort
 
 
 if __name__ == "__main__":
