@@ -27,6 +27,8 @@ def main(prefix: str, flags: list[str]) -> int:
     assert is_sharded(model) == (os.environ.get("ACCELERATE_USE_FSDP") == "true" and expected > 1)
     weights = full_model_state(model, every_rank=True) if is_sharded(model) else model.state_dict()
     torch.save({k: v.detach().cpu() for k, v in weights.items()}, f"{prefix}.rank{rank}.pt")
+    if torch.distributed.is_initialized():  # as cppo-train does: no abort in the group's teardown
+        torch.distributed.destroy_process_group()
     return rank
 
 

@@ -119,6 +119,7 @@ def main(prefix: str, base: str, ckpt: str, bad: str) -> None:
         out["bad"] = (type(e).__name__, str(e))
     torch.save(out, f"{prefix}.rank{rank}.pt")
     dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
