@@ -21,7 +21,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from ddp_train import main
+from ddp_train import exit_now, main
 
 import cppo.rl.generation as generation
 import cppo.rl.loop as loop
@@ -98,3 +98,4 @@ if __name__ == "__main__":
         raise SystemExit(f"unknown mode {mode!r}: use rows or memory")
     assert main(prefix, flags) == rank
     torch.save(record, f"{prefix}.gen.rank{rank}.pt")
+    exit_now()

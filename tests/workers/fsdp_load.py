@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from ddp_train import exit_now
 from PIL import Image
 
 from cppo.models import load_model_and_processor
@@ -119,8 +120,8 @@ def main(prefix: str, base: str, ckpt: str, bad: str) -> None:
         out["bad"] = (type(e).__name__, str(e))
     torch.save(out, f"{prefix}.rank{rank}.pt")
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    exit_now()

@@ -11,7 +11,7 @@ OUT_FILE_PREFIX.saves.rank{R}.pt.
 import sys
 
 import torch
-from ddp_train import main
+from ddp_train import exit_now, main
 
 import cppo.rl.loop as loop
 from cppo.models import load_model_and_processor
@@ -52,3 +52,4 @@ if __name__ == "__main__":
     rank = main(prefix, flags)
     torch.save(passes, f"{prefix}.ref.rank{rank}.pt")
     torch.save([(step, str(path)) for step, path in saves], f"{prefix}.saves.rank{rank}.pt")
+    exit_now()

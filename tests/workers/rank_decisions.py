@@ -21,6 +21,7 @@ import os
 import sys
 
 import torch
+from ddp_train import exit_now
 
 import cppo.rl.loop as loop
 from cppo.rl.atomic import RunDirError
@@ -73,8 +74,8 @@ def main(mode: str, prefix: str, flags: list[str]) -> None:
         ended = f"{type(e).__name__}: {e}"
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump({"saves": saves, "ended": ended, "steps": len(updates)}, f)
-    torch.distributed.destroy_process_group()  # as cppo-train does (cli/train.py): no teardown abort
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    exit_now()
