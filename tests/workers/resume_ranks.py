@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from ddp_train import exit_now
 
 import cppo.rl.manifest as manifest_mod
 from cppo.rl.config import ConfigError, TrainConfig
@@ -52,3 +53,4 @@ def main(run_dir: Path, prefix: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    exit_now()

@@ -8,6 +8,7 @@ import warnings
 
 import torch
 from datasets import Dataset
+from ddp_train import exit_now
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from cppo.integrations.trl import CPPOConfig, CPPOTrainer
@@ -56,3 +57,4 @@ trainer.train()
 cpl = [h["cpl/loss"] for h in trainer.state.log_history if "cpl/loss" in h]
 with open(f"{out_dir}/rank{rank}.json", "w") as f:
     json.dump({"rows": rows, "cpl": cpl, "steps": trainer.state.global_step}, f)
+exit_now()  # no interpreter teardown: see ddp_train.exit_now
