@@ -46,7 +46,7 @@ import bench_step  # noqa: E402
 from cppo.batching import ROW_KEYS  # noqa: E402
 from cppo.models import append_responses  # noqa: E402
 from cppo.rl.run import build_optimizer  # noqa: E402
-from cppo.rl.update import Timer, policy_update, rollout_logprobs  # noqa: E402
+from cppo.rl.update import Passes, Timer, policy_update, rollout_logprobs  # noqa: E402
 
 VARIANTS = ("padded", "trimmed", "sorted")
 
@@ -91,9 +91,9 @@ def run_variant(variant: str, policy, start, ref, ro, args) -> Timer:
     timer = Timer()
     with timer("old_ref_logprobs"):
         if cfg.mini_batch_size and cfg.mini_batch_size < ro.num_rows:
-            ro.old_logp = rollout_logprobs(policy, ro, cfg, trim=trim)
-        ro.ref_logp = rollout_logprobs(ref, ro, cfg, trim=trim)
-    policy_update(policy, optimizer, scheduler, ro, cfg, timer, trim=trim)
+            ro.old_logp = rollout_logprobs(policy, ro, cfg, Passes(trim=trim))
+        ro.ref_logp = rollout_logprobs(ref, ro, cfg, Passes(trim=trim))
+    policy_update(policy, optimizer, scheduler, ro, cfg, timer, passes=Passes(trim=trim))
     return timer
 
 

@@ -61,7 +61,7 @@ from cppo.rl.data import Sample
 from cppo.rl.perception import ContrastivePerception
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
-from cppo.rl.update import Timer, policy_update, rollout_logprobs
+from cppo.rl.update import Passes, Timer, policy_update, rollout_logprobs
 
 VARIANTS = ("grpo", "cppo_official", "cppo")
 # --ablate-share / --ablate-fused add these: grpo / cppo with one optimisation of cppo.response_stats off,
@@ -192,14 +192,14 @@ def rollouts(model, processor, samples, args, algo: str, seed: int):
     return ro, time.perf_counter() - t0, timer["reward"]
 
 
-def variant_passes(variant: str):
-    """(scoring function, perception term or None = the config's) that `variant` hands the update:
-    how every pass is scored, and which rows get the I-/I+ passes."""
+def variant_passes(variant: str) -> Passes:
+    """The `Passes` that `variant` hands the update: how every pass is run, and (term) which rows
+    get the I-/I+ passes."""
     if variant == "cppo_official":  # every pass on every row, all logits in float32 at once
         official = functools.partial(stats_fns.response_stats, full_logits=True)
-        return official, ContrastivePerception(every_row=True)
+        return Passes(forward=official, term=ContrastivePerception(every_row=True))
     kw = {"share_images": not variant.endswith("_noshare"), "fused": not variant.endswith("_unfused")}
-    return functools.partial(stats_fns.response_stats, **kw), None
+    return Passes(forward=functools.partial(stats_fns.response_stats, **kw))
 
 
 def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer, dict]:
@@ -207,7 +207,7 @@ def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer
     from cppo.rl.run import build_optimizer  # the trainer's own optimizer and schedule
 
     algo = "grpo" if variant.startswith("grpo") else "cppo"
-    score, term = variant_passes(variant)
+    passes = variant_passes(variant)
     cfg = train_config(args, algo)
     policy.load_state_dict(start_state)
     optimizer, scheduler = build_optimizer(policy, cfg, 8)
@@ -216,10 +216,10 @@ def run_variant(variant: str, policy, start_state, ref, ro, args) -> tuple[Timer
     _sync(args.device)
     with timer("old_ref_logprobs"):
         if cfg.mini_batch_size and cfg.mini_batch_size < ro.num_rows:  # more than one update: off-policy
-            ro.old_logp = rollout_logprobs(policy, ro, cfg, score=score)
-        ro.ref_logp = rollout_logprobs(ref, ro, cfg, score=score)
+            ro.old_logp = rollout_logprobs(policy, ro, cfg, passes)
+        ro.ref_logp = rollout_logprobs(ref, ro, cfg, passes)
         _sync(args.device)
-    metrics = policy_update(policy, optimizer, scheduler, ro, cfg, timer, score=score, term=term)
+    metrics = policy_update(policy, optimizer, scheduler, ro, cfg, timer, passes=passes)
     _sync(args.device)
     del optimizer, scheduler
     return timer, metrics

@@ -49,7 +49,7 @@ from cppo.rl.reporting import reset_peak_memory, step_metrics  # noqa: E402
 from cppo.rl.rewards import RewardScorer  # noqa: E402
 from cppo.rl.rollout import collect_rollouts  # noqa: E402
 from cppo.rl.run import build_optimizer  # noqa: E402
-from cppo.rl.update import Timer, policy_update, rollout_logprobs  # noqa: E402
+from cppo.rl.update import Passes, Timer, policy_update, rollout_logprobs  # noqa: E402
 
 REPORTED = (
     "time/step",
@@ -113,9 +113,9 @@ def update(model, ref, optimizer, scheduler, ro, cfg, timer: Timer, trim: bool =
     """Old/ref log-probs and the policy update; the update's metrics, its padding share and tokens/s."""
     slots = bench_padding.SlotCounter(model, ref)
     with timer("old_ref_logprobs"):
-        ro.old_logp = rollout_logprobs(model, ro, cfg, trim=trim)
-        ro.ref_logp = rollout_logprobs(ref, ro, cfg, trim=trim)
-    metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, trim=trim)
+        ro.old_logp = rollout_logprobs(model, ro, cfg, Passes(trim=trim))
+        ro.ref_logp = rollout_logprobs(ref, ro, cfg, Passes(trim=trim))
+    metrics = policy_update(model, optimizer, scheduler, ro, cfg, timer, passes=Passes(trim=trim))
     slots.close()
     _sync(model)
     metrics["update/padding_share"] = 1 - slots.real / slots.slots

@@ -31,7 +31,7 @@ from cppo.rl.data import open_dataset
 from cppo.rl.reference import build_reference
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts, prepare_prompts
-from cppo.rl.update import _stats, rollout_logprobs
+from cppo.rl.update import _entropy_and_logp, rollout_logprobs
 from tests.helpers import demo_model_and_processor, shapes_dataset, shapes_items
 
 SEEN = 1.0  # nats: the least largest gap a pass that sees the image shows (module docstring)
@@ -115,8 +115,8 @@ def test_every_teacher_forced_pass_of_the_trainer_sees_the_image(case, samples):
     rows = list(range(ro.num_rows))
     for name, view in (("anchor", None), ("I+", "positive"), ("I-", "negative")):
         with torch.enable_grad():  # as the update runs them
-            seen = _stats(model, ro, rows, cfg, view)[1].detach().cpu()
-            blind = _stats(model, ro_blank, rows, cfg, view)[1].detach().cpu()
+            seen = _entropy_and_logp(model, ro, rows, cfg, view)[1].detach().cpu()
+            blind = _entropy_and_logp(model, ro_blank, rows, cfg, view)[1].detach().cpu()
         gaps[name] = _gap(seen, blind, mask)
     assert all(g > SEEN for g in gaps.values()), gaps
 

@@ -34,8 +34,8 @@ def test_selection_paper_example():
 def test_relative_and_raw_rank_differently():
     # dH = [.5, 1]; r = [.5/.6 = .833, 1/3 = .333]: relative picks token 0, raw picks token 1
     h, hm = [[0.1, 2.0]], [[0.6, 3.0]]
-    assert _sel(h, hm, score="relative") == [[True, False]]
-    assert _sel(h, hm, score="raw") == [[False, True]]
+    assert _sel(h, hm, selector="relative") == [[True, False]]
+    assert _sel(h, hm, selector="raw") == [[False, True]]
 
 
 def test_ties_at_threshold_are_included():
@@ -55,17 +55,17 @@ def test_padding_and_prompt_never_selected_and_not_counted():
     h = [[9.0, 1, 1, 1, 1, 0, 9]]
     hm = [[18.0, 1.1, 1.2, 1.3, 1.4, 9, 18]]
     resp = [[0, 1, 1, 1, 1, 0, 0]]
-    assert _sel(h, hm, resp, score="raw") == [[False, False, False, True, True, False, False]]
+    assert _sel(h, hm, resp, selector="raw") == [[False, False, False, True, True, False, False]]
     # entropy selector: every response token has H = 1, k = 2 but the tie keeps all four; the
     # prompt and padding positions with H = 9 would win if they were ranked
-    assert _sel(h, hm, resp, score="entropy") == [[False, True, True, True, True, False, False]]
+    assert _sel(h, hm, resp, selector="entropy") == [[False, True, True, True, True, False, False]]
 
 
 def test_selection_is_per_response_not_per_batch():
     # row 0 has shifts ~10, row 1 ~0.1; a batch-wide top-k would take nothing from row 1
     h = [[0.0, 0, 0, 0], [1.0, 1, 1, 1]]
     hm = [[10.0, 11, 12, 13], [1.1, 1.2, 1.0, 1.05]]
-    assert _sel(h, hm, score="raw") == [[False, False, True, True], [False, True, False, False]]
+    assert _sel(h, hm, selector="raw") == [[False, False, True, True], [False, True, False, False]]
 
 
 def test_entropy_selector_is_the_80_20_rule():

@@ -16,7 +16,7 @@ from cppo.rl.perception import (
 )
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts
-from cppo.rl.update import Timer, micro_batch_loss
+from cppo.rl.update import Passes, Timer, micro_batch_loss
 from tests.helpers import shapes_dataset, tiny_model_and_processor
 
 
@@ -67,7 +67,9 @@ def test_every_term_draws_its_views_and_adds_a_finite_term(setting, name):
     loss, metrics = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, Timer())
     loss.backward()
     assert torch.isfinite(loss) and "grpo/pg_loss" in metrics
-    grpo_only, _ = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, Timer(), term=PerceptionTerm())
+    grpo_only, _ = micro_batch_loss(
+        model, ro, list(range(ro.num_rows)), cfg, Timer(), Passes(term=PerceptionTerm())
+    )
     if term.views:  # a perception term changes the loss, GRPO's does not
         assert not torch.isclose(loss.detach(), grpo_only.detach())
     else:

@@ -1,5 +1,5 @@
 """The update's efficiency paths equal the plain path (docs/method.md §5.7–8), trimmed micro-batches
-included (cppo.rl.update._stats)."""
+included (cppo.rl.update._entropy_and_logp)."""
 
 import copy
 import types
@@ -15,7 +15,7 @@ from cppo.rl.data import open_dataset
 from cppo.rl.perception import ContrastivePerception, ImplicitPerception
 from cppo.rl.rewards import RewardScorer
 from cppo.rl.rollout import collect_rollouts, micro_batches
-from cppo.rl.update import Timer, micro_batch_loss, rollout_logprobs
+from cppo.rl.update import Passes, Timer, micro_batch_loss, rollout_logprobs
 from tests.helpers import shapes_dataset, tiny_model_and_processor
 
 
@@ -56,7 +56,7 @@ def _loss_and_grads(model, ro, cfg, skip_views):
     model.zero_grad(set_to_none=True)
     timer = Timer()
     term = None if skip_views else ContrastivePerception(every_row=True)
-    loss, metrics = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, timer, term=term)
+    loss, metrics = micro_batch_loss(model, ro, list(range(ro.num_rows)), cfg, timer, Passes(term=term))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), metrics, grads, timer
@@ -134,8 +134,10 @@ def test_trimmed_sorted_micro_batches_equal_the_padded_path(rollouts, term):
     ro = _mixed_lengths(ro, [10, 3, 7, 1, 9, 5])
     cfg.cpl_lambda, cfg.beta = 1.0, 0.05
     perception = ContrastivePerception() if term == "cppo" else ImplicitPerception()
-    ro.old_logp = rollout_logprobs(model, ro, cfg, trim=False) + 0.01 * torch.randn(ro.response_ids.shape)
-    ro.ref_logp = rollout_logprobs(model, ro, cfg, trim=False) - 0.02
+    ro.old_logp = rollout_logprobs(model, ro, cfg, Passes(trim=False)) + 0.01 * torch.randn(
+        ro.response_ids.shape
+    )
+    ro.ref_logp = rollout_logprobs(model, ro, cfg, Passes(trim=False)) - 0.02
     cfg.micro_batch_size = 2
     micro = micro_batches(ro, list(range(ro.num_rows)), 2, by_length=True)
     assert [len(m) for m in micro] == [2, 2, 2] and sorted(sum(micro, [])) == list(range(6))
@@ -150,7 +152,7 @@ def test_trimmed_sorted_micro_batches_equal_the_padded_path(rollouts, term):
             columns.clear()
             total, metrics = 0.0, []
             for rows in micro:
-                loss, m = micro_batch_loss(model, ro, rows, cfg, Timer(), term=perception, trim=trim)
+                loss, m = micro_batch_loss(model, ro, rows, cfg, Timer(), Passes(trim=trim, term=perception))
                 (loss * len(rows) / ro.num_rows).backward()
                 total, metrics = total + float(loss.detach()) * len(rows) / ro.num_rows, metrics + [m]
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -188,7 +190,10 @@ def test_rollout_logprobs_sorted_and_trimmed_equal_the_padded_ones(rollouts):
     ro = _mixed_lengths(ro, [2, 10, 4, 8, 1, 6])
     cfg.micro_batch_size = 4  # 4 + 2 rows: the sorted cut differs from the plain one
     try:
-        trimmed, padded = rollout_logprobs(model, ro, cfg), rollout_logprobs(model, ro, cfg, trim=False)
+        trimmed, padded = (
+            rollout_logprobs(model, ro, cfg),
+            rollout_logprobs(model, ro, cfg, Passes(trim=False)),
+        )
     finally:
         cfg.micro_batch_size = 6
     assert bool((padded != 0).any())

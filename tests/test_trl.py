@@ -93,7 +93,7 @@ def reference_cpl(trainer, inputs):
     minus, plus = (torch.cat([inputs[f"cpl_pixel_values_{v}"][r] for r in rows]) for v in ("minus", "plus"))
     neg, ent_neg = _scores(model, inputs, rows, minus, cfg.temperature)
     pos, _ = _scores(model, inputs, rows, plus, cfg.temperature)
-    sel = select_perception_tokens(ent, ent_neg, mask[rows], cfg.top_percent, score=cfg.selector)
+    sel = select_perception_tokens(ent, ent_neg, mask[rows], cfg.top_percent, selector=cfg.selector)
     cpl, _ = contrastive_perception_loss(anchor, pos, neg, sel, tau=cfg.cpl_tau, response_mask=mask[rows])
     return float(cpl)
 

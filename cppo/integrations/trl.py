@@ -13,11 +13,12 @@ What it changes in TRL's step (docs/trl.md, docs/method.md §1-3), nothing else:
   which TRL's shuffling and splitting permute and slice like its other per-row lists. Generation,
   with or without vLLM, never sees them.
 - in the loss, TRL's `_compute_loss` runs unchanged (every `loss_type`, KL, IS correction, entropy
-  masks); its anchor pass on I (log-probs with grad, entropies) is captured and reused. Then, as
-  `cppo-train` does: the gate (A > 0) picks rows; only those get the I- pass; the selection ranks the
-  entropy shift H(I-) - H(I) per response; only rows with a selected token get the I+ pass; the CPL
-  (token mean over selected tokens) times lambda, divided like TRL's loss by the gradient
-  accumulation steps, is added. Logged as `cpl/loss` (lambda-free) and `cpl/mask_frac`.
+  masks); its anchor pass on I (log-probs with grad, entropies) is captured and reused. Then the
+  CPL step that `cppo-train` runs too (cppo.loss.cpl_step, handed this trainer's view passes): the
+  gate (A > 0) picks rows; only those get the I- pass; the selection ranks the entropy shift
+  H(I-) - H(I) per response; only rows with a selected token get the I+ pass; the CPL (token mean
+  over selected tokens) times lambda, divided like TRL's loss by the gradient accumulation steps, is
+  added. Logged as `cpl/loss` (lambda-free) and `cpl/mask_frac`.
 
 Qwen-VL style models only (`pixel_values` packed by patches + `image_grid_thw`). TRL internals used
 are checked at construction (`check_trl_internals`).
@@ -35,13 +36,7 @@ import trl
 from packaging.version import Version
 from trl import GRPOConfig, GRPOTrainer
 
-from cppo.loss import (
-    DIVERGENCES,
-    SELECTORS,
-    contrastive_perception_loss,
-    gate_responses,
-    select_perception_tokens,
-)
+from cppo.loss import CPLSettings, cpl_step
 from cppo.models.versions import check_transformers
 from cppo.perturb import get_preset
 
@@ -50,8 +45,15 @@ _VIEWS = ("cpl_pixel_values_plus", "cpl_pixel_values_minus")
 # The GRPOTrainer methods this module overrides or calls, with the parameters it passes.
 _INTERNALS = {
     "_get_per_token_logps_and_entropies": (
-        "model", "input_ids", "attention_mask", "logits_to_keep", "compute_entropy", "pixel_values",
-        "image_grid_thw", "num_images", "mm_token_type_ids",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "compute_entropy",
+        "pixel_values",
+        "image_grid_thw",
+        "num_images",
+        "mm_token_type_ids",
     ),
     "_compute_loss": ("model", "inputs"),
     "_generate_and_score_completions": ("inputs",),
@@ -87,28 +89,24 @@ def check_trl_internals(cls=GRPOTrainer) -> None:
 
 
 @dataclass
-class CPPOConfig(GRPOConfig):
-    """GRPOConfig plus the CPL fields (docs/method.md §1-3; defaults are the paper's)."""
+class CPPOConfig(GRPOConfig, CPLSettings):
+    """GRPOConfig plus the CPL's settings (cppo.loss.CPLSettings, the same fields and defaults as
+    cppo-train's: the paper's) and the views' preset and seed."""
 
-    cpl_lambda: float = field(default=0.01, metadata={"help": "lambda, weight of the CPL; 0 = plain GRPO"})
-    cpl_tau: float = field(default=0.1, metadata={"help": "tau, CPL temperature"})
-    top_percent: float = field(default=0.5, metadata={"help": "rho, share of a response's candidates kept"})
-    selector: str = field(default="relative", metadata={"help": "relative | raw | entropy"})
-    cpl_gate: str = field(default="positive_advantage", metadata={"help": "positive_advantage | none"})
-    cpl_divergence: str = field(default="k3", metadata={"help": "k1 | k2 | k3"})
     preset: str = field(default="paper", metadata={"help": "cppo.perturb preset of the I+/I- views"})
     view_seed: int = field(default=0, metadata={"help": "seed of the views (with the step and prompt)"})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.selector not in set(SELECTORS.names()) - {"kl_shift"}:  # kl_shift needs full logits
-            raise ValueError(f"selector {self.selector!r} is not supported here: relative, raw or entropy")
-        if self.cpl_gate not in ("positive_advantage", "none"):  # TRL's batch carries no rewards
-            raise ValueError(f"cpl_gate {self.cpl_gate!r} is not supported here: positive_advantage or none")
-        if self.cpl_divergence not in DIVERGENCES.names():
-            raise ValueError(f"cpl_divergence {self.cpl_divergence!r}: one of {DIVERGENCES.names()}")
-        if self.cpl_lambda < 0 or self.cpl_tau <= 0 or not 0 < self.top_percent <= 1:
-            raise ValueError("need cpl_lambda >= 0, cpl_tau > 0 and 0 < top_percent <= 1")
+        problems = self.cpl_problems()
+        if self.selector == "kl_shift":  # needs the views' full logits, which TRL's passes do not keep
+            problems.append("selector 'kl_shift' is not supported here: relative, raw or entropy")
+        if self.cpl_gate == "correct":  # TRL's batch carries no rewards
+            problems.append("cpl_gate 'correct' is not supported here: positive_advantage or none")
+        if self.cpl_divergence == "full":
+            problems.append("cpl_divergence 'full' is not supported here: k1, k2 or k3")
+        if problems:
+            raise ValueError("; ".join(problems))
         get_preset(self.preset)  # fails now on an unknown name
 
 
@@ -192,34 +190,22 @@ class CPPOTrainer(GRPOTrainer):
         return loss + self.args.cpl_lambda * cpl / scale
 
     def _cpl(self, model, inputs, logps, entropies) -> tuple[torch.Tensor, float]:
-        """(lambda-free CPL of this batch, selected / response tokens). Gate, I-, selection, I+."""
-        cfg, device = self.args, logps.device
-        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
-        mask = mask.bool()
+        """(lambda-free CPL of this batch, selected / response tokens): cppo.loss.cpl_step, the same
+        step as cppo-train's, with this trainer's view passes. TRL's batch carries no rewards, so the
+        gate is one that needs none (CPPOConfig checks)."""
+        mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).bool()
         adv = inputs["advantages"] if inputs["advantages"].dim() == 1 else inputs["advantages"][:, 0]
-        has_image = torch.tensor([n > 0 for n in inputs["num_images"]], device=device)
-        rows = (gate_responses(adv, None, cfg.cpl_gate) & has_image).nonzero().squeeze(1).tolist()
-        zero = logps.sum() * 0.0  # an exact 0 inside the graph
-        neg = self._view_pass(model, inputs, rows, _VIEWS[1], entropy=True)
-        if neg is None:
-            return zero, 0.0
-        logp_neg, ent_neg = neg
-        if not rows:  # a stand-in pass (only other processes have rows): join their I+ agreement
-            pos = self._view_pass(model, inputs, [], _VIEWS[0])
-            return zero + logp_neg.sum() * 0.0 + (0.0 if pos is None else pos[0].sum() * 0.0), 0.0
-        sel = select_perception_tokens(
-            entropies[rows].detach(), ent_neg.detach(), mask[rows], cfg.top_percent, score=cfg.selector
-        )  # (v, T); the gate is already in `rows`
-        keep = sel.any(dim=1).nonzero().squeeze(1).tolist()
-        mask_frac = float(sel.sum()) / max(int(mask.sum()), 1)
-        pos = self._view_pass(model, inputs, [rows[i] for i in keep], _VIEWS[0])
-        if not keep:
-            return zero + logp_neg.sum() * 0.0 + (0.0 if pos is None else pos[0].sum() * 0.0), mask_frac
-        cpl, _ = contrastive_perception_loss(
-            logps[[rows[i] for i in keep]], pos[0], logp_neg[keep], sel[keep], tau=cfg.cpl_tau,
-            divergence=cfg.cpl_divergence, response_mask=mask[[rows[i] for i in keep]],
+        has_image = torch.tensor([n > 0 for n in inputs["num_images"]], device=logps.device)
+
+        def score_view(rows: list[int], view: str):
+            key = _VIEWS[0] if view == "positive" else _VIEWS[1]
+            out = self._view_pass(model, inputs, rows, key, entropy=view == "negative")
+            return None if out is None else (out[1], out[0])
+
+        cpl, metrics = cpl_step(
+            logps, entropies.detach(), mask, adv, score_view, self.args, has_image=has_image
         )
-        return cpl, mask_frac
+        return cpl, metrics["cpl/mask_frac"]
 
     def _view_pass(self, model, inputs, rows: list[int], key: str, entropy: bool = False):
         """(logps, entropies) of `rows` under view `key`; None when no process has rows for this pass.

@@ -6,7 +6,9 @@ B prompts, G group size, N = B * G responses, T response tokens, V vocabulary.
 
 Modules: ``entropy`` (per-token entropy, chunked entropy/log-prob/KL through the output head),
 ``select`` (selectors and the per-response top-k rule, docs/method.md §2), ``mask`` (selection
-times a response gate), ``divergence``, ``agg``, ``cpl``, ``grpo``, ``papo``. ``cppo.detect`` and the
+times a response gate), ``divergence``, ``agg``, ``cpl``, ``grpo``, ``papo``; ``step`` (the CPL step
+of a batch, gate -> I- -> mask -> I+ -> CPL, that both trainers call) and ``settings`` (its
+settings, the dataclass both trainers' configs inherit). ``cppo.detect`` and the
 trainer call these; nothing here imports them.
 
 Registries (one way, see ``cppo.registry``): ``SELECTORS``, ``DIVERGENCES``, ``AGGREGATIONS``,
@@ -19,6 +21,10 @@ Typical use (docs/method.md §3)::
     mask = perception_mask(H, H_minus, resp_mask, adv)                          # (N, T) bool
     cpl, m2 = contrastive_perception_loss(logp, logp_plus, logp_minus, mask)
     loss = pg + 0.01 * cpl
+
+or, with the view passes run by a callable of yours (``cppo.loss.step``)::
+
+    cpl, m2 = cpl_step(logp, H, resp_mask, adv, score_view, CPLSettings())
 """
 
 from cppo.loss.agg import AGGREGATIONS, agg_loss, get_aggregation, register_aggregation
@@ -44,10 +50,13 @@ from cppo.loss.select import (
     select_perception_tokens,
     top_fraction_per_row,
 )
+from cppo.loss.settings import CPLSettings
+from cppo.loss.step import ViewScorer, cpl_step
 from cppo.registry import Registry
 
 __all__ = [
     "AGGREGATIONS",
+    "CPLSettings",
     "DIVERGENCES",
     "GATES",
     "POLICY_LOSSES",
@@ -57,6 +66,7 @@ __all__ = [
     "chunked_entropy_and_logprob",
     "chunked_kl",
     "contrastive_perception_loss",
+    "cpl_step",
     "contrastive_perception_loss_full",
     "cpl_from_divergences",
     "entropy_bonus",
@@ -84,4 +94,5 @@ __all__ = [
     "select_perception_tokens",
     "token_entropy",
     "top_fraction_per_row",
+    "ViewScorer",
 ]

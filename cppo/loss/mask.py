@@ -88,6 +88,8 @@ def perception_mask(
 ) -> torch.Tensor:
     """m_t of docs/method.md §2: the selected perception tokens of the responses that pass the gate.
 
+    The mask the trainers' CPL step uses (``cppo.loss.step.cpl_step``, on the rows it scored under I-).
+
     Args:
         entropy: (N, T) H_t(I) (detached here).
         perturbed_entropy: (N, T) H_t(I-).
@@ -105,6 +107,6 @@ def perception_mask(
     """
     g = gate_responses(advantages, rewards, gate, max_reward)  # (N,)
     sel = select_perception_tokens(
-        entropy, perturbed_entropy, response_mask, top_percent, selector, kl
+        entropy, perturbed_entropy, response_mask, top_percent, selector=selector, kl=kl
     )  # (N, T)
     return sel & g.unsqueeze(-1)  # (N, T)

@@ -110,7 +110,7 @@ def select_perception_tokens(
     perturbed_entropy: torch.Tensor | None,
     response_mask: torch.Tensor,
     top_percent: float = 0.5,
-    score: str = "relative",
+    selector: str = "relative",
     kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The perception-token mask of docs/method.md §2 (before the advantage gate).
@@ -120,8 +120,8 @@ def select_perception_tokens(
         perturbed_entropy: (N, T) H_t(I-), entropy under the information-removing view.
         response_mask: (N, T) bool or 0/1, true at response tokens; padding and prompt are false.
         top_percent: rho, the fraction of each response's candidates to keep (paper 0.5).
-        score: the selector name, one of ``SELECTORS.names()``.
-        kl: (N, T) per-token KL(pi_I || pi_I-), only for ``score="kl_shift"``.
+        selector: the selector's name, one of ``SELECTORS.names()``.
+        kl: (N, T) per-token KL(pi_I || pi_I-), only for ``selector="kl_shift"``.
 
     Returns:
         (N, T) bool mask m_t, always a subset of ``response_mask``.
@@ -129,7 +129,7 @@ def select_perception_tokens(
     Departure from the official code: the candidate set is ANDed with the response mask before
     ranking, and k is computed per response; we never rely on padding having zero entropy.
     """
-    s, cand = get_selector(score)(entropy, perturbed_entropy, kl)  # (N, T), (N, T)
+    s, cand = get_selector(selector)(entropy, perturbed_entropy, kl)  # (N, T), (N, T)
     if s.shape != response_mask.shape:
         raise ValueError(f"score {tuple(s.shape)} and response_mask {tuple(response_mask.shape)} differ")
     return top_fraction_per_row(s, cand & response_mask.bool(), top_percent)  # (N, T)

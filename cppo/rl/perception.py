@@ -15,11 +15,9 @@ Entries, registered like the losses (cppo.registry, after verl's core_algos):
   (arXiv 2507.06448).
 
 `mb` is one micro-batch as cppo.rl.update.MicroBatch holds it: its rows of the step's rollouts, the
-config, the anchor pass's entropies and log-probs, and three means: `mb.stats(rows, view)` runs
-another pass, `mb.rows_in_step(n)` agrees on a pass with the other processes, `mb.stand_ins(...)`
-stands in for a pass only other processes need. Under FSDP every rank must issue the same passes in
-every micro-batch (cppo.rl.update's module docstring says why and how); a term keeps that by asking
-`mb.rows_in_step` before each view pass and standing in when it answers -1.
+config, the anchor pass's entropies and log-probs, and `mb.view_pass(rows, view)`, which runs a view
+pass on some of its rows and keeps the processes of an FSDP run in step (it is the `score_view` of
+cppo.loss.cpl_step; cppo.rl.update's module docstring says how).
 
 Letters: n rows of the micro-batch, v rows with a view pass, T response tokens.
 """
@@ -30,13 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cppo.loss import (
-    contrastive_perception_loss,
-    entropy_bonus,
-    gate_responses,
-    implicit_perception_loss,
-    select_perception_tokens,
-)
+from cppo.loss import cpl_step, entropy_bonus, implicit_perception_loss
 from cppo.registry import Registry
 
 # An entry is a PerceptionTerm: `views`, `preset_option`, `entropy_grad(cfg)`, `__call__(mb)`.
@@ -105,71 +97,33 @@ register_perception_term("papo")(ImplicitPerception())
 
 
 def _cpl(mb, every_row: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """lambda-free CPL of a micro-batch; rows without an image or a passing gate skip the views."""
-    cfg, ro, rows, entropy, logp = mb.cfg, mb.ro, mb.rows, mb.entropy, mb.logp
-    device = logp.device
-    mask = ro.response_mask[rows].to(device)  # (n, T)
-    adv, rewards = ro.advantages[rows].to(device), ro.rewards[rows].to(device)
-    gate = gate_responses(adv, rewards, cfg.cpl_gate, max_reward=sum(cfg.reward_weights))  # (n,)
-    gate &= ro.has_image[rows].to(device)
-    needs_views = bool(ro.views) and bool(gate.any())
-    local = list(range(len(rows))) if every_row else gate.nonzero().squeeze(1).tolist()
-    in_step = mb.rows_in_step(len(local) if needs_views else 0)
-    if in_step == 0:  # no process runs I- (nor I+)
-        return _no_cpl(logp)
-    if in_step == -1:  # only other processes do: stand in for I-, then join their I+ agreement
-        neg = mb.stand_ins(-1, ("negative",))
-        pos = mb.stand_ins(mb.rows_in_step(0), ("positive",))
-        return _no_cpl(logp, *neg, *pos)
-    view_rows = [rows[i] for i in local]
-    with mb.timer("perception"):
-        ent_neg, logp_neg = mb.stats(view_rows, view="negative")  # (v, T)
-    # docs/method.md §2: the top fraction of positively shifted tokens per response, then the gate
-    # (which already holds "has an image"), computed once above.
-    sel = select_perception_tokens(
-        entropy[local], ent_neg, mask[local], top_percent=cfg.top_percent, score=cfg.selector
-    )  # (v, T) bool
-    sel &= gate[local].unsqueeze(1)
-    keep = list(range(len(local))) if every_row else sel.any(dim=1).nonzero().squeeze(1).tolist()
-    in_step = mb.rows_in_step(len(keep))
-    if in_step <= 0:
-        return _no_cpl(logp, logp_neg, *mb.stand_ins(in_step, ("positive",)))
-    with mb.timer("perception"):
-        _, logp_pos = mb.stats([view_rows[i] for i in keep], view="positive")
-    anchor = logp[[local[i] for i in keep]]
-    cpl, metrics = contrastive_perception_loss(
-        anchor,
-        logp_pos,
-        logp_neg[keep],
-        sel[keep],
-        tau=cfg.cpl_tau,
-        divergence=cfg.cpl_divergence,
-        agg="token-mean",
-        response_mask=mask[[local[i] for i in keep]],
+    """lambda-free CPL of a micro-batch: cppo.loss.cpl_step with the micro-batch's view passes."""
+    cfg, ro, rows = mb.cfg, mb.ro, mb.rows
+    device = mb.logp.device
+    return cpl_step(
+        mb.logp,
+        mb.entropy,
+        ro.response_mask[rows].to(device),
+        ro.advantages[rows].to(device),
+        mb.view_pass,
+        cfg,
+        rewards=ro.rewards[rows].to(device),
+        has_image=ro.has_image[rows].to(device),
+        max_reward=sum(cfg.reward_weights),
+        every_row=every_row,
     )
-    metrics["cpl/mask_frac"] = float(sel.sum()) / max(int(mask.sum()), 1)  # of the micro-batch's tokens
-    metrics["cpl/rows"] = float(len(keep))
-    return cpl, metrics
-
-
-def _no_cpl(*graph: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """An exact 0 that stays in the autograd graph of `graph`, and the metrics of an empty CPL."""
-    zero = sum(t.sum() * 0.0 for t in graph)
-    return zero, {"cpl/loss": 0.0, "cpl/mask_frac": 0.0, "cpl/rows": 0.0}
 
 
 def _papo(mb) -> tuple[torch.Tensor, dict[str, float]]:
     """PAPO's gamma-weighted KL and eta-weighted entropy terms of a micro-batch's image rows."""
     cfg, ro, rows, entropy, logp = mb.cfg, mb.ro, mb.rows, mb.entropy, mb.logp
     device = logp.device
-    image_rows = [i for i, r in enumerate(rows) if bool(ro.has_image[r])]
+    image_rows = [i for i, r in enumerate(rows) if bool(ro.has_image[r])] if ro.views else []
     use_entropy = cfg.papo_entropy_coef > 0
-    in_step = mb.rows_in_step(len(image_rows) if ro.views else 0)
-    if in_step <= 0:
-        stand_in = mb.stand_ins(in_step, ("negative",), entropy_grad=use_entropy)
-        return sum((t.sum() * 0.0 for t in stand_in), logp.sum() * 0.0), {}
-    with mb.timer("perception"):
-        ent_m, logp_m = mb.stats([rows[i] for i in image_rows], view="negative", entropy_grad=use_entropy)
+    masked = mb.view_pass(image_rows, "negative", entropy_grad=use_entropy)
+    if masked is None or not image_rows:  # nobody runs it, or a stand-in for other processes
+        return logp.sum() * 0.0 + (0.0 if masked is None else masked[1].sum() * 0.0), {}
+    ent_m, logp_m = masked
     mask = ro.response_mask[rows].to(device)[image_rows]
     kl_loss, metrics = implicit_perception_loss(
         logp[image_rows], logp_m, mask, divergence=cfg.cpl_divergence, clip=cfg.papo_clip, agg=cfg.loss_agg

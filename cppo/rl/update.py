@@ -9,13 +9,14 @@ For each mini-batch of rows, for each micro-batch:
      micro-batch and its anchor pass as a `MicroBatch`;
   4. backward of the micro-batch's loss scaled by its share of the mini-batch's rows.
 
-Every pass scores its rows with one function, `score` (default cppo.response_stats.response_stats: head on
+Every pass runs one function, `Passes.forward` (default cppo.response_stats.response_stats: head on
 response positions only, in chunks; a group's image encoded once), on its own rows' tokens: columns
-that are padding in all its rows are cut first (`_stats`, cppo.batching.trim_padding; positions come
-from the attention mask, so the log-probs are the padded pass's: tests/test_rl_update.py).
-`--sort-by-length` sorts a mini-batch's rows by length into micro-batches of the same number and
-sizes. `policy_update` and `rollout_logprobs` take another scoring function, and `policy_update`
-another perception term, for callers that measure the official code's way (bench/bench_step.py).
+that are padding in all its rows are cut first (`_entropy_and_logp`, cppo.batching.trim_padding;
+positions come from the attention mask, so the log-probs are the padded pass's:
+tests/test_rl_update.py). `--sort-by-length` sorts a mini-batch's rows by length into micro-batches
+of the same number and sizes. The trainer uses the default `Passes()`; benchmarks that measure the
+official code's way or the padded path hand `policy_update` and `rollout_logprobs` another
+(bench/bench_step.py, bench/bench_padding.py).
 
 Departures from the official code, each on purpose:
 - Every loss is aggregated within its micro-batch and scaled by micro rows / mini-batch rows (the
@@ -32,17 +33,14 @@ FSDP: how ranks stay in step. A sharded module all-gathers its parameters in eve
 again in the backward), so every rank must call the same modules the same number of times in every
 micro-batch, whatever its rows. The anchor pass runs on every rank's micro-batch anyway. The view
 passes are data-dependent (the gate, the selection, which rows have images), so before each one the
-ranks agree on it with one small all-reduce (the largest row count over processes,
-`MicroBatch.rows_in_step`, which each perception term asks before each of its passes): when no rank
-needs the pass, nobody runs it; when another rank needs it and this one has no row for it, this one
-scores one stand-in row of its micro-batch (`MicroBatch.stand_ins`) and adds its result times 0 to
-the loss, so the forward and the backward issue the same collectives and the update does not
-change. A pass without images on a rank whose peers have images runs the vision tower on a blank
-image (cppo.response_stats, `run_vision`), for the same reason. Without FSDP no pass waits for another
+ranks agree on it with one small all-reduce (the largest row count over processes, inside
+`MicroBatch.view_pass`, through which each perception term runs its passes): when no rank needs
+the pass, nobody runs it; when another rank needs it and this one has no row for it, this one
+scores one stand-in row of its micro-batch and the term adds its result times 0 to the loss, so
+the forward and the backward issue the same collectives and the update does not change. A pass
+without images on a rank whose peers have images runs the vision tower on a blank image
+(cppo.response_stats, `run_vision`), for the same reason. Without FSDP no pass waits for another
 process.
-
-It sits at the ~300-line mark because the FSDP agreement on each view pass (below) belongs beside
-the passes it keeps in step.
 """
 
 from __future__ import annotations
@@ -87,31 +85,40 @@ class Timer(defaultdict):
         return _Span()
 
 
-def _stats(
+@dataclass(frozen=True)
+class Passes:
+    """How the update's passes run. The trainer uses the defaults; a benchmark hands another."""
+
+    # (model, inputs, ids, mask, temperature, chunk, entropy_grad=) -> (entropy, logp), each (n, T)
+    forward: Callable = response_stats
+    trim: bool = True  # each pass on its own rows' tokens; False: the step's L + T columns (padded)
+    term: PerceptionTerm | None = None  # the perception term; None: the one `cfg.algo` names
+
+
+def _entropy_and_logp(
     model,
     ro: Rollouts,
     rows: list[int],
     cfg,
     view: str | None = None,
     entropy_grad: bool = False,
-    score: Callable = response_stats,
-    trim: bool = True,
-):
+    passes: Passes = Passes(),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images).
 
-    `trim`: the pass runs on its rows' own tokens only (`cppo.batching.trim_padding`: no column that
-    is padding in every one of its rows) and its results are padded back to the step's T with
-    zeros, which they are outside the response mask anyway; False: on the step's L + T columns."""
+    With `passes.trim` the pass runs on its rows' own tokens only (`cppo.batching.trim_padding`: no
+    column that is padding in every one of its rows) and its results are padded back to the step's
+    T with zeros, which they are outside the response mask anyway."""
     inputs = select_rows(ro, rows, _image_token_id(model), view)
     ids, mask = ro.response_ids[rows], ro.response_mask[rows]
     T = ids.shape[1]
-    if trim:
+    if passes.trim:
         inputs, t = trim_padding(inputs, mask)
         ids, mask = ids[:, :t], mask[:, :t]
     device = compute_device(model)  # not its parameters' device when FSDP keeps them on the CPU
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     with autocast(device, resolve_dtype(cfg.dtype, device)):
-        entropy, logp = score(
+        entropy, logp = passes.forward(
             model,
             inputs,
             ids.to(device),
@@ -125,18 +132,14 @@ def _stats(
     return entropy, logp
 
 
-def _rows_in_step(model, n: int) -> int:
-    """How many rows this process scores in a pass for which it has `n` rows of its own.
-
-    Unsharded: `n` (0 = skip the pass). Sharded (module docstring): 0 when no process has a row for
-    the pass, `n` when this one has, and -1 when only others have: score one stand-in row, weight 0."""
+def _any_process_has_rows(model, n: int) -> bool:
+    """Whether any process has a row for a pass this one has `n` rows for: `n > 0` unsharded; under
+    FSDP one all-reduce of the largest count (module docstring)."""
     if not is_sharded(model):
-        return n
+        return n > 0
     most = torch.tensor([n], device=collective_device())
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    if int(most) == 0:
-        return 0
-    return n if n > 0 else -1
+    return int(most) > 0
 
 
 def _image_token_id(model) -> int:
@@ -153,37 +156,35 @@ class MicroBatch:
     rows: list[int]  # n rows of the step's rollouts
     cfg: Any
     timer: Timer
-    score: Callable  # scores every pass (cppo.response_stats.response_stats)
     entropy: torch.Tensor  # (n, T) H(I) of the anchor pass (detached unless the term asked)
     logp: torch.Tensor  # (n, T) log-probs under I, with grad
-    trim: bool = True  # every pass runs on its own rows' tokens only (`_stats`)
+    passes: Passes = Passes()
 
-    def stats(self, rows: list[int], view: str | None = None, entropy_grad: bool = False):
-        """(entropy, logprob), each (len(rows), T), of `rows` under `view` (None = the original images)."""
-        return _stats(self.model, self.ro, rows, self.cfg, view, entropy_grad, self.score, self.trim)
+    def view_pass(self, rows: list[int], view: str, entropy_grad: bool = False):
+        """(entropy, logprob), each (len(rows), T), of the micro-batch's rows `rows` (indices into
+        `self.rows`) under `view`: the `score_view` of cppo.loss.cpl_step. None when no process has a
+        row for this pass; `(None, logprob)` of one stand-in row when only other processes have (the
+        caller adds it times 0: module docstring, FSDP)."""
+        if not _any_process_has_rows(self.model, len(rows)):
+            return None
+        if not rows:  # a text-only micro-batch has no views: its stand-in runs on the original image
+            stand_in = view if view in self.ro.views else None
+            return None, self._pass(self.rows[:1], stand_in, entropy_grad)[1]
+        with self.timer("perception"):
+            return self._pass([self.rows[i] for i in rows], view, entropy_grad)
 
-    def rows_in_step(self, n: int) -> int:
-        """The row count this process scores in a pass it has `n` rows for (module docstring, FSDP):
-        `n`, 0 (nobody runs the pass) or -1 (only others do: `stand_ins`)."""
-        return _rows_in_step(self.model, n)
-
-    def stand_ins(self, in_step: int, views: tuple[str, ...], **kw) -> list[torch.Tensor]:
-        """Log-probs of one stand-in row under each of `views` when `in_step` is -1 (only other
-        processes run these passes: module docstring), for the caller to add times 0; nothing otherwise."""
-        if in_step != -1:
-            return []
-        with_view = [v if v in self.ro.views else None for v in views]  # a text-only batch has no views
-        return [self.stats(self.rows[:1], view=v, **kw)[1] for v in with_view]
+    def _pass(self, step_rows: list[int], view: str | None, entropy_grad: bool):
+        return _entropy_and_logp(self.model, self.ro, step_rows, self.cfg, view, entropy_grad, self.passes)
 
 
 @torch.no_grad()
-def rollout_logprobs(model, ro: Rollouts, cfg, score: Callable = response_stats, trim: bool = True):
+def rollout_logprobs(model, ro: Rollouts, cfg, passes: Passes = Passes()):
     """(N, T) log-probs of the responses under `model` (no grad), in micro-batches. A row's log-probs
-    do not depend on the rows sharing its pass, so with `trim` the rows are always sorted by length
-    into the micro-batches (`micro_batches`), each trimmed."""
+    do not depend on the rows sharing its pass, so with `passes.trim` the rows are always sorted by
+    length into the micro-batches (`micro_batches`), each trimmed."""
     out = torch.zeros(ro.response_ids.shape, dtype=torch.float32)
-    for rows in micro_batches(ro, list(range(ro.num_rows)), cfg.micro_batch_size, by_length=trim):
-        _, logp = _stats(model, ro, rows, cfg, score=score, trim=trim)
+    for rows in micro_batches(ro, list(range(ro.num_rows)), cfg.micro_batch_size, by_length=passes.trim):
+        _, logp = _entropy_and_logp(model, ro, rows, cfg, passes=passes)
         out[rows] = logp.float().cpu()
     return out
 
@@ -194,17 +195,14 @@ def micro_batch_loss(
     rows: list[int],
     cfg,
     timer: Timer,
-    score: Callable = response_stats,
-    term: PerceptionTerm | None = None,
-    trim: bool = True,
+    passes: Passes = Passes(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one micro-batch (not yet scaled) and its metrics. `term`: the perception term
-    (default: the one `cfg.algo` names); `trim`: every pass on its own rows' tokens (`_stats`)."""
-    term = get_perception_term(cfg.algo) if term is None else term
+    """The loss of one micro-batch (not yet scaled) and its metrics."""
+    term = get_perception_term(cfg.algo) if passes.term is None else passes.term
     device = compute_device(model)
     mask = ro.response_mask[rows].to(device)  # (n, T)
     adv = ro.advantages[rows].to(device)  # (n,)
-    entropy, logp = _stats(model, ro, rows, cfg, None, term.entropy_grad(cfg), score, trim)  # anchor
+    entropy, logp = _entropy_and_logp(model, ro, rows, cfg, None, term.entropy_grad(cfg), passes)  # anchor
     old = logp.detach() if ro.old_logp is None else ro.old_logp[rows].to(device)
     ref = None if ro.ref_logp is None else ro.ref_logp[rows].to(device)
     loss, metrics = grpo_loss(
@@ -223,7 +221,7 @@ def micro_batch_loss(
     )
     n_tok = mask.sum().clamp(min=1)
     metrics["entropy/mean"] = float((entropy.detach() * mask).sum() / n_tok)
-    extra, term_metrics = term(MicroBatch(model, ro, rows, cfg, timer, score, entropy, logp, trim))
+    extra, term_metrics = term(MicroBatch(model, ro, rows, cfg, timer, entropy, logp, passes))
     if extra is not None:
         loss = loss + extra
     metrics.update(term_metrics)
@@ -251,15 +249,12 @@ def policy_update(
     cfg,
     timer: Timer,
     world_size: int = 1,
-    score: Callable = response_stats,
-    term: PerceptionTerm | None = None,
-    trim: bool = True,
+    passes: Passes = Passes(),
 ) -> dict[str, float]:
     """All optimizer updates of one step over this process's rows; returns the metrics' means over
-    every process's micro-batches (a collective when world_size > 1: cppo.rl.ranks). `score`
-    scores every pass, `term` is the perception term (default: `cfg.algo`'s); `trim`: every pass on
-    its own rows' tokens (False: the step's L + T columns, the padded path, for comparison).
-    `cfg.sort_by_length` sorts each mini-batch's rows by length into its micro-batches."""
+    every process's micro-batches (a collective when world_size > 1: cppo.rl.ranks).
+    `cfg.sort_by_length` sorts each mini-batch's rows by length into its micro-batches (trimmed
+    passes only)."""
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = is_sharded(model)
     n = ro.num_rows
@@ -272,10 +267,10 @@ def policy_update(
         for m0 in range(0, n, mini):
             mini_rows = list(range(m0, min(m0 + mini, n)))
             optimizer.zero_grad(set_to_none=True)
-            by_length = trim and cfg.sort_by_length
+            by_length = passes.trim and cfg.sort_by_length
             for rows in micro_batches(ro, mini_rows, cfg.micro_batch_size, by_length):
                 with timer("update"):
-                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, score, term, trim)
+                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, passes)
                     # share of the GLOBAL mini-batch: processes' gradients are summed below
                     (loss * (len(rows) / (len(mini_rows) * world_size))).backward()
                 for k, v in metrics.items():

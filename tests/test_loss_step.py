@@ -1,0 +1,151 @@
+"""cppo.loss.step.cpl_step: the one CPL step both trainers call, against the loss written out by hand."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import cppo.loss.step as step_module
+from cppo.loss import CPLSettings, contrastive_perception_loss, cpl_step, perception_mask
+
+N, T = 6, 5
+
+
+def _batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    anchor = torch.randn(N, T, generator=g, dtype=torch.float64).neg().requires_grad_()
+    entropy = torch.rand(N, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[0, 3:] = False  # a shorter response
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, 1.0], dtype=torch.float64)
+    views = {  # per view: (entropy, logp) of every row, what a model pass would give
+        v: (
+            torch.rand(N, T, generator=g, dtype=torch.float64),
+            torch.randn(N, T, generator=g, dtype=torch.float64),
+        )
+        for v in ("negative", "positive")
+    }
+    return anchor, entropy, mask, adv, views
+
+
+class Scorer:
+    """A single-process `score_view`: rows of the precomputed views, None for no rows; records calls."""
+
+    def __init__(self, views):
+        self.views = {v: (e, lp.clone().requires_grad_()) for v, (e, lp) in views.items()}
+        self.calls = []
+
+    def __call__(self, rows, view):
+        self.calls.append((view, list(rows)))
+        if not rows:
+            return None
+        e, lp = self.views[view]
+        return (e[rows] if view == "negative" else None), lp[rows]
+
+
+def _by_hand(anchor, entropy, mask, adv, views, settings, has_image):
+    """The CPL of docs/method.md §2-3 on every row at once: the mask, then the loss."""
+    m = perception_mask(
+        entropy,
+        views["negative"][0],
+        mask,
+        adv,
+        gate=settings.cpl_gate,
+        selector=settings.selector,
+        top_percent=settings.top_percent,
+    )
+    m &= has_image.unsqueeze(1)
+    loss, _ = contrastive_perception_loss(
+        anchor,
+        views["positive"][1],
+        views["negative"][1],
+        m,
+        tau=settings.cpl_tau,
+        divergence=settings.cpl_divergence,
+        response_mask=mask,
+    )
+    return loss, m
+
+
+@pytest.mark.parametrize("every_row", [False, True])
+@pytest.mark.parametrize("gate", ["positive_advantage", "none"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_step_equals_the_loss_on_every_row_and_skips_the_passes_it_may(seed, gate, every_row):
+    anchor, entropy, mask, adv, views = _batch(seed)
+    has_image = torch.tensor([True, True, True, True, False, True])
+    settings = CPLSettings(cpl_gate=gate, top_percent=0.4)
+    scorer = Scorer(views)
+    got, metrics = cpl_step(
+        anchor, entropy, mask, adv, scorer, settings, has_image=has_image, every_row=every_row
+    )
+    want, m = _by_hand(anchor, entropy, mask, adv, views, settings, has_image)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-12, abs=1e-15)
+    g_got = torch.autograd.grad(got, anchor, retain_graph=True)[0]
+    g_want = torch.autograd.grad(want, anchor)[0]
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    assert metrics["cpl/mask_frac"] == pytest.approx(float(m.sum()) / float(mask.sum()))
+    (neg, neg_rows), (pos, pos_rows) = scorer.calls
+    assert (neg, pos) == ("negative", "positive")
+    gated = [i for i in range(N) if has_image[i] and (gate == "none" or adv[i] > 0)]
+    if every_row:
+        assert neg_rows == pos_rows == list(range(N))
+    else:
+        assert neg_rows == gated  # I- only on the rows that can carry CPL
+        assert pos_rows == [i for i in gated if m[i].any()]  # I+ only on rows with a selected token
+    assert metrics["cpl/rows"] == len(pos_rows)
+
+
+def test_no_gated_row_runs_no_pass_and_gives_an_exact_zero_in_the_graph():
+    anchor, entropy, mask, _, views = _batch(3)
+    scorer = Scorer(views)
+    loss, metrics = cpl_step(anchor, entropy, mask, torch.zeros(N), scorer, CPLSettings())
+    assert float(loss) == 0.0 and metrics["cpl/loss"] == 0.0
+    assert scorer.calls == [("negative", [])]
+    assert torch.equal(torch.autograd.grad(loss, anchor)[0], torch.zeros(N, T, dtype=torch.float64))
+
+
+def test_a_stand_in_joins_both_passes_at_weight_zero():
+    """A process without rows whose peers need the passes: it is asked for both views with no rows,
+    and what its stand-in passes return stays in the graph (so a sharded backward runs) with zero grad."""
+    anchor, entropy, mask, _, _ = _batch(4)
+    stand_in = torch.randn(1, T, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def score_view(rows, view):
+        calls.append((view, rows))
+        return None, stand_in * (2.0 if view == "positive" else 1.0)
+
+    loss, _ = cpl_step(anchor, entropy, mask, -torch.ones(N), score_view, CPLSettings())
+    assert calls == [("negative", []), ("positive", [])]
+    assert float(loss) == 0.0
+    grad = torch.autograd.grad(loss, stand_in)[0]
+    assert torch.equal(grad, torch.zeros_like(stand_in))
+
+
+def test_editing_perception_mask_changes_the_step(monkeypatch):
+    """`perception_mask` is the step's mask: no token selected there, no I+ pass and no loss."""
+    anchor, entropy, mask, adv, views = _batch(5)
+    monkeypatch.setattr(
+        step_module, "perception_mask", lambda e, *a, **k: torch.zeros_like(e, dtype=torch.bool)
+    )
+    scorer = Scorer(views)
+    loss, _ = cpl_step(anchor, entropy, mask, adv, scorer, CPLSettings())
+    assert float(loss) == 0.0
+    assert scorer.calls[-1] == ("positive", [])
+
+
+def test_one_step_and_one_set_of_settings_for_both_trainers():
+    """The trainer's perception term and the TRL integration call the same step object, and both configs
+    take the CPL fields (defaults and help) from CPLSettings."""
+    pytest.importorskip("trl")
+    import cppo.integrations.trl as trl_integration
+    import cppo.rl.perception as perception
+    from cppo.rl.config import TrainConfig
+
+    assert perception.cpl_step is trl_integration.cpl_step is step_module.cpl_step
+    cpl_fields = {f.name: f for f in dataclasses.fields(CPLSettings)}
+    for config in (TrainConfig, trl_integration.CPPOConfig):
+        assert issubclass(config, CPLSettings)
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        for name, f in cpl_fields.items():
+            assert fields[name].default == f.default and fields[name].metadata["help"] == f.metadata["help"]
