@@ -28,9 +28,6 @@ new one is in place.
 Call `save_checkpoint` on the main process only (with DDP every rank holds the same weights and
 optimizer state); under FSDP every process calls `cppo.rl.sharded.save_sharded_checkpoint`. Whether
 and from where a run resumes is `cppo.rl.resume`; stopping on a signal is `cppo.rl.signals`.
-
-It runs a few lines past 300 because saving, listing, pruning and loading share the folder layout
-and the COMPLETE manifest defined here; the resume logic and the sharded format live elsewhere.
 """
 
 from __future__ import annotations

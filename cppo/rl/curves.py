@@ -3,8 +3,8 @@
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     draw_curves(run_dir)        # the trainer's call at the end: a write that fails is a warning
 
-Split from cppo/rl/logfiles.py (the files written as the run goes) because the figure is drawn once,
-at the end, from what those files hold.
+The figure is drawn once, at the end, from what the files cppo.rl.logfiles writes as the run goes
+hold.
 """
 
 from __future__ import annotations
