@@ -60,7 +60,7 @@ from cppo.rl.config import TrainConfig
 from cppo.rl.data import Sample
 from cppo.rl.perception import ContrastivePerception
 from cppo.rl.rewards import RewardScorer
-from cppo.rl.rollout import collect_rollouts
+from cppo.rl.rollout import collect_rollouts, prepare_prompts
 from cppo.rl.update import Passes, Timer, policy_update, rollout_logprobs
 
 VARIANTS = ("grpo", "cppo_official", "cppo")
@@ -180,10 +180,10 @@ def rollouts(model, processor, samples, args, algo: str, seed: int):
     ro = collect_rollouts(
         model,
         processor,
-        samples,
-        [1000 + i for i in range(len(samples))],
+        prepare_prompts(
+            processor, samples, [1000 + i for i in range(len(samples))], cfg.algo, get_preset("paper")
+        ),
         cfg,
-        get_preset("paper"),
         RewardScorer(cfg.rewards, cfg.reward_weights),
         generator_seed=seed,
         timer=timer,

@@ -47,7 +47,7 @@ from cppo.rl.generation import generation_rows  # noqa: E402
 from cppo.rl.policy import enable_gradient_checkpointing  # noqa: E402
 from cppo.rl.reporting import reset_peak_memory, step_metrics  # noqa: E402
 from cppo.rl.rewards import RewardScorer  # noqa: E402
-from cppo.rl.rollout import collect_rollouts  # noqa: E402
+from cppo.rl.rollout import collect_rollouts, prepare_prompts  # noqa: E402
 from cppo.rl.run import build_optimizer  # noqa: E402
 from cppo.rl.update import Passes, Timer, policy_update, rollout_logprobs  # noqa: E402
 
@@ -97,8 +97,10 @@ def rollout(model, processor, samples, cfg, seed: int, args, timer: Timer):
     try:
         with timer("rollout"):
             ro = collect_rollouts(
-                model, processor, samples, [1000 + i for i in range(len(samples))], cfg, get_preset("paper"),
-                RewardScorer(["format"], [1.0]), generator_seed=seed, timer=timer,
+                model, processor,
+                prepare_prompts(processor, samples, [1000 + i for i in range(len(samples))], cfg.algo,
+                                get_preset("paper")),
+                cfg, RewardScorer(["format"], [1.0]), generator_seed=seed, timer=timer,
                 per_prompt_seeds=[seed * 1000 + i for i in range(len(samples))],
             )  # fmt: skip
     finally:

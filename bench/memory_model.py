@@ -63,7 +63,7 @@ def measure_cpu_update() -> tuple[float, float]:
     from cppo.rl.memory import ModelShape
     from cppo.rl.reporting import peak_memory_mb, reset_peak_memory
     from cppo.rl.rewards import RewardScorer
-    from cppo.rl.rollout import collect_rollouts
+    from cppo.rl.rollout import collect_rollouts, prepare_prompts
     from cppo.rl.run import build_optimizer
     from cppo.rl.update import Timer, policy_update
     from cppo.toy import make_item
@@ -82,7 +82,8 @@ def measure_cpu_update() -> tuple[float, float]:
         Sample(index=i, question=x.question, answer=x.answer, images=[x.image]) for i, x in enumerate(items)
     ]
     ro = collect_rollouts(
-        model, processor, samples, [1, 2], cfg, get_preset("paper"), RewardScorer(["format"], [1.0]),
+        model, processor, prepare_prompts(processor, samples, [1, 2], cfg.algo, get_preset("paper")), cfg,
+        RewardScorer(["format"], [1.0]),
         generator_seed=0,
     )  # fmt: skip
     ro.advantages = torch.linspace(-1, 1, ro.num_rows)

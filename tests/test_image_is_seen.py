@@ -88,10 +88,8 @@ def _setup(device: str, dtype: str, samples):
     ro = collect_rollouts(
         model,
         processor,
-        samples,
-        seeds,
+        prepare_prompts(processor, samples, seeds, cfg.algo, preset, INSTRUCTION),
         cfg,
-        preset,
         RewardScorer(cfg.rewards, cfg.reward_weights),
         generator_seed=0,
     )

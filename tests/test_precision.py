@@ -17,7 +17,7 @@ from cppo.response_stats import fused_head_stats
 from cppo.rl.config import TrainConfig
 from cppo.rl.data import open_dataset
 from cppo.rl.rewards import RewardScorer
-from cppo.rl.rollout import collect_rollouts
+from cppo.rl.rollout import collect_rollouts, prepare_prompts
 from cppo.rl.update import Timer, micro_batch_loss
 from tests.helpers import demo_model_and_processor, shapes_dataset
 
@@ -80,10 +80,8 @@ def demo_rollouts(tmp_path_factory):
     ro = collect_rollouts(
         model,
         processor,
-        [ds[0], ds[1]],
-        [5, 6],
+        prepare_prompts(processor, [ds[0], ds[1]], [5, 6], cfg.algo, get_preset("paper")),
         cfg,
-        get_preset("paper"),
         RewardScorer(cfg.rewards, cfg.reward_weights),
         generator_seed=0,
     )

@@ -18,7 +18,7 @@ from cppo.rl.generation import (
 )
 from cppo.rl.memory import SHAPES, ModelShape
 from cppo.rl.rewards import RewardScorer
-from cppo.rl.rollout import collect_rollouts
+from cppo.rl.rollout import collect_rollouts, prepare_prompts
 from tests.helpers import shapes_batch, shapes_dataset, tiny_model_and_processor
 
 KW = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, top_k=50)
@@ -50,7 +50,8 @@ def _rollouts(model, processor, samples, seeds, **cfg_kw):
     cfg = TrainConfig(algo="grpo", group_size=2, prompts_per_step=len(samples), max_new_tokens=10, beta=0.0,
                       micro_batch_size=2, **cfg_kw)  # fmt: skip
     return collect_rollouts(
-        model, processor, samples, list(range(len(samples))), cfg, get_preset("paper"),
+        model, processor,
+        prepare_prompts(processor, samples, list(range(len(samples))), cfg.algo, get_preset("paper")), cfg,
         RewardScorer(cfg.rewards, cfg.reward_weights), generator_seed=7, per_prompt_seeds=seeds,
     )  # fmt: skip
 

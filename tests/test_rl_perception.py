@@ -15,7 +15,7 @@ from cppo.rl.perception import (
     register_perception_term,
 )
 from cppo.rl.rewards import RewardScorer
-from cppo.rl.rollout import collect_rollouts
+from cppo.rl.rollout import collect_rollouts, prepare_prompts
 from cppo.rl.update import Passes, Timer, micro_batch_loss
 from tests.helpers import shapes_dataset, tiny_model_and_processor
 
@@ -45,7 +45,8 @@ def _rollouts(setting, cfg):
     model, processor, samples = setting
     preset = get_preset(getattr(cfg, get_perception_term(cfg.algo).preset_option))
     scorer = RewardScorer(cfg.rewards, cfg.reward_weights)
-    ro = collect_rollouts(model, processor, samples, [5, 6], cfg, preset, scorer, generator_seed=0)
+    prompts = prepare_prompts(processor, samples, [5, 6], cfg.algo, preset)
+    ro = collect_rollouts(model, processor, prompts, cfg, scorer, generator_seed=0)
     ro.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     return ro
 

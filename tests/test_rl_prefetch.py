@@ -94,9 +94,10 @@ def test_images_and_views_are_held_once_per_prompt_and_expanded_per_pass(setting
     model, processor, samples = setting
     cfg = TrainConfig(algo="cppo", group_size=3, prompts_per_step=2, max_new_tokens=6, beta=0.0,
                       micro_batch_size=6)  # fmt: skip
-    ro = collect_rollouts(model, processor, samples, [5, 6], cfg, get_preset("paper"),
-                          RewardScorer(cfg.rewards, cfg.reward_weights), generator_seed=0)  # fmt: skip
     prompts = prepare_prompts(processor, samples, [5, 6], "cppo", get_preset("paper"))
+    ro = collect_rollouts(
+        model, processor, prompts, cfg, RewardScorer(cfg.rewards, cfg.reward_weights), generator_seed=0
+    )
     assert torch.equal(ro.pixel_values, prompts.batch["pixel_values"])  # B prompts' patches, not N rows'
     assert ro.views["negative"].shape == ro.pixel_values.shape and "pixel_values" not in ro.inputs
     token = model.config.image_token_id

@@ -10,7 +10,7 @@ from cppo.rl.config import TrainConfig
 from cppo.rl.data import open_dataset
 from cppo.rl.reporting import peak_memory_mb, reset_peak_memory, step_metrics
 from cppo.rl.rewards import RewardScorer
-from cppo.rl.rollout import collect_rollouts, truncated_rows
+from cppo.rl.rollout import collect_rollouts, prepare_prompts, truncated_rows
 from cppo.rl.update import Timer
 from tests.helpers import shapes_batch, shapes_dataset, tiny_model_and_processor
 
@@ -55,7 +55,7 @@ def test_collect_rollouts_samples_with_the_configured_sampler_only(tmp_path):
         algo="grpo", group_size=6, prompts_per_step=1, max_new_tokens=8, micro_batch_size=6, beta=0.0
     )
     ro = collect_rollouts(
-        model, processor, [ds[0]], [1], cfg, get_preset("paper"),
+        model, processor, prepare_prompts(processor, [ds[0]], [1], cfg.algo, get_preset("paper")), cfg,
         RewardScorer(cfg.rewards, cfg.reward_weights), generator_seed=0,
     )  # fmt: skip
     assert len({tuple(r.tolist()) for r in ro.response_ids}) > 1

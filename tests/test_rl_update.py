@@ -14,7 +14,7 @@ from cppo.rl.config import TrainConfig
 from cppo.rl.data import open_dataset
 from cppo.rl.perception import ContrastivePerception, ImplicitPerception
 from cppo.rl.rewards import RewardScorer
-from cppo.rl.rollout import collect_rollouts, micro_batches
+from cppo.rl.rollout import collect_rollouts, micro_batches, prepare_prompts
 from cppo.rl.update import Passes, Timer, micro_batch_loss, rollout_logprobs
 from tests.helpers import shapes_dataset, tiny_model_and_processor
 
@@ -38,10 +38,8 @@ def rollouts(tmp_path_factory):
     ro = collect_rollouts(
         model,
         processor,
-        samples,
-        [11, 12],
+        prepare_prompts(processor, samples, [11, 12], cfg.algo, get_preset("paper")),
         cfg,
-        get_preset("paper"),
         RewardScorer(cfg.rewards, cfg.reward_weights),
         generator_seed=0,
     )

@@ -113,15 +113,12 @@ def run_training(cfg: TrainConfig):
                         ro = collect_rollouts(
                             model,
                             run.processor,
-                            prompts.samples,
-                            [d.view_seed for d in draws],
+                            prompts,
                             cfg,
-                            run.preset,
                             run.scorer,
                             generator_seed=_rollout_seed(cfg.seed, step, rank),
                             timer=timer,
                             per_prompt_seeds=group_seeds,
-                            prompts=prompts,
                         )
                     with timer("old_ref_logprobs"):
                         if run.updates_per_step > 1:

@@ -26,7 +26,7 @@ from cppo.loss import group_advantages
 from cppo.models import append_responses, encode_images, encode_prompts
 from cppo.models.inputs import END_TOKENS
 from cppo.precision import autocast, resolve_dtype
-from cppo.prompt import INSTRUCTION, instruction_for
+from cppo.prompt import INSTRUCTION
 from cppo.rl.data import Sample
 from cppo.rl.fsdp import compute_device, gathered
 from cppo.rl.generation import generate_groups, generation_rows
@@ -130,28 +130,20 @@ def image_token_id(processor) -> int:
 def collect_rollouts(
     model,
     processor,
-    samples: list[Sample],
-    view_seeds: list[int],
+    prompts: Prompts,
     cfg,
-    preset,
     scorer: RewardScorer,
     generator_seed: int,
     timer=None,
     per_prompt_seeds: list[int] | None = None,
-    prompts: Prompts | None = None,
 ) -> Rollouts:
-    """Generate G responses per prompt with the current policy and score them.
+    """Generate G responses for each of the step's prompts (`prepare_prompts`) with the current
+    policy, and score them.
 
-    `cfg` supplies group_size, the sampler's settings, generation_batch_size, adv_std_scale and algo
-    (whose perception term says which views to draw: cppo.rl.perception); `prompts`: the step's
-    `prepare_prompts` when already made (by the loop's background worker), else it is made here
-    from `samples` and `view_seeds`; `per_prompt_seeds`: each group samples from its own seed
-    (cppo.rl.generation); `timer` (cppo.rl.update.Timer) receives the reward phase's seconds.
+    `cfg` supplies group_size, the sampler's settings, generation_batch_size and adv_std_scale;
+    `per_prompt_seeds`: each group samples from its own seed (cppo.rl.generation); `timer`
+    (cppo.rl.update.Timer) receives the reward phase's seconds.
     """
-    if prompts is None:
-        prompts = prepare_prompts(
-            processor, samples, view_seeds, cfg.algo, preset, instruction_for(cfg.instruction)
-        )
     samples = prompts.samples
     G = cfg.group_size
     token_id = model.config.image_token_id
