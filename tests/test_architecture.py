@@ -71,3 +71,10 @@ def test_check_names_upward_lazy_and_unplaced_imports(tmp_path):
     out = tmp_path / "graph.svg"
     assert graph.main(["--root", str(tmp_path), "--svg", str(out)]) == 0  # reports, does not fail
     assert out.read_text().startswith("<svg")
+
+
+def test_the_committed_figure_is_a_fresh_drawing_of_the_code():
+    """docs/img/architecture.svg shows today's edges: regenerate it with `python scripts/import_graph.py`."""
+    fresh = graph.render_svg(graph.scan(ROOT))
+    committed = (ROOT / graph.FIGURE).read_text(encoding="utf-8")
+    assert committed == fresh, "docs/img/architecture.svg is stale: run python scripts/import_graph.py"
