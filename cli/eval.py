@@ -16,9 +16,6 @@ Every flag, the device, the model path and ``--out`` are checked before the proc
 the model is loaded: a bad one is one line on stderr and exit 2, with nothing written. The report is
 written to a temporary sibling and renamed over ``--out``, so a failing write (a full disk) leaves
 the previous file, or none, and is one line with exit 2 too.
-
-It runs past 300 lines because every input is checked before any work, each with its own
-one-line message.
 """
 
 from __future__ import annotations

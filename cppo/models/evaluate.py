@@ -1,7 +1,7 @@
 """The evaluator: avg@K accuracy, format rate and pass@K of a model on prompts, per question type.
 
 One implementation for every caller: ``cppo-eval`` (cli/eval.py), the trainer's periodic
-evaluation (``cppo.models.evaluate`` re-exports ``evaluate``), and the demo model's recipe, which
+evaluation (``cppo.rl.loop`` imports ``evaluate`` from here), and the demo model's recipe, which
 scores the shapes task from here:
 
     python -m cppo.models.evaluate --model cppo/assets/demo-model --split test --n 400 [--out eval.json]
@@ -26,8 +26,9 @@ that the model looks: a model whose answers do not change without the image has 
 perception. It writes the ``eval.json`` / ``eval_slice.json`` the model card is made from
 (``cppo.models.card``).
 
-It runs past 300 lines because the shapes recipe (chance levels, the blank-image check, the
-reasoning agreement, avg@K at the rollout temperature) sits beside the one evaluator it calls.
+The shapes recipe (chance levels, the blank-image check, the reasoning agreement, avg@K at the
+rollout temperature) sits beside the evaluator it calls, so the model card's numbers and
+``cppo-eval``'s come from the same code.
 """
 
 from __future__ import annotations

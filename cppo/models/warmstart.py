@@ -20,9 +20,9 @@ The checkpoint is saved in bfloat16 (a few MB), then evaluated on the test split
 `cppo.models.evaluate` (`eval.json`: the first `--eval-n` items; `eval_slice.json`: the first 100,
 which CI re-scores), and `MODEL_CARD.md` is written from those files (`cppo.models.card`).
 
-It runs just past 300 lines because the items only the warm start uses (`describe_item`,
-`relabel_item`) live beside the loop that mixes them into its batches, and every flag is recorded
-in `warmstart.json` so that the card can print the recipe.
+The items only the warm start uses (`describe_item`, `relabel_item`) live beside the loop that
+mixes them into its batches. Every flag is recorded in `warmstart.json`, from which the card prints
+the recipe (and `--init` reads the model's shape).
 """
 
 from __future__ import annotations

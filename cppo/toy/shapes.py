@@ -25,8 +25,8 @@ Overall chance with the four types drawn uniformly: (25 + 25 + 50 + 50) / 4 = 37
 Each item also carries `reasoning`: the one-sentence think text of the warm start, which names
 the scene content that decides the answer.
 
-It runs past 300 lines because the reasoning sentences are written here and read back here
-(`answer_from_reasoning`): the two must change together.
+The reasoning sentences are written here and read back here (`answer_from_reasoning`,
+`reasoning_agrees`), so that the two change together.
 """
 
 from __future__ import annotations
