@@ -171,7 +171,7 @@ def _write(detections, out: Path, settings: dict, max_report: int) -> dict:
 
 def _examples(args) -> tuple[list, str]:
     """(examples, where they came from); raises ValueError/DataError with a one-line message."""
-    from cppo.detect.detector import Example
+    from cppo.detect.detection import Example
     from cppo.rl.data import open_dataset
 
     single = any(x is not None for x in (args.image, args.prompt, args.response, args.answer))
@@ -220,7 +220,8 @@ def _examples(args) -> tuple[list, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cppo.detect import explain
-    from cppo.detect.detector import DetectError, PerceptionDetector
+    from cppo.detect.detection import DetectError
+    from cppo.detect.detector import PerceptionDetector
     from cppo.detect.evidence import data_summary
     from cppo.detect.report import terminal_summary
     from cppo.models import load_model_and_processor, model_path_or_demo

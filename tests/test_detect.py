@@ -1,8 +1,9 @@
 """The detector's model passes against an independent full-logits reference, draws, inputs, refusals.
 
-The selection rule and the chunked entropy are tested in tests/test_select.py; here the question is
-whether the detector feeds them the right numbers: the response teacher-forced under the original
-image and under exactly the recorded removing view, per example, whatever the batch.
+The selection rule and the chunked entropy are tested in tests/test_loss_select.py and
+tests/test_loss_entropy.py; here the question is whether the detector feeds them the right numbers:
+the response teacher-forced under the original image and under exactly the recorded removing view,
+per example, whatever the batch.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cppo.detect.detector import Example, PerceptionDetector
+from cppo.detect.detection import Example
+from cppo.detect.detector import PerceptionDetector
 from cppo.models.evaluate import evaluate_shapes
 from cppo.models.inputs import generate_responses
 from cppo.perturb import get_preset

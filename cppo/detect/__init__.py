@@ -1,19 +1,14 @@
 """cppo.detect: which response tokens depend on the image (docs/method.md §2).
 
 The pure tensor functions (entropies, selectors, the selection rule) live in ``cppo.loss.entropy``
-and ``cppo.loss.select``, shared with the trainer; they are re-exported here.
-``cppo.detect.detector`` runs the model passes (``PerceptionDetector``), ``cppo.detect.report`` writes
-what ``cppo-detect`` shows.
+and ``cppo.loss.select``, shared with the trainer; the package's names include them.
+``cppo.detect.detector`` runs the model passes (``PerceptionDetector``), ``cppo.detect.detection``
+holds what they take and give (``Example``, ``Detection``), ``cppo.detect.report`` writes what
+``cppo-detect`` shows.
 """
 
-from cppo.detect.detector import (
-    DetectError,
-    Detection,
-    Example,
-    PerceptionDetector,
-    ResponseTooLongError,
-    detect,
-)
+from cppo.detect.detection import DetectError, Detection, Example, ResponseTooLongError
+from cppo.detect.detector import PerceptionDetector, detect
 from cppo.loss.entropy import chunked_entropy_and_logprob, chunked_kl, token_entropy
 from cppo.loss.select import (
     SELECTORS,

@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from cppo.detect.detector import DetectError, Example, PerceptionDetector
+    from cppo.detect.detection import DetectError, Example
+    from cppo.detect.detector import PerceptionDetector
     from cppo.models import demo_model_path
     from cppo.toy import split_items
 

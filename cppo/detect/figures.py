@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cppo.detect.detector import Detection
+from cppo.detect.detection import Detection
 from cppo.detect.explain import visible
 from cppo.perturb.image import to_rgb
 

@@ -33,7 +33,7 @@ import html
 import json
 from pathlib import Path
 
-from cppo.detect.detector import Detection
+from cppo.detect.detection import Detection
 from cppo.detect.evidence import bearing_of, data_summary, outcome, truth_of
 from cppo.detect.explain import (
     WHITESPACE,
