@@ -173,7 +173,7 @@ def test_a_reward_that_hangs_exits_or_returns_a_non_number_scores_zero_and_is_lo
     assert expected.get(kind, "ValueError") in result.errors[0]["error"]
 
 
-def test_numpy_scalars_are_real_numbers_and_the_scorer_goes_on_after_a_timeout():
+def test_numpy_scalars_are_real_numbers_and_the_next_step_runs_on_a_fresh_thread_after_a_timeout():
     import numpy as np
 
     calls = []
@@ -188,7 +188,86 @@ def test_numpy_scalars_are_real_numbers_and_the_scorer_goes_on_after_a_timeout()
 
     register_reward("slow_once")(slow_once)
     try:
-        result = RewardScorer(["slow_once"], [1.0], timeout_s=0.3)(["a", "b"], ["x", "x"], [dict(SAMPLE)] * 2)
+        scorer = RewardScorer(["slow_once"], [1.0], timeout_s=0.3)
+        first = scorer(["a", "b"], ["x", "x"], [dict(SAMPLE)] * 2)
+        second = scorer(["a", "b"], ["x", "x"], [dict(SAMPLE)] * 2)  # the next step
     finally:
         REWARDS.unregister("slow_once")
-    assert result.components["slow_once"] == [0.0, 0.25]  # the first timed out, a fresh thread ran the second
+    assert first.components["slow_once"] == [0.0, 0.0]  # timed out, then its other call of the step skipped
+    assert first.hung == ["slow_once"] and "not run" in first.errors[1]["error"]
+    assert second.components["slow_once"] == [0.25, 0.25]  # the stuck thread was replaced
+    assert second.hung == [] and len(calls) == 3
+
+
+def test_a_reward_that_never_returns_costs_a_step_one_time_limit_not_one_per_response():
+    """128 responses (the default step) with a function that sleeps forever: one timeout, the other
+    127 calls skipped and logged, the other function scored as usual."""
+    import threading
+    import time
+
+    calls = []
+
+    def never(response, answer, sample):
+        calls.append(1)
+        threading.Event().wait()
+
+    register_reward("never")(never)
+    try:
+        scorer = RewardScorer(["format", "never"], [0.1, 0.9], timeout_s=0.5)
+        t0 = time.perf_counter()
+        result = scorer([GOOD] * 128, ["0.5"] * 128, [dict(SAMPLE)] * 128)
+        elapsed = time.perf_counter() - t0
+    finally:
+        REWARDS.unregister("never")
+    assert elapsed < 0.5 + 2.0  # one time limit, not 128 of them (64 s)
+    assert len(calls) == 1 and result.hung == ["never"]
+    assert result.components["format"] == [1.0] * 128 and result.components["never"] == [0.0] * 128
+    assert len(result.errors) == 128 and "TimeoutError" in result.errors[0]["error"]
+    assert all("not run: never timed out earlier in this step" in e["error"] for e in result.errors[1:])
+    assert result.metrics()["reward/hung/never"] == 1.0 and result.metrics()["reward/hung/format"] == 0.0
+
+
+def test_a_function_that_returned_before_it_timed_out_did_not_hang():
+    calls = []
+
+    def late_hang(response, answer, sample):
+        calls.append(1)
+        if len(calls) == 2:
+            import threading
+
+            threading.Event().wait()
+        return 1.0
+
+    register_reward("late_hang")(late_hang)
+    try:
+        result = RewardScorer(["late_hang"], [1.0], timeout_s=0.3)(["a"] * 4, ["x"] * 4, [dict(SAMPLE)] * 4)
+    finally:
+        REWARDS.unregister("late_hang")
+    assert result.components["late_hang"] == [1.0, 0.0, 0.0, 0.0] and len(calls) == 2
+    assert result.hung == []
+
+
+def test_hang_watch_counts_steps_in_a_row_and_a_dropped_function_is_not_called():
+    from cppo.rl.rewards import HangWatch, hung_reward_message
+
+    watch = HangWatch(["a", "b"], steps=2)
+    hung = {"reward/hung/a": 1.0, "reward/hung/b": 0.0}
+    assert watch.update(hung) == []
+    assert watch.update({"reward/hung/a": 0.0, "reward/hung/b": 2.0}) == []  # a's streak broken
+    assert watch.update(hung) == []
+    assert watch.update({"reward/hung/a": 1.0, "reward/hung/b": 1.0}) == ["a"]  # b: 2 in a row? no, 1
+    assert HangWatch(["a"], steps=0).update(hung) == []  # 0: never
+
+    calls = []
+    register_reward("counted")(lambda r, a, s: calls.append(1) or 1.0)
+    try:
+        scorer = RewardScorer(["format", "counted"], [1.0, 1.0])
+        scorer.drop("counted")
+        result = scorer([GOOD, GOOD], ["0.5", "0.5"], [dict(SAMPLE)] * 2)
+        line = hung_reward_message(scorer, "counted", 3)
+    finally:
+        REWARDS.unregister("counted")
+    assert calls == [] and result.components["counted"] == [0.0, 0.0] and result.total == [1.0, 1.0]
+    assert (
+        "reward function counted (" in line and "test_rewards.py:" in line and "--drop-hung-rewards" in line
+    )

@@ -70,7 +70,7 @@ def step_metrics(ro, timer: Timer, step_time: float, device, world: int) -> dict
     tally = Tally()
     scored = len(ro.reward_result.total)  # this process's scored responses
     for key, value in ro.reward_result.metrics().items():  # means over them, and an error count
-        if key == "reward/errors":
+        if key == "reward/errors" or key.startswith("reward/hung/"):  # counts: errors, ranks it hung on
             tally.count(key, value)
         else:
             tally.mean(key, value * scored, scored)

@@ -25,7 +25,15 @@ that response 0 for that function and records the error (with the response and t
 in ``RewardResult.errors``, instead of killing a run hours in. Reward code runs on a worker thread
 with a per-call time limit (``timeout_s``, the config's ``reward_timeout``): a call that takes longer
 scores 0 and is recorded the same way, and the thread it hangs in is abandoned (a daemon thread, so
-it cannot keep the process alive). ``SystemExit`` and ``KeyboardInterrupt`` raised by reward code
+it cannot keep the process alive).
+
+A hang costs a step one time limit per function, not one per response: once a function has timed
+out in a step (one scorer call), its remaining calls of that step are not started; they score 0 and
+are recorded as skipped. A function that timed out before returning anything in a step is listed in
+``RewardResult.hung``; the loop stops the run (or drops the function, ``--drop-hung-rewards``) when
+that happens ``--reward-hang-steps`` steps in a row (cppo.rl.loop). Calls run one after another on
+purpose: reward code is Python, so concurrent calls would share one core and a slow but healthy
+function would time out. ``SystemExit`` and ``KeyboardInterrupt`` raised by reward code
 are reward errors too, not exits: the trainer's own signals are handled on the main thread. Being
 off the main thread, reward code cannot install signal handlers (SIGALRM timeouts of its own); the
 built-in graders skip theirs there, the per-call limit standing in for them.
@@ -126,12 +134,15 @@ class RewardResult:
     total: list[float]
     components: dict[str, list[float]]
     errors: list[dict] = field(default_factory=list)
+    hung: list[str] = field(default_factory=list)  # functions that timed out before returning anything
 
     def metrics(self) -> dict[str, float]:
         """Means for one log line: ``reward/total``, ``reward/<name>`` and ``reward/errors``."""
         out = {"reward/total": _mean(self.total)}
         out.update({f"reward/{name}": _mean(values) for name, values in self.components.items()})
         out["reward/errors"] = float(len(self.errors))
+        for name in self.components:  # summed over processes: > 0 when it hung on any of them
+            out[f"reward/hung/{name}"] = float(name in self.hung)
         return out
 
 
@@ -197,39 +208,108 @@ class RewardScorer:
         self.names = [reward_name(s) for s in specs]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"reward names must be distinct, got {self.names}")
+        self.specs = list(specs)
         self.fns = [get_reward(s) for s in specs]
         self.weights = [float(w) for w in weights]
         self.timeout_s = timeout_s or None
+        self.dropped: set[str] = set()  # functions no longer called (`drop`): they score 0
         self._thread = _RewardThread()
+
+    def drop(self, name: str) -> None:
+        """Stop calling function `name`: from now on it scores 0 (its weight stays in the total)."""
+        self.dropped.add(name)
+
+    def where(self, name: str) -> str:
+        """Where function `name` is defined (file and line), for the messages that name it."""
+        fn = self.fns[self.names.index(name)]
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return self.specs[self.names.index(name)]
+        return f"{code.co_filename}:{code.co_firstlineno}"
 
     def __call__(self, responses: list[str], answers: list[str], samples: list[dict]) -> RewardResult:
         if not len(responses) == len(answers) == len(samples):
             raise ValueError(f"{len(responses)} responses, {len(answers)} answers, {len(samples)} samples")
         components: dict[str, list[float]] = {name: [] for name in self.names}
         errors: list[dict] = []
+        timed_out: set[str] = set()  # functions that timed out in this call: not started again
+        returned: set[str] = set()  # functions that returned a value (even a bad one) in this call
         for i, (response, answer, sample) in enumerate(zip(responses, answers, samples)):
             for name, fn in zip(self.names, self.fns):
-                components[name].append(self._score(name, fn, i, response, answer, sample, errors))
+                if name in self.dropped:
+                    score = 0.0
+                elif name in timed_out:
+                    score = _record(errors, name, i, sample, answer, response, self._skipped(name))
+                else:
+                    score, outcome = self._score(name, fn, i, response, answer, sample, errors)
+                    (timed_out if outcome == "timeout" else returned).add(name)
+                components[name].append(score)
         total = [
             sum(w * components[name][i] for name, w in zip(self.names, self.weights))
             for i in range(len(responses))
         ]
-        return RewardResult(total, components, errors)
+        return RewardResult(total, components, errors, hung=sorted(timed_out - returned))
 
-    def _score(self, name, fn, i, response, answer, sample, errors) -> float:
+    def _skipped(self, name: str) -> str:
+        return (
+            f"not run: {name} timed out earlier in this step (reward_timeout {self.timeout_s:g} s), so its "
+            "other calls of the step score 0"
+        )
+
+    def _score(self, name, fn, i, response, answer, sample, errors) -> tuple[float, str]:
+        """(score, "ok" | "error" | "timeout") of one call; an error or a timeout scores 0 and is logged."""
         try:
-            return as_reward_value(self._thread.call(fn, (response, answer, sample), self.timeout_s))
+            return as_reward_value(self._thread.call(fn, (response, answer, sample), self.timeout_s)), "ok"
         except (TimeoutError, _RewardRaised, ValueError) as e:  # scores 0 and is logged, the run goes on
             if isinstance(e, TimeoutError):
                 self._thread = _RewardThread()  # the old one is stuck in the call it gave up on
-            errors.append(
-                {
-                    "reward": name,
-                    "index": i,
-                    "error": str(e) if isinstance(e, _RewardRaised) else f"{type(e).__name__}: {e}",
-                    "source": sample.get("source", ""),
-                    "answer": answer,
-                    "response": response[-500:],
-                }
-            )
-            return 0.0
+            text = str(e) if isinstance(e, _RewardRaised) else f"{type(e).__name__}: {e}"
+            _record(errors, name, i, sample, answer, response, text)
+            return 0.0, "timeout" if isinstance(e, TimeoutError) else "error"
+
+
+def _record(
+    errors: list[dict], name: str, i: int, sample: dict, answer: str, response: str, text: str
+) -> float:
+    """Append one reward error (reward_errors.jsonl's row, before the loop adds the question); 0.0."""
+    errors.append(
+        {
+            "reward": name,
+            "index": i,
+            "error": text,
+            "source": sample.get("source", ""),
+            "answer": answer,
+            "response": response[-500:],
+        }
+    )
+    return 0.0
+
+
+class RewardHungError(RuntimeError):
+    """A reward function hung (timed out before returning anything) `reward_hang_steps` steps in a row."""
+
+
+class HangWatch:
+    """Counts, per reward function, the steps in a row in which it hung on any process
+    (`reward/hung/<name>` of the step's metrics, the same on every rank)."""
+
+    def __init__(self, names: list[str], steps: int):
+        self.steps = steps  # 0: never report
+        self.streaks = dict.fromkeys(names, 0)
+
+    def update(self, metrics: dict[str, float]) -> list[str]:
+        """The functions that have now hung `steps` steps in a row."""
+        for name in self.streaks:
+            hung = metrics.get(f"reward/hung/{name}", 0.0) > 0
+            self.streaks[name] = self.streaks[name] + 1 if hung else 0
+        return [name for name, n in self.streaks.items() if self.steps and n >= self.steps]
+
+
+def hung_reward_message(scorer: RewardScorer, name: str, steps: int) -> str:
+    """The one line that stops a run whose reward function `name` hung `steps` steps in a row."""
+    return (
+        f"reward function {name} ({scorer.where(name)}) timed out (--reward-timeout {scorer.timeout_s:g} s) "
+        f"before returning anything in {steps} step(s) in a row; each of its calls scored 0: fix it (or "
+        "make it faster and raise --reward-timeout), then --resume auto; or add --drop-hung-rewards to "
+        "go on without it (it then scores 0)"
+    )
