@@ -255,7 +255,7 @@ def test_hang_watch_counts_steps_in_a_row_and_a_dropped_function_is_not_called()
     assert watch.update(hung) == []
     assert watch.update({"reward/hung/a": 0.0, "reward/hung/b": 2.0}) == []  # a's streak broken
     assert watch.update(hung) == []
-    assert watch.update({"reward/hung/a": 1.0, "reward/hung/b": 1.0}) == ["a"]  # b: 2 in a row? no, 1
+    assert watch.update({"reward/hung/a": 1.0, "reward/hung/b": 1.0}) == ["a"]  # b's streak is 1
     assert HangWatch(["a"], steps=0).update(hung) == []  # 0: never
 
     calls = []
