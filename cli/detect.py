@@ -12,10 +12,7 @@ the shift is the mean. Writes into --out: tokens.json, report.html (one self-con
 shift_NNNN.png and images/ (original and removing views); see ``cppo.detect.report``. Prints the
 example's top tokens (one example), the accuracy and the share of answer-bearing tokens among the
 selected ones, and one warning line on stderr when an example's selected shifts are all near zero.
-Bad input prints one line naming what is wrong and exits 2.
-
-It runs past 300 lines because every input is checked before any work, each with its own
-one-line message.
+Every input is checked before any work: bad input prints one line naming what is wrong and exits 2.
 """
 
 from __future__ import annotations
