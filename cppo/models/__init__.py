@@ -5,8 +5,7 @@
   (a command's --model, checked, or the demo) (`build.py`).
 - `ImageOnlyQwen2_5_VLProcessor`: the stock `Qwen2_5_VLProcessor` without its video processor, a real
   `ProcessorMixin` that loads without torchvision (TRL accepts it) (`vl_processor.py`); the processor
-  every command uses where `AutoProcessor` cannot load. `ImageTextProcessor` is its former name
-  (the hand-written stand-in it replaced), kept as an alias.
+  every command uses where `AutoProcessor` cannot load.
 - `encode_prompts`, `encode_images`, `append_responses`, `generate_responses` (`inputs.py`).
 - `evaluate(model, processor, dataset, samples=K)` (`evaluate.py`): avg@K accuracy, format and
   pass@K per question type, the one evaluator of `cppo-eval`, the trainer and the demo model.
@@ -33,14 +32,11 @@ from cppo.models.inputs import (
 from cppo.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, VISION_TOKENS, build_tokenizer
 from cppo.models.vl_processor import ImageOnlyQwen2_5_VLProcessor
 
-ImageTextProcessor = ImageOnlyQwen2_5_VLProcessor  # the former hand-written processor's name
-
 __all__ = [
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "VISION_TOKENS",
     "ImageOnlyQwen2_5_VLProcessor",
-    "ImageTextProcessor",
     "TinyVLMConfig",
     "append_responses",
     "build_processor",
