@@ -69,7 +69,7 @@ def _eval(model, processor, test, args) -> dict:
 
 def _one_run(algo: str, seed: int, data: str, args: argparse.Namespace, threads: int) -> dict:
     """Train one (algo, seed) and evaluate the result; runs in a worker process."""
-    from cppo.rl.config import parse_args
+    from cppo.rl.flags import parse_args
     from cppo.rl.loop import run_training
 
     torch.set_num_threads(threads)

@@ -8,7 +8,8 @@
     cppo-train --algo grpo --group-size 8 --print-config
     cppo-train --config examples/configs/cppo-3b.yaml --dry-run --dry-run-gpus 8   # the plan, no model
 
-Every field of ``cppo.rl.config.TrainConfig`` is a flag; ``--help`` lists them with their defaults.
+Every field of ``cppo.rl.config.TrainConfig`` is a flag (``cppo.rl.flags``); ``--help`` lists them with
+their defaults.
 The run directory (``--output-dir``, default ``runs/<algo>``) belongs to one run: a fresh run into a
 folder that holds an earlier one (config.yaml, logs, tb/, curves.png, checkpoints/) is refused unless
 ``--resume auto`` continues it or ``--overwrite`` deletes those files (nothing else) and starts again.
@@ -30,29 +31,28 @@ from __future__ import annotations
 import re
 import sys
 
-from cppo.rl.config import ConfigError, parse_args
+from cppo.rl.config import ConfigError
+from cppo.rl.flags import parse_command, to_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = parse_args(argv)
+        cfg, options = parse_command(argv)
     except ConfigError as e:
         print(f"cppo-train: error: {e}", file=sys.stderr)
         return 2
-    if "--print-config" in argv:
-        print(cfg.to_yaml(), end="")
+    if options.print_config:
+        print(to_yaml(cfg), end="")
         return 0
-    if "--dry-run" in argv:  # the plan: data, steps, updates, memory per GPU; no model is loaded
-        from cppo.rl.config import build_parser
+    if options.dry_run:  # the plan: data, steps, updates, memory per GPU; no model is loaded
         from cppo.rl.plan import describe
 
         try:  # the plan first: a model config.json it cannot read is one line, with nothing printed
-            plan = describe(cfg, build_parser().read_flags(argv).dry_run_gpus)
+            plan = describe(cfg, options.dry_run_gpus)
         except ConfigError as e:
             print(f"cppo-train: error: {e}", file=sys.stderr)
             return 2
-        print(f"# resolved config\n{cfg.to_yaml()}", end="")
+        print(f"# resolved config\n{to_yaml(cfg)}", end="")
         print(f"# plan\n{plan}")
         return 0
     status = _train(cfg)

@@ -333,7 +333,7 @@ def test_images_outside_the_data_folder_are_skipped_unless_allowed(d):
 
 def test_the_allow_flag_reaches_the_data_from_both_commands():
     from cli.eval import build_parser
-    from cppo.rl.config import parse_args
+    from cppo.rl.flags import parse_args
 
     assert parse_args(["--data-allow-outside-images"]).data_allow_outside_images is True
     assert parse_args([]).data_allow_outside_images is False

@@ -16,7 +16,8 @@ import pytest
 import cppo.rl.loop as loop_mod
 from cli.train import collective_timeout_line
 from cli.train import main as train_main
-from cppo.rl.config import ConfigError, parse_args
+from cppo.rl.config import ConfigError
+from cppo.rl.flags import parse_args
 from tests.helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]

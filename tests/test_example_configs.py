@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cli.train import main
-from cppo.rl.config import TrainConfig
+from cppo.rl.flags import config_from_yaml
 from cppo.rl.memory import GIB, SHAPES, estimate
 from cppo.rl.plan import run_shape
 
@@ -76,7 +76,7 @@ PER_CONFIG = {
 
 @pytest.mark.parametrize("name", NAMES)
 def test_each_config_validates_and_holds_the_papers_settings(name):
-    cfg = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")  # validated as it is built
+    cfg = config_from_yaml(CONFIGS / f"{name}.yaml")  # validated as it is built
     expected = {**PAPER, **PER_CONFIG[name]}
     actual = {key: getattr(cfg, key) for key in expected}
     assert actual == expected
@@ -122,7 +122,7 @@ def test_dry_run_prints_the_plan_without_loading_a_model(capsys, monkeypatch):
     assert "updates per step: 8 (2560 rollouts = 512 prompts x 5, mini-batches of 320" in plan
     assert "processes: 8 (--dry-run-gpus); rollouts per process: 320" in plan
     assert "Qwen2.5-VL-3B's published sizes" in plan
-    cfg = TrainConfig.from_yaml(CONFIGS / "cppo-3b.yaml")
+    cfg = config_from_yaml(CONFIGS / "cppo-3b.yaml")
     for layout, fsdp in (("FSDP2", True), ("replicated", False)):
         row = next(line for line in plan.splitlines() if line.startswith(f"| {layout} |"))
         peak = float(row.rstrip(" |").rsplit("|", 1)[1])

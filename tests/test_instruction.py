@@ -3,7 +3,7 @@
 from cppo.models.prompt_tokens import prompt_lengths
 from cppo.perturb import get_preset
 from cppo.prompt import INSTRUCTION, instruction_for
-from cppo.rl.config import parse_args
+from cppo.rl.flags import parse_args
 from cppo.rl.rollout import prepare_prompts
 from tests.helpers import shapes_items, tiny_model_and_processor
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli.train import main as train_main
-from cppo.rl.config import parse_args
+from cppo.rl.flags import parse_args
 from cppo.rl.plan import run_dir_line
 from cppo.rl.rundir import TRASH, clear_earlier_run, earlier_run
 

@@ -3,7 +3,9 @@
 Files, each read top to bottom:
     loop.py     the training loop (`run_training`), one step after another
     run.py      `setup_run(cfg) -> Run`: processes, data, policy, reference, optimizer, resume
-    config.py   TrainConfig (every field documented and a flag), YAML < flags, validation
+    config.py   TrainConfig: every field documented, with its rule (bounds.py) and the checks across fields
+    flags.py    flags and YAML files into a TrainConfig (defaults < --config < flags), config.yaml out
+    launch.py   the checks that need the launch (`check_launch`), max_steps from epochs
     data.py     samples checked up front, with the paper's preprocessing (multi-image, small images,
                 boxed answers, prompts over max_prompt_length tokens)
     sources.py  where samples come from: hub ids (datasets.load_dataset), JSONL, parquet files and
@@ -23,8 +25,9 @@ Files, each read top to bottom:
                 transformers)
 """
 
-from cppo.rl.config import ConfigError, TrainConfig, parse_args
+from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import DataError, PromptDataset, Sample, find_split, open_dataset, shapes_data
+from cppo.rl.flags import parse_args
 from cppo.rl.rewards import REWARDS, RewardResult, RewardScorer, get_reward, register_reward
 from cppo.rl.sampler import Draw, PromptSampler, view_seed
 

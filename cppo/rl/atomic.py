@@ -1,7 +1,7 @@
 """Crash-safe file replacement: `atomic_write` and `fsync_dir`, used for every file a run rewrites
 (checkpoints, checkpoints/best.json, config.yaml, the log files cut on resume, curves.png).
 
-    atomic_write(run_dir / "config.yaml", cfg.to_yaml())          # text (UTF-8) or bytes
+    atomic_write(run_dir / "config.yaml", to_yaml(cfg))          # text (UTF-8) or bytes
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
     atomic_write(final, write_checkpoint_folder, tmp=root / ".tmp-step-000007")   # a whole folder
     atomic_write(final, write_the_rest, tmp=shared_tmp, fresh=False)   # a folder others wrote into

@@ -31,10 +31,11 @@ from pathlib import Path
 
 from cppo.models import demo_model_path
 from cppo.models.model_dir import read_config
-from cppo.rl.config import ConfigError, TrainConfig, resolve_max_steps
+from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import DataError, Preprocessing, PromptDataset, data_processor
 from cppo.rl.fsdp import fsdp_settings
 from cppo.rl.generation import MAX_GENERATION_ROWS
+from cppo.rl.launch import resolve_max_steps
 from cppo.rl.memory import GIB, SHAPES, ModelShape, RunShape, estimate
 from cppo.rl.rundir import earlier_run, entry_names
 from cppo.rl.sources import parse_columns, read_source

@@ -31,7 +31,7 @@ from cppo.models.versions import check_transformers
 from cppo.perturb import get_preset, load_preset
 from cppo.rl.atomic import RunDirError, atomic_write
 from cppo.rl.checkpoint import check_writable
-from cppo.rl.config import ConfigError, TrainConfig, check_launch, resolve_max_steps
+from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import (
     PromptDataset,
     check_response_room,
@@ -40,7 +40,9 @@ from cppo.rl.data import (
     open_config_data,
     shapes_data,
 )
+from cppo.rl.flags import to_yaml
 from cppo.rl.fsdp import fsdp_settings
+from cppo.rl.launch import check_launch, resolve_max_steps
 from cppo.rl.logfiles import write_failure
 from cppo.rl.perception import get_perception_term
 from cppo.rl.policy import build_policy, compute_dtype
@@ -194,7 +196,7 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     line, the earlier config.yaml kept, before the first step is trained."""
     path = run_dir / "config.yaml"
     try:
-        atomic_write(path, cfg.to_yaml())
+        atomic_write(path, to_yaml(cfg))
     except OSError as e:
         raise RunDirError(
             f"could not write {path} ({write_failure(e)}); nothing was trained. Free space or fix "

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from cppo.rl.config import parse_args
+from cppo.rl.flags import parse_args
 from cppo.rl.fsdp import full_model_state, is_sharded
 from cppo.rl.loop import run_training
 

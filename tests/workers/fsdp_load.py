@@ -29,7 +29,7 @@ from PIL import Image
 
 from cppo.models import load_model_and_processor
 from cppo.models.build import meta_model
-from cppo.rl.config import parse_args
+from cppo.rl.flags import parse_args
 from cppo.rl.fsdp import FSDPSettings, full_model_state, is_sharded, shard_policy
 from cppo.rl.policy import build_policy
 from cppo.rl.reporting import peak_memory_mb, reset_peak_memory

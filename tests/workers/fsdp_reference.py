@@ -16,7 +16,7 @@ from ddp_train import exit_now, main
 import cppo.rl.loop as loop
 from cppo.models import load_model_and_processor
 from cppo.rl import resume
-from cppo.rl.config import parse_args
+from cppo.rl.flags import parse_args
 from cppo.rl.fsdp import is_sharded
 
 if __name__ == "__main__":

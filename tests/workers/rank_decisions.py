@@ -25,7 +25,7 @@ from ddp_train import exit_now
 
 import cppo.rl.loop as loop
 from cppo.rl.atomic import RunDirError
-from cppo.rl.config import parse_args
+from cppo.rl.flags import parse_args
 from cppo.rl.reporting import StepLogger
 from cppo.rl.resume import Checkpointer
 
