@@ -1,11 +1,17 @@
+import ast
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from cli.train import main
-from cppo.rl.config import ALGOS, ConfigError, TrainConfig, build_parser, check_launch, parse_args
+from cppo.rl import config
+from cppo.rl.bounds import Bound, above, at_least
+from cppo.rl.config import ALGOS, ConfigError, TrainConfig
+from cppo.rl.flags import build_parser, config_from_yaml, field_names, parse_args, save_config, to_yaml
+from cppo.rl.launch import check_launch
 from cppo.rl.policy import use_gradient_checkpointing
 
 
@@ -171,8 +177,8 @@ def test_help_documents_every_field(capsys):
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = parse_args(["--group-size", "4", "--betas", "0.8", "0.9", "--lora-r", "8"])
-    cfg.save(tmp_path / "config.yaml")
-    assert TrainConfig.from_yaml(tmp_path / "config.yaml") == cfg
+    save_config(cfg, tmp_path / "config.yaml")
+    assert config_from_yaml(tmp_path / "config.yaml") == cfg
 
 
 def test_cli_main_exit_codes(capsys):
@@ -243,7 +249,7 @@ def test_gradient_checkpointing_is_auto_by_default_on_with_cuda_and_keeps_its_sw
     for text, want in [("true", True), ("false", False), ("auto", "auto")]:
         cfg = parse_args(["--config", _yaml(tmp_path, f"gradient_checkpointing: {text}\n")])
         assert cfg.gradient_checkpointing == want, text
-        assert TrainConfig.from_yaml(_yaml(tmp_path, cfg.to_yaml())).gradient_checkpointing == want
+        assert config_from_yaml(_yaml(tmp_path, to_yaml(cfg))).gradient_checkpointing == want
     assert use_gradient_checkpointing(parse_args(["--gradient-checkpointing"]), cpu)
     assert not use_gradient_checkpointing(parse_args(["--no-gradient-checkpointing"]), cuda)
     with pytest.raises(ConfigError, match="gradient_checkpointing expects bool, got 'sometimes'"):
@@ -261,3 +267,30 @@ def test_a_yaml_number_is_text_where_a_field_is_text_but_never_a_name_in_a_list(
     assert parse_args(["--config", _yaml(tmp_path, "output_dir: 2024\n")]).output_dir == "2024"
     with pytest.raises(ConfigError, match=r"run\.yaml:2: lora_targets expects a list of str, got 7"):
         parse_args(["--config", _yaml(tmp_path, "seed: 1\nlora_targets: [q_proj, 7]\n")])
+
+
+def test_config_module_imports_no_torch():
+    """config.py is fields and their checks; what needs torch (check_launch) is in cppo.rl.launch. Only
+    the file itself is checked: importing it still loads torch through cppo.rl and cppo.loss."""
+    tree = ast.parse(Path(config.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {name for name in imported if name.split(".")[0] == "torch"}
+
+
+def test_every_field_is_listed_once_and_its_metadata_is_known():
+    names = field_names()
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert names.index("generation_batch_size") < names.index("cpl_lambda") < names.index("preset")
+    for f in dataclasses.fields(TrainConfig):
+        assert set(f.metadata) <= {"help", "aliases", "check", "resume_safe"}, f.name
+
+
+def test_bounds_name_the_field_the_range_and_the_value():
+    assert at_least(1).problem("x", 0) == "x must be >= 1, got 0"
+    assert at_least(1).problem("x", None) is None and at_least(1).problem("x", 1) is None
+    assert Bound(0, 1, low_open=True).problem("p", 1.5) == "p must be in (0, 1], got 1.5"
+    assert (
+        above(0, "note", noun="a number").problem("t", float("nan"))
+        == "t must be a number > 0 (note), got nan"
+    )
