@@ -29,7 +29,6 @@ from pathlib import Path
 import yaml
 from transformers.hf_argparser import HfArgumentParser, string_to_bool
 
-from cppo.loss import CPLSettings
 from cppo.rl.config import ConfigError, TrainConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -42,8 +41,9 @@ def field_names() -> list[str]:
     """The fields in the order of their docs, for --help and config.yaml: TrainConfig's own as
     written, the inherited CPL settings (first in dataclasses.fields) at the head of the CPPO group."""
     own = [name for name in TrainConfig.__annotations__ if name in FIELDS]
+    inherited = [name for name in FIELDS if name not in own]
     at = own.index("preset")
-    return own[:at] + [f.name for f in dataclasses.fields(CPLSettings)] + own[at:]
+    return own[:at] + inherited + own[at:]
 
 
 def _flag_fields() -> type:
