@@ -21,14 +21,16 @@ Exit status, each with one line on stderr saying what happened and what to do:
   found before training (or a checkpoint write that failed: the previous checkpoint is intact);
 - 3: stopped after ``max_bad_steps`` consecutive steps with a non-finite loss or gradient norm;
 - 4: a collective between the processes waited longer than ``--dist-timeout`` (another process
-  stalled or died; under NCCL the process is aborted by torch's watchdog instead: its log names the
-  timed-out collective and ``Timeout(ms)``);
+  stalled or died); the line names this process's rank, the step and the phase it was in, and the
+  operation. Under NCCL without ``TORCH_NCCL_BLOCKING_WAIT=1`` the process is aborted by torch's
+  watchdog instead: its log names the timed-out collective and ``Timeout(ms)``;
+- 5: a reward function timed out before returning anything ``--reward-hang-steps`` steps in a row
+  (the line names it and its file; ``--drop-hung-rewards`` goes on without it instead);
 - 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM after checkpointing the last completed step.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 
 from cppo.rl.config import ConfigError
@@ -66,6 +68,8 @@ def _train(cfg) -> int:
     from cppo.rl.checkpoint import RunDirError
     from cppo.rl.data import DataError
     from cppo.rl.loop import BadStepsError, train
+    from cppo.rl.ranks import CollectiveTimeoutError, collective_timeout_line
+    from cppo.rl.rewards import RewardHungError
     from cppo.rl.signals import RunInterrupted
 
     try:
@@ -76,6 +80,12 @@ def _train(cfg) -> int:
     except BadStepsError as e:
         print(f"cppo-train: error: {e}", file=sys.stderr)
         return 3
+    except RewardHungError as e:
+        print(f"cppo-train: error: {e}", file=sys.stderr)
+        return 5
+    except CollectiveTimeoutError as e:
+        print(f"cppo-train: error: {e}", file=sys.stderr)
+        return 4
     except RunInterrupted as e:
         print(f"cppo-train: {e}", file=sys.stderr)
         return e.exit_code
@@ -85,7 +95,7 @@ def _train(cfg) -> int:
             file=sys.stderr,
         )
         return 130
-    except RuntimeError as e:
+    except RuntimeError as e:  # a timeout outside the loop's steps
         line = collective_timeout_line(e, cfg.dist_timeout)
         if line is None:
             raise
@@ -101,22 +111,6 @@ def _end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def collective_timeout_line(e: BaseException, seconds: float) -> str | None:
-    """What to tell the user when `e` is a collective that outlived the process group's timeout
-    (gloo: "Timed out waiting 2000ms for recv ..."; NCCL with TORCH_NCCL_BLOCKING_WAIT=1: a
-    DistBackendError naming the timeout), else None."""
-    text = str(e)
-    gloo = isinstance(e, RuntimeError) and re.search(r"Timed out waiting \d+ ?ms", text) is not None
-    nccl = type(e).__name__ == "DistBackendError" and re.search(r"(?i)time(d)? ?out", text) is not None
-    if not (gloo or nccl):
-        return None
-    return (
-        f"a collective between the processes waited longer than --dist-timeout ({seconds:g} s): another "
-        "process stalled or died (its own output says why); if it was only slow (hashing a large "
-        "checkpoint at resume, a slow disk), raise --dist-timeout and resume with --resume auto"
-    )
 
 
 if __name__ == "__main__":

@@ -90,3 +90,33 @@ def field_problems(obj) -> list[str]:
 @functools.cache
 def _hints(cls: type) -> dict:
     return typing.get_type_hints(cls)
+
+
+def batch_problems(prompts: int, group: int, mini: int | None, micro: int) -> list[str]:
+    """What is wrong with B prompts x G rollouts in mini-batches (None: all N rollouts) of
+    micro-batches: a group of one, or sizes that do not divide."""
+    errors = []
+    if group < 2:
+        errors.append(
+            f"group_size {group} leaves one rollout per prompt, so every GRPO advantage is 0: use "
+            "--group-size 2 or more"
+        )
+    n = prompts * group
+    mini = mini if mini is not None else n
+    if min(n, mini, micro) < 1:  # the fields' bounds said so
+        return errors
+    if n % mini:
+        errors.append(
+            f"batch of {n} rollouts ({prompts} prompts x group size {group}) is not divisible by "
+            f"mini_batch_size {mini}: use one of {_divisors(n)}"
+        )
+    elif mini % micro:
+        errors.append(
+            f"mini-batch of {mini} rollouts is not divisible by micro_batch_size {micro}: "
+            f"use one of {_divisors(mini)}"
+        )
+    return errors
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)

@@ -17,7 +17,7 @@ from typing import Literal
 
 from cppo.loss import AGGREGATIONS, DIVERGENCES, POLICY_LOSSES, CPLSettings
 from cppo.perturb import get_preset
-from cppo.rl.bounds import Bound, Lookup, above, at_least, field_problems
+from cppo.rl.bounds import Bound, Lookup, above, at_least, batch_problems, field_problems
 from cppo.rl.perception import get_perception_term
 from cppo.rl.rewards import get_reward, reward_name
 from cppo.rl.sources import parse_columns
@@ -279,8 +279,20 @@ class TrainConfig(CPLSettings):
     reward_timeout: float = _safe(
         60.0,
         "seconds one reward call may take; a slower call scores 0 and is logged in reward_errors.jsonl "
-        "(the call is abandoned on its thread); 0 = no limit",
+        "(the call is abandoned on its thread), and so do that function's other calls of the step; "
+        "0 = no limit",
         check=OFF_AT_0,
+    )
+    reward_hang_steps: int = _safe(
+        3,
+        "stop the run when a reward function times out before returning anything in this many steps "
+        "in a row; 0 = never stop (it scores 0 in those steps)",
+        check=OFF_AT_0,
+    )
+    drop_hung_rewards: bool = _safe(
+        False,
+        "instead of stopping (reward_hang_steps), go on without the hung function: it scores 0 and is not "
+        "called again",
     )
     # --- compute
     logits_chunk_size: int = _safe(
@@ -416,7 +428,13 @@ class TrainConfig(CPLSettings):
         """Raise ConfigError listing every problem, each with what to change. It changes nothing and
         writes nothing (a preset given as a .yaml path is read to check it)."""
         errors = [problem] if (problem := _rollouts_problem(self)) else []
-        errors += field_problems(self) + self.cpl_problems() + _batch_problems(self)
+        errors += (
+            field_problems(self)
+            + self.cpl_problems()
+            + batch_problems(
+                self.prompts_per_step, self.group_size, self.mini_batch_size, self.micro_batch_size
+            )
+        )
         if self.keep_best and not self.eval_every:
             errors.append("keep_best needs evaluations to compare: set --eval-every N (or drop --keep-best)")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
@@ -458,35 +476,6 @@ def resume_safe_fields() -> frozenset[str]:
     """The fields a resume may change without changing what is trained (run length, logging, compute
     layout); max_steps stretches a linear/cosine schedule, and the loop warns when it does."""
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume_safe"))
-
-
-def _batch_problems(cfg: TrainConfig) -> list[str]:
-    """The group, and N rollouts into mini-batches into micro-batches."""
-    errors = []
-    if cfg.group_size < 2:
-        errors.append(
-            f"group_size {cfg.group_size} leaves one rollout per prompt, so every GRPO "
-            "advantage is 0: use --group-size 2 or more"
-        )
-    n, micro = cfg.rollouts, cfg.micro_batch_size
-    mini = cfg.mini_batch_size if cfg.mini_batch_size is not None else n
-    if min(n, mini, micro) < 1:  # the bounds said so
-        return errors
-    if n % mini:
-        errors.append(
-            f"batch of {n} rollouts ({cfg.prompts_per_step} prompts x group size {cfg.group_size}) is not "
-            f"divisible by mini_batch_size {mini}: use one of {_divisors(n)}"
-        )
-    elif mini % micro:
-        errors.append(
-            f"mini-batch of {mini} rollouts is not divisible by micro_batch_size {micro}: "
-            f"use one of {_divisors(mini)}"
-        )
-    return errors
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 def _rollouts_problem(cfg: TrainConfig) -> str | None:

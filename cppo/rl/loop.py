@@ -36,6 +36,9 @@ Faults (docs/reliability.md has the table of what was tried):
   end or on a signal), and max_bad_steps in a row stop the run (BadStepsError) with the last good
   checkpoint in place;
 - reward functions that raise or return NaN score 0 and go to reward_errors.jsonl with the sample;
+  one that times out skips its other calls of the step (cppo.rl.rewards), and one that hangs
+  `reward_hang_steps` steps in a row stops the run (RewardHungError, after the step is logged and
+  before it is checkpointed) or, with `drop_hung_rewards`, is dropped: it scores 0 from then on;
 - with several processes the logged metrics are the whole step's (every rank's rows, the evaluation
   split across ranks and gathered), and every decision that leads into a collective (keep_best's
   save, the skip of a bad step's save, the early stop) is read from rank 0's copy of them; a log or
@@ -45,6 +48,8 @@ Faults (docs/reliability.md has the table of what was tried):
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import time
 from contextlib import closing
 from functools import partial
@@ -61,9 +66,10 @@ from cppo.rl.curves import draw_curves
 from cppo.rl.fsdp import gathered
 from cppo.rl.policy import compute_dtype
 from cppo.rl.prefetch import Prefetcher
-from cppo.rl.ranks import rank0_stage, rank0s
+from cppo.rl.ranks import CollectiveTimeoutError, Whereabouts, collective_timeout_line, rank0_stage, rank0s
 from cppo.rl.reference import reference_on
 from cppo.rl.reporting import bad_steps_message, reset_peak_memory, step_metrics
+from cppo.rl.rewards import HangWatch, RewardHungError, hung_reward_message
 from cppo.rl.rollout import Prompts, collect_rollouts, prepare_prompts
 from cppo.rl.run import seed_everything, setup_run
 from cppo.rl.signals import AbortStep, StopSignals
@@ -84,9 +90,24 @@ def run_training(cfg: TrainConfig):
 
     Raises ConfigError / DataError / RunDirError before any model loads when the config, the data,
     the run directory or the resume point cannot be used; RunInterrupted on SIGTERM/SIGINT and
-    BadStepsError after max_bad_steps bad steps in a row, each after the run's files are consistent."""
+    BadStepsError after max_bad_steps bad steps in a row, each after the run's files are consistent;
+    RewardHungError (module docstring); CollectiveTimeoutError naming this process's rank, step and
+    phase when a collective outlived --dist-timeout."""
+    env = os.environ
+    where = Whereabouts(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    try:
+        return _run_steps(cfg, where)
+    except RuntimeError as e:  # gloo's timeout, NCCL's DistBackendError
+        line = collective_timeout_line(e, cfg.dist_timeout, where)
+        if line is None:
+            raise
+        raise CollectiveTimeoutError(line) from e
+
+
+def _run_steps(cfg: TrainConfig, where: Whereabouts):
     run = setup_run(cfg)  # checks, data, policy, reference, optimizer, sampler, logger; resumes
     model, rank, world, device = run.model, run.rank, run.world, run.device
+    where.rank, where.world = rank, world
     counters, checkpoints, sampler = run.counters, run.checkpointer, run.sampler
     B = cfg.prompts_per_step
 
@@ -95,8 +116,10 @@ def run_training(cfg: TrainConfig):
 
     # the host's work (images, views, processor) for the next step runs while this one runs
     prefetch = Prefetcher(partial(_prepare, run, copy.deepcopy(run.processor)), enabled=cfg.prefetch)
+    hangs = HangWatch(run.scorer.names, cfg.reward_hang_steps)  # not saved: a resume starts the count anew
     with run.logger, closing(prefetch), StopSignals() as stops:  # a log write failure: RunDirError
         for step in range(run.start, cfg.max_steps):
+            where.at("the rollout", step + 1)
             seed_everything(_rollout_seed(cfg.seed, step, rank))
             sampler_at_start = sampler.state_dict()
             timer = Timer()
@@ -120,6 +143,7 @@ def run_training(cfg: TrainConfig):
                             timer=timer,
                             per_prompt_seeds=group_seeds,
                         )
+                    where.at("the old and reference log-probs")
                     with timer("old_ref_logprobs"):
                         if run.updates_per_step > 1:
                             ro.old_logp = rollout_logprobs(model, ro, cfg)
@@ -129,20 +153,32 @@ def run_training(cfg: TrainConfig):
             except AbortStep:  # the state is the end of step `step`: save that, unless it is saved
                 raise stops.interrupted(step, checkpoints.save_unless_saved(step, sampler_at_start)) from None
             # every metric is the whole step's, over all ranks' rows (cppo.rl.ranks), on every rank
+            where.at("the policy update")
             metrics = policy_update(model, run.optimizer, run.scheduler, ro, cfg, timer, world_size=world)
             metrics.update(step_metrics(ro, timer, time.perf_counter() - t0, device, world))
             last = step + 1 == cfg.max_steps
             if run.eval_set is not None and ((step + 1) % cfg.eval_every == 0 or last):
+                where.at("the evaluation")
                 with timer("eval"), gathered(model), autocast(device, compute_dtype(cfg, device)):
                     metrics.update(_evaluate(model, run.processor, run.eval_set, cfg, rank, world))
                 metrics["time/eval"] = timer["eval"]  # rank 0's: the gather at its end syncs the ranks
             metrics = rank0s(metrics, world)  # every decision below is taken once, from rank 0's metrics
             bad = counters.count(metrics)
+            where.at("writing the step's logs")
             with rank0_stage("write the step's logs", world):
                 run.logger.step(step + 1, metrics, ro, bad)
             if cfg.max_bad_steps and counters.bad_streak >= cfg.max_bad_steps:
                 raise BadStepsError(bad_steps_message(step + 1, counters, metrics, run.run_dir, cfg))
+            for name in hangs.update(metrics):  # the same on every rank: read from rank 0's metrics
+                line = hung_reward_message(run.scorer, name, cfg.reward_hang_steps)
+                if not cfg.drop_hung_rewards:
+                    raise RewardHungError(line)
+                run.scorer.drop(name)
+                if rank == 0:
+                    print(f"[cppo] step {step + 1}: dropped {line.split(';')[0]}; it scores 0 from now on",
+                          file=sys.stderr)  # fmt: skip
             saved = None
+            where.at("saving the checkpoint")
             with rank0_stage("save the checkpoint", world):  # rank 0 alone writes unless sharded
                 if cfg.keep_best and not bad and metrics.get("eval/accuracy", -1.0) > counters.best_score:
                     counters.best_step, counters.best_score = step + 1, metrics["eval/accuracy"]

@@ -25,6 +25,7 @@ rank 0 every process raises, instead of the others waiting in the next collectiv
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,3 +116,48 @@ def rank0_stage(what: str, world: int):
             raise error
         return
     share_rank0_outcome(error, what)
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective outlived the process group's timeout (--dist-timeout); the message names this
+    process, the step and the phase it was in, and what to do."""
+
+
+@dataclass
+class Whereabouts:
+    """Where this process is in the run (its rank, the step, the phase), for the message of a
+    collective that times out there."""
+
+    rank: int = 0
+    world: int = 1
+    step: int | None = None  # 1-based; None: before the first step (setup, resume)
+    phase: str = "setup (processes, data, model, resume)"
+
+    def at(self, phase: str, step: int | None = None) -> None:
+        self.phase = phase
+        if step is not None:
+            self.step = step
+
+    def __str__(self) -> str:
+        when = self.phase if self.step is None else f"{self.phase} of step {self.step}"
+        return f"on rank {self.rank} of {self.world}, in {when}"
+
+
+def collective_timeout_line(e: BaseException, seconds: float, where: Whereabouts | None = None) -> str | None:
+    """What to tell the user when `e` is a collective that outlived the process group's timeout
+    (gloo: "Timed out waiting 2000ms for recv operation ..."; NCCL with TORCH_NCCL_BLOCKING_WAIT=1: a
+    DistBackendError naming the timeout and the operation), else None. `where`: this process's rank,
+    step and phase, named in the line."""
+    text = str(e)
+    gloo = isinstance(e, RuntimeError) and re.search(r"Timed out waiting \d+ ?ms", text) is not None
+    nccl = type(e).__name__ == "DistBackendError" and re.search(r"(?i)time(d)? ?out", text) is not None
+    if not (gloo or nccl):
+        return None
+    what = re.search(r"Timed out waiting \d+ ?ms for \w+( operation)?|OpType=\w+|Timeout\(ms\)=\d+", text)
+    return (
+        f"a collective between the processes waited longer than --dist-timeout ({seconds:g} s)"
+        + (f" {where}" if where is not None else "")
+        + (f" ({what.group(0)})" if what else "")
+        + ": another process stalled or died (its own output says why); if it was only slow (hashing a "
+        "large checkpoint at resume, a slow disk), raise --dist-timeout and resume with --resume auto"
+    )

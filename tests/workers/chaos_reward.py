@@ -5,11 +5,13 @@
   run had them. With CPPO_TEST_SIGNAL=TERM:9 it sends SIGTERM to its own process at its 9th call
   (the first rollout of step 3 with 4 rollouts per step): a signal that lands mid-rollout.
 - `flaky` raises on its first call, returns NaN on its second and 0.5 afterwards.
+- `never` never returns (a reward waiting on a server that is down), for tests/test_reward_hang.py.
 """
 
 import os
 import random
 import signal
+import threading
 
 import numpy as np
 
@@ -31,3 +33,8 @@ def flaky(response: str, answer: str, sample: dict) -> float:
     if _calls["flaky"] == 2:
         return float("nan")
     return 0.5
+
+
+def never(response: str, answer: str, sample: dict) -> float:
+    threading.Event().wait()
+    return 0.0

@@ -16,8 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from cli.train import collective_timeout_line
 from cppo.rl.config import TrainConfig
+from cppo.rl.ranks import Whereabouts, collective_timeout_line
 from cppo.rl.run import process_info
 
 
@@ -32,7 +32,12 @@ def main(prefix: str, timeout: float, late: float) -> None:
         dist.all_reduce(torch.ones(1))
         out["error"] = None
     except RuntimeError as e:
-        out["error"], out["line"] = str(e), collective_timeout_line(e, cfg.dist_timeout)
+        out["error"], out["line"] = (
+            str(e),
+            collective_timeout_line(
+                e, cfg.dist_timeout, Whereabouts(rank, world, phase="the worker's all-reduce")
+            ),
+        )
     out["waited"] = time.monotonic() - t0
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump(out, f)
