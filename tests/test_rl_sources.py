@@ -18,6 +18,7 @@ from cppo.prompt import INSTRUCTION  # noqa: E402
 from cppo.rl.config import ConfigError, TrainConfig  # noqa: E402
 from cppo.rl.data import DataError, Preprocessing, data_processor, open_dataset  # noqa: E402
 from cppo.rl.launch import resolve_max_steps  # noqa: E402
+from cppo.rl.resume import data_fingerprint  # noqa: E402
 from cppo.rl.sources import is_hub_id, parquet_files, parse_columns, split_spec  # noqa: E402
 from tests.published_data import (  # noqa: E402
     GEO_ROWS,
@@ -147,6 +148,70 @@ def test_save_to_disk_dataset_dict(published, processor, tmp_path):
     ds = open_dataset(f"{tmp_path / 'saved'}@test", prep=PAPER, processor=processor)
     assert len(ds) == GEO_ROWS["test"] and ds.source.endswith("saved@test")
     assert _rows(ds) == _rows(open_dataset("hiyouga/geometry3k@test", prep=PAPER, processor=processor))
+
+
+def _counting_checks(monkeypatch):
+    """The rows cppo.rl.checks.check_row is called on (in this process: num_proc 1)."""
+    import cppo.rl.checks as checks
+
+    calls, check = [], checks.check_row
+    monkeypatch.setattr(checks, "check_row", lambda row, *a, **k: calls.append(row) or check(row, *a, **k))
+    return calls
+
+
+def _outcome(ds):
+    return _rows(ds), ds.summary(), ds.skipped, ds.dropped, ds.fingerprint
+
+
+def test_the_check_is_cached_by_the_datasets_fingerprint_and_a_second_launch_reads_it(
+    published, processor, monkeypatch, tmp_path
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    calls = _counting_checks(monkeypatch)
+    data = tmp_path / "virl"
+    shutil.copytree(published["virl"], data)
+    first = open_dataset(data, prep=PAPER, processor=processor)
+    assert len(calls) == VIRL_ROWS and len(list((cache / "cppo_checks").glob("check-*.arrow"))) == 1
+    again = open_dataset(data, prep=PAPER, processor=processor, num_proc=1)  # a second launch
+    assert len(calls) == VIRL_ROWS and _outcome(again) == _outcome(first)  # read back, not checked
+    assert again[1].images[0].size == (47, 28)
+    strict = Preprocessing(max_prompt_length=4096)  # strictness and the length limit reuse the check
+    assert len(open_dataset(data, strict=True, prep=strict, processor=processor)) == VIRL_ROWS - 1
+    assert len(calls) == VIRL_ROWS
+    none = open_dataset(data, prep=Preprocessing.none())  # other options: checked again
+    assert len(calls) == 2 * VIRL_ROWS and len(none) == VIRL_ROWS
+    # two processes give the outcome one gives (another cache: the check itself runs again)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache2"))
+    assert _outcome(open_dataset(data, prep=PAPER, processor=processor, num_proc=2)) == _outcome(first)
+    # changed data at the same path: checked again, and another fingerprint (a resume refuses it)
+    raw = datasets.load_dataset("parquet", data_files=str(data / "39Krelease.parquet"), split="train")
+    answers = ["\\boxed{9}"] + raw["answer"][1:]
+    raw.remove_columns("answer").add_column("answer", answers).to_parquet(str(tmp_path / "x.parquet"))
+    shutil.move(tmp_path / "x.parquet", data / "39Krelease.parquet")
+    changed = open_dataset(data, prep=PAPER, processor=processor)
+    assert changed[0].answer == "9" and changed.fingerprint != first.fingerprint
+    assert (
+        data_fingerprint(again) == data_fingerprint(first) == first.fingerprint != data_fingerprint(changed)
+    )
+
+
+def test_the_check_of_a_save_to_disk_folder_never_writes_into_it(published, tmp_path, monkeypatch, capsys):
+    saved = tmp_path / "saved"
+    raw = datasets.load_dataset("parquet", data_files=str(published["virl"] / "39Krelease.parquet"))
+    raw.save_to_disk(str(saved))
+    before = sorted(p.relative_to(saved) for p in saved.rglob("*"))
+    calls = _counting_checks(monkeypatch)
+    prep = Preprocessing.none()
+    first = open_dataset(saved, image_root=published["virl"], prep=prep)
+    again = open_dataset(saved, image_root=published["virl"], prep=prep)
+    assert len(calls) == VIRL_ROWS and _outcome(again) == _outcome(first)  # cached under HF_DATASETS_CACHE
+    assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before  # nothing beside the data
+    (tmp_path / "file").write_text("")  # a datasets cache that cannot be written: no cache, same outcome
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "file" / "cache"))
+    assert _outcome(open_dataset(saved, image_root=published["virl"], prep=prep)) == _outcome(first)
+    assert len(calls) == 2 * VIRL_ROWS and "the data check is not cached" in capsys.readouterr().err
+    assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before
 
 
 def test_columns_can_be_mapped(published, tmp_path):

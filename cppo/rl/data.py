@@ -53,20 +53,17 @@ no usable sample at all       error with the skip counts
 ``shapes_data(dir)`` exports the default task (``data: None``) once; ``find_split(path, "val")`` finds a
 held-out split beside the training data.
 
-The order in which a run draws the samples is cppo.rl.sampler's. This module is over 300 lines
-because the checks of every case in the tables above are one contract: what a sample is, and what
-happens to one that is not.
-
-It runs past 300 lines because each preprocessing step and each kind of bad sample (with the
-`file:line` it is reported under) belongs to the one loader that counts the skips.
+The checks and the preprocessing of one sample are cppo.rl.checks' (``check_row``): for a ``datasets``
+source they run through ``Dataset.map`` and are cached by the dataset's fingerprint, so a second launch
+on the same data does not check again; ``fingerprint`` is then the checked dataset's (the resume
+check's, cppo.rl.resume). This module counts the outcomes, drops the prompts that are too long (their
+tokens are counted with the model's processor) and reads the images of a sample when it is accessed.
+The order in which a run draws the samples is cppo.rl.sampler's.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -74,16 +71,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from cppo.grading import last_boxed
 from cppo.models import demo_model_path, load_processor
 from cppo.models.model_dir import ModelError, model_positions
 from cppo.models.prompt_tokens import prompt_lengths, set_pixel_bounds
-from cppo.perturb import ImageError, image_size_of, load_image, to_rgb
-from cppo.prompt import INSTRUCTION, instruction_for
+from cppo.perturb import to_rgb
+from cppo.prompt import instruction_for
+from cppo.rl.checks import Preprocessing, Skip, checked_rows, image_refs, open_image, upscale
 from cppo.rl.config import ConfigError
-from cppo.rl.sources import DataError, Rows, find_split, parse_columns, read_source
+from cppo.rl.sources import DataError, Source, find_split, parse_columns, read_source
 
-__all__ = [  # find_split and DataError come from cppo.rl.sources, re-exported for the callers of old
+__all__ = [  # find_split and DataError come from cppo.rl.sources, Preprocessing, open_image and
+    # upscale from cppo.rl.checks, re-exported for their callers of old
     "DataError",
     "Preprocessing",
     "PromptDataset",
@@ -97,40 +95,6 @@ __all__ = [  # find_split and DataError come from cppo.rl.sources, re-exported f
     "to_rgb",
     "upscale",
 ]
-
-MAX_ASPECT_RATIO = 200
-_IMAGE_TAG = re.compile(r"\s*<image>\s*")
-
-
-class _Skip(DataError):
-    """A sample-level problem: skipped and counted by ``reason``, or an error under strict."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The paper's preprocessing (module docstring), step by step; ``Preprocessing()`` is the paper's,
-    ``Preprocessing.none()`` changes nothing but the boxed answer (what ``open_dataset`` does unasked)."""
-
-    boxed_answer: bool = True
-    drop_multi_image: bool = True
-    min_image_side: int = 28
-    max_prompt_length: int | None = 512
-    instruction: bool = True  # the prompts append cppo.prompt.INSTRUCTION (counted in their length)
-
-    @classmethod
-    def none(cls) -> Preprocessing:
-        return cls(drop_multi_image=False, min_image_side=0, max_prompt_length=None)
-
-    @classmethod
-    def of(cls, cfg) -> Preprocessing:
-        """From a TrainConfig (or cppo-eval's arguments): the fields of the same names."""
-        return cls(
-            cfg.boxed_answer, cfg.drop_multi_image, cfg.min_image_side, cfg.max_prompt_length, cfg.instruction
-        )
 
 
 @dataclass
@@ -169,149 +133,6 @@ class _Record:
     sizes: list = field(default_factory=list)  # (width, height) of each image as the model gets it
 
 
-def open_image(ref, base: Path | None = None, min_side: int = 0) -> Image.Image:
-    """A PIL image from a path, bytes, ``{"bytes", "path"}`` or PIL image, decoded and in RGB by the
-    one loader every command uses (``cppo.perturb.load_image``: EXIF orientation, 16-bit scaled,
-    bombs refused), and upscaled so that its shorter side is at least ``min_side`` pixels."""
-    try:
-        return upscale(load_image(ref, base), min_side)
-    except ImageError as e:
-        raise _skip_for(e) from None
-
-
-# The loader's reasons, as the counted skips name them.
-_SKIP_REASONS = {
-    "image not found": "missing image file",
-    "cannot read image": "unreadable image",
-    "image too large (decompression bomb)": "image too large",
-}
-
-
-def _skip_for(error: ImageError) -> _Skip:
-    return _Skip(_SKIP_REASONS.get(error.reason, error.reason), error.detail)
-
-
-def upscaled_size(width: int, height: int, min_side: int) -> tuple[int, int]:
-    """The size `upscale` gives: scaled by min_side / shorter side when that side is shorter, else as is."""
-    if min_side <= 0 or min(width, height) >= min_side:
-        return width, height
-    scale = min_side / min(width, height)
-    return max(min_side, round(width * scale)), max(min_side, round(height * scale))
-
-
-def upscale(image: Image.Image, min_side: int) -> Image.Image:
-    """The image with its shorter side raised to ``min_side`` pixels (aspect kept, LANCZOS), as the
-    official code's ViRL39K preprocessing does for sides under 28 px; larger images unchanged."""
-    size = upscaled_size(*image.size, min_side)
-    return image if size == image.size else image.resize(size, Image.LANCZOS)
-
-
-class _Dropped(Exception):
-    """A sample the preprocessing leaves out on purpose (counted, never an error)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _image_size(ref, base: Path | None, verify: bool) -> tuple[int, int]:
-    """Up-front check of one image: it exists, opens (``verify``: decodes), is not a bomb and has an
-    aspect ratio Qwen accepts; its (width, height)."""
-    try:
-        w, h = load_image(ref, base).size if verify else image_size_of(ref, base)
-    except ImageError as e:
-        raise _skip_for(e) from None
-    if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
-        raise _Skip(f"aspect ratio over {MAX_ASPECT_RATIO}", f"{w}x{h}")
-    return w, h
-
-
-def _first(row: dict, keys: tuple[str, ...]):
-    for key in keys:
-        if row.get(key) is not None:
-            return key, row[key]
-    return None, None
-
-
-def _text(key: str | None, value, field: str) -> str | None:
-    """A question, answer or question type as text: a string, or a finite number written out (3, 2.5);
-    anything else (a list, a dict, true/false, NaN) is refused, never stringified."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return str(value)
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    raise _Skip(
-        f"{field} of the wrong type",
-        f"{key} is a {type(value).__name__} ({shown}); it must be a string (or a number)",
-    )
-
-
-def _confine(refs: list, base: Path | None, folder: Path | None, allow: bool) -> None:
-    """Every image path of a sample, resolved against ``base``, lies inside ``folder`` (cppo.rl.sources:
-    the data's folder or the image root), judged by the written path (``..`` and absolute paths
-    resolved; a symlink placed inside the folder is followed as its owner meant); ``allow`` lifts
-    the rule (--data-allow-outside-images)."""
-    if allow:
-        return
-    for ref in refs:
-        path = ref.get("path") if isinstance(ref, dict) and not ref.get("bytes") else ref
-        if not isinstance(path, (str, Path)):
-            continue  # bytes, an in-memory image: nothing is opened by name
-        full = os.path.abspath(os.path.join(base or "", path))
-        root = None if folder is None else os.path.abspath(folder)
-        if root is None or os.path.commonpath([root, full]) != root:
-            where = "the data has no folder (a hub id)" if root is None else f"it is outside {root}"
-            raise _Skip(
-                "image outside the data folder",
-                f"{str(path)!r}: {where}; move the image there, set --data-image-root to a folder "
-                "that holds it, or pass --data-allow-outside-images",
-            )
-
-
-def _record(
-    row: dict, where: str, rows: Rows, prep: Preprocessing, sizes: bool, verify: bool, outside: bool = False
-) -> _Record:
-    keys = rows.keys
-    qkey, question = _first(row, keys["question"])
-    akey, answer = _first(row, keys["answer"])
-    ikey, images = _first(row, keys["image"])
-    tkey, qtype = _first(row, keys["question_type"])
-    question = _text(qkey, question, "question")
-    answer = _text(akey, answer, "answer")
-    qtype = _text(tkey, qtype, "question_type")
-    question = _IMAGE_TAG.sub(" ", question or "").strip()
-    if prep.instruction and question.endswith(INSTRUCTION):  # the prompt appends it: keep it once
-        question = question[: -len(INSTRUCTION)].strip()
-    if not question:
-        raise _Skip("missing question", f"no non-empty {' or '.join(keys['question'])}")
-    answer = (answer or "").strip()
-    if prep.boxed_answer and "\\boxed{" in answer:  # the graders compare with the bare truth
-        answer = (last_boxed(answer) or answer).strip()
-    if not answer:
-        raise _Skip("missing answer", f"no non-empty {' or '.join(keys['answer'])}")
-    images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-    if prep.drop_multi_image and len(images) > 1:
-        raise _Dropped("multi-image")
-    if (
-        rows.hub
-        and rows.base is None
-        and any(isinstance(r, str) and not Path(r).is_absolute() for r in images)
-    ):
-        raise DataError(
-            f"{where}: image path {images[0]!r} is relative to the dataset's own folder, which a hub id "
-            "does not give: download the repository (hf download ID --repo-type dataset --local-dir DIR; "
-            "ViRL39K: unzip DIR/images.zip there) and pass --data DIR, or pass --data-image-root DIR"
-        )
-    _confine(images, rows.base, rows.folder, outside)
-    shown = []
-    if sizes or verify:
-        shown = [upscaled_size(*_image_size(ref, rows.base, verify), prep.min_image_side) for ref in images]
-    used = (qkey, akey, ikey, tkey)
-    extra = {k: v for k, v in row.items() if k not in used}
-    return _Record(question, answer, images, qtype, where, extra, shown)
-
-
 @contextmanager
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
@@ -329,7 +150,7 @@ class PromptDataset:
 
     def __init__(
         self,
-        rows: Rows,
+        source: Source,
         strict: bool = False,
         verify_images: bool = True,
         prep: Preprocessing | None = None,
@@ -337,6 +158,7 @@ class PromptDataset:
         *,
         max_positions: int | None = None,
         allow_outside_images: bool = False,
+        num_proc: int | None = None,
     ):
         self.prep = prep = prep or Preprocessing.none()
         if max_positions is None and processor is not None:
@@ -346,25 +168,15 @@ class PromptDataset:
             raise ValueError(
                 "counting prompt tokens (max_prompt_length, max_positions) needs the model's processor"
             )
-        self.source, self.base = rows.label, rows.base
+        self.source, self.base = source.label, source.base
         self.records: list[_Record] = []
         self.skipped: Counter = Counter()  # bad data, by reason
         self.dropped: Counter = Counter()  # left out by the preprocessing, by reason
         self.skip_examples: list[str] = []
         self.drop_examples: list[str] = []
-        for where, row in rows.rows:
-            try:
-                self.records.append(
-                    _record(row, where, rows, prep, count, verify_images, allow_outside_images)
-                )
-            except _Dropped as e:
-                self.dropped[e.reason] += 1
-            except _Skip as e:
-                if strict:
-                    raise DataError(f"{where}: {e} (strict data: fix or remove the sample)") from None
-                self.skipped[e.reason] += 1
-                if len(self.skip_examples) < 5:
-                    self.skip_examples.append(f"{where}: {e}")
+        outcomes, checked = checked_rows(source, prep, count, verify_images, allow_outside_images, num_proc)
+        for where, row, outcome in outcomes:
+            self._count(where, row, outcome, strict)
         if count and self.records:
             self._drop_long_prompts(
                 processor, prep.max_prompt_length, max_positions, strict, prep.instruction
@@ -374,6 +186,38 @@ class PromptDataset:
             raise DataError(f"{self.source}: no usable sample; {reasons or 'the file holds none'}")
         self.text_only = sum(not r.images for r in self.records)
         self.multi_image = sum(len(r.images) > 1 for r in self.records)
+        # the checked dataset's fingerprint and the rows kept (None for a JSONL file: cppo.rl.resume)
+        self.fingerprint = None if checked is None else _hash([checked, [r.source for r in self.records]])
+
+    def _count(self, where: str, row: dict, outcome: dict, strict: bool) -> None:
+        """One row's outcome (cppo.rl.checks.check_row): a record, or a counted drop or skip."""
+        status, reason = outcome["status"], outcome["reason"]
+        if status == "error":
+            raise DataError(f"{where}: {outcome['message']}")
+        if status == "drop":
+            self.dropped[reason] += 1
+        elif status == "skip":
+            if strict:
+                raise DataError(f"{where}: {outcome['message']} (strict data: fix or remove the sample)")
+            self.skipped[reason] += 1
+            if len(self.skip_examples) < 5:
+                self.skip_examples.append(f"{where}: {outcome['message']}")
+        else:
+            used = outcome["used"]
+            images = image_refs(row, used[2])
+            extra = {k: v for k, v in row.items() if k not in used}
+            sizes = [tuple(s) for s in outcome["sizes"]]
+            self.records.append(
+                _Record(
+                    outcome["question"],
+                    outcome["answer"],
+                    images,
+                    outcome["question_type"],
+                    where,
+                    extra,
+                    sizes,
+                )
+            )
 
     def _drop_long_prompts(
         self, processor, limit: int | None, positions: int | None, strict: bool, instruction: bool = True
@@ -420,7 +264,7 @@ class PromptDataset:
         r = self.records[index]
         try:
             images = [open_image(ref, self.base, self.prep.min_image_side) for ref in r.images]
-        except _Skip as e:  # only when verify_images was off, or the file changed since
+        except Skip as e:  # only when verify_images was off, or the file changed since
             raise DataError(f"{r.source}: {e}") from None
         return Sample(index, r.question, r.answer, images, r.question_type, r.source, dict(r.extra))
 
@@ -458,6 +302,7 @@ def open_dataset(
     processor=None,
     max_positions: int | None = None,
     allow_outside_images: bool = False,
+    num_proc: int | None = None,
 ) -> PromptDataset:
     """Read, check and preprocess a source (cppo.rl.sources; ``source@split`` names the split).
 
@@ -465,22 +310,29 @@ def open_dataset(
     the folder relative image paths resolve against, ``prep`` the preprocessing (None: none but the
     boxed answer) and ``processor`` the model's, which counts prompt tokens for ``max_prompt_length``
     and for ``max_positions`` (None: the positions of the model the processor was loaded from).
-    Image paths must lie in the data's folder (or ``image_root``) unless ``allow_outside_images``."""
+    Image paths must lie in the data's folder (or ``image_root``) unless ``allow_outside_images``.
+    ``num_proc``: processes checking a ``datasets`` source (None: cppo.rl.checks.default_procs)."""
     if isinstance(columns, str) or columns is None:
         try:
             columns = parse_columns(columns)
         except ValueError as e:
             raise DataError(str(e)) from None
-    rows = read_source(source, split, columns, image_root)
     return PromptDataset(
-        rows,
+        read_source(source, split, columns, image_root),
         strict,
         verify_images,
         prep,
         processor,
         max_positions=max_positions,
         allow_outside_images=allow_outside_images,
+        num_proc=num_proc,
     )
+
+
+def _hash(value) -> str:
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash(value)
 
 
 def processor_positions(processor) -> int | None:

@@ -25,9 +25,8 @@ GPUs than this one is refused even when forced (`gpu_count`, stored in the train
 with the policy, cppo.rl.policy.build_policy; a sharded checkpoint's weights and optimizer state from
 its shards, resharded to this run's processes, with or without FSDP).
 
-It runs past 300 lines because choosing the checkpoint (verifying it, every check that can
-refuse it, and the processes agreeing on it) reads the trainer state that `Checkpointer` writes and
-`restore` loads: the layout of that state is in this one file.
+The data fingerprint a checkpoint records is `data_fingerprint`'s: the checked `datasets` dataset's
+own fingerprint where the data is one, else a hash of the samples.
 """
 
 from __future__ import annotations
@@ -65,7 +64,11 @@ from cppo.rl.sharded import is_sharded_checkpoint, load_shards, save_sharded_che
 
 
 def data_fingerprint(dataset) -> str:
-    """A hash of the samples' questions, answers, types and image references, in order."""
+    """The samples' fingerprint: for a ``datasets`` source the checked dataset's ``_fingerprint`` with
+    the rows kept (``PromptDataset.fingerprint``, cppo.rl.data); for a JSONL file, a hash of the
+    samples' questions, answers, types and image references, in order."""
+    if getattr(dataset, "fingerprint", None):
+        return dataset.fingerprint
     h = hashlib.sha256()
     for r in dataset.records:
         images = [i if isinstance(i, str) else type(i).__name__ for i in r.images]

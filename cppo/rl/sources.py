@@ -1,4 +1,4 @@
-"""Where samples come from: a data source (``--data``, ``--eval-data``, ``cppo-eval --data``) -> rows.
+"""Where samples come from: a data source (``--data``, ``--eval-data``, ``cppo-eval --data``) -> ``Source``.
 
 A source is one of:
 
@@ -26,20 +26,25 @@ whose images are ``../images/...``), the folder above it.
 
 Columns: a sample needs a question and an answer column and may have an image column and a
 question type; ``KEYS`` lists the names tried for each, and a mapping (``--data-columns
-image=picture,question=prompt``) names the column for one of them instead. The reading is lazy: rows
-come out one at a time, images undecoded (paths, bytes or ``{"bytes", "path"}``), for
-``cppo.rl.data`` to check.
+image=picture,question=prompt``) names the column for one of them instead. ``read_source`` gives a
+``Source``: the ``datasets.Dataset`` (hub id, parquet, save_to_disk), or a JSONL file's lines read
+lazily, images undecoded (paths, bytes or ``{"bytes", "path"}``), for ``cppo.rl.checks`` to check.
+
+The parquet files of a dataset folder are chosen here rather than by ``load_dataset(folder)``, whose
+split discovery differs from the one above: it reads every file of a folder with no split names
+(ViRL39K's ``images/*.jpg`` beside its parquet file), calls ``val.parquet`` the ``validation``
+split, and ignores ``test/`` once ``data/train-*`` files are there.
 
 ``datasets`` is the ``data`` extra; a source that needs it says so when it is missing.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cppo.rl.jsonl import JsonRowsError, json_rows
 
@@ -60,15 +65,16 @@ class DataError(ValueError):
 
 
 @dataclass
-class Rows:
-    """What a source holds: (where, row) pairs read lazily, and how to read the rows."""
+class Source:
+    """A source read: its rows (a datasets.Dataset, or a JSONL file's lines) and how to read them."""
 
-    rows: Iterator[tuple[str, dict]]  # where ("file:line", "source row i") and the raw row
     label: str  # the source as the logs name it
     base: Path | None  # relative image paths resolve against it; None: they cannot be resolved
     keys: dict[str, tuple[str, ...]]  # canonical name -> the columns tried
     hub: bool = False  # from a hub id: a relative image path has no folder to resolve against
     folder: Path | None = None  # image paths must lie in it (None: base); module docstring
+    dataset: Any = None  # a datasets.Dataset (hub id, parquet, save_to_disk); its rows are "LABEL row i"
+    lines: Iterator[tuple[str, dict]] | None = None  # a JSONL file's ("file:line", row) pairs, lazily
 
     def __post_init__(self):
         self.folder = self.folder or self.base
@@ -116,7 +122,7 @@ def is_hub_id(location: str) -> bool:
 
 def read_source(
     spec: str | Path, split: str = "train", columns: dict[str, str] | None = None, image_root=None
-) -> Rows:
+) -> Source:
     """The rows of a source (module docstring), its label and the folder its image paths resolve against."""
     location, at_split = split_spec(spec)
     split = at_split or split
@@ -132,17 +138,19 @@ def read_source(
             )
         ds = _load_hub(location, split)
         label = f"{location}@{split}"
-        return Rows(_dataset_rows(ds, label, keys, columns), label, root, keys, hub=True)
+        return Source(label, root, keys, hub=True, dataset=_with_columns(ds, label, keys, columns))
     jsonl = path if path.is_file() and path.suffix in (".jsonl", ".json") else None
     if path.is_dir():
         jsonl = next((p for p in (path / "data.jsonl", path / split / "data.jsonl") if p.is_file()), None)
     if jsonl is not None:
         # <dir>/<split>/data.jsonl (cppo.toy's export) names its images ../images/...: <dir> is the folder
         folder = jsonl.parent.parent if jsonl.parent.name in SPLIT_NAMES else jsonl.parent
-        return Rows(_jsonl_rows(jsonl), str(jsonl), root or jsonl.parent, keys, folder=root or folder)
+        return Source(
+            str(jsonl), root or jsonl.parent, keys, folder=root or folder, lines=_jsonl_lines(jsonl)
+        )
     if path.is_dir() and _is_saved_dataset(path):
         ds, label = _load_saved(path, split)
-        return Rows(_dataset_rows(ds, label, keys, columns), label, root or path, keys)
+        return Source(label, root or path, keys, dataset=_with_columns(ds, label, keys, columns))
     if path.suffix == ".parquet" or path.is_dir():
         files = [path] if path.is_file() else parquet_files(path, split)
         if not files:
@@ -152,7 +160,7 @@ def read_source(
         label = f"{path}@{split}" if path.is_dir() else str(path)
         ds = _load_parquet(files, split, label)
         base = root or (path if path.is_dir() else path.parent)
-        return Rows(_dataset_rows(ds, label, keys, columns), label, base, keys)
+        return Source(label, base, keys, dataset=_with_columns(ds, label, keys, columns))
     raise DataError(f"{path}: not a .jsonl or .parquet file, a dataset folder or a save_to_disk folder")
 
 
@@ -190,9 +198,7 @@ def find_split(path: str | Path, split: str) -> Path | None:
     if (root / split / "data.jsonl").is_file():
         return root / split / "data.jsonl"
     if path.is_dir() and (path / "dataset_dict.json").is_file():
-        return (
-            path if split in json.loads((path / "dataset_dict.json").read_text()).get("splits", []) else None
-        )
+        return path if split in _load_saved_splits(path) else None
     if path.is_dir() and any(_names_split(p, path, split) for p in parquet_files(path, split)):
         return path
     return None
@@ -249,13 +255,18 @@ def _load_parquet(files: list[Path], split: str, label: str):
         ) from None
 
 
-def _load_saved(path: Path, split: str):
+def _load_saved_splits(path: Path):
+    """``datasets.load_from_disk``: a Dataset, or a DatasetDict of its splits."""
     datasets = _import_datasets(path)
     try:
-        ds = datasets.load_from_disk(str(path))
+        return datasets.load_from_disk(str(path))
     except Exception as e:  # a missing or damaged arrow file, state.json that is not JSON
         raise DataError(f"{path}: cannot read the save_to_disk dataset ({_first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
+
+
+def _load_saved(path: Path, split: str):
+    ds = _load_saved_splits(path)
+    if isinstance(ds, dict):  # a DatasetDict
         if split not in ds:
             raise DataError(f"{path}: no split {split!r}; it has {', '.join(ds)} (pick one with split=...)")
         return ds[split], f"{path}@{split}"
@@ -266,15 +277,15 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
-def _jsonl_rows(path: Path):
+def _jsonl_lines(path: Path):
     try:
         yield from json_rows(path)
     except JsonRowsError as e:
         raise DataError(str(e)) from None
 
 
-def _dataset_rows(ds, label: str, keys: dict[str, tuple[str, ...]], columns: dict[str, str] | None):
-    """Rows of a datasets.Dataset without decoding its images (the arrow format keeps bytes/paths)."""
+def _with_columns(ds, label: str, keys: dict[str, tuple[str, ...]], columns: dict[str, str] | None):
+    """``ds`` once it has the columns a sample needs (DataError naming those it has otherwise)."""
     for name, column in (columns or {}).items():
         if column not in ds.column_names:
             raise DataError(
@@ -287,7 +298,4 @@ def _dataset_rows(ds, label: str, keys: dict[str, tuple[str, ...]], columns: dic
                 f"{label}: needs a {'/'.join(keys[name])} column (the {name}; --data-columns "
                 f"{name}=COLUMN names another); it has {', '.join(ds.column_names)}"
             )
-    table = ds.with_format("arrow")
-    for start in range(0, len(ds), 256):
-        for offset, row in enumerate(table[start : start + 256].to_pylist()):
-            yield f"{label} row {start + offset}", row
+    return ds
