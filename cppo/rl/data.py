@@ -65,32 +65,34 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from cppo.models import demo_model_path, load_processor
-from cppo.models.model_dir import ModelError, model_positions
-from cppo.models.prompt_tokens import prompt_lengths, set_pixel_bounds
 from cppo.perturb import to_rgb
-from cppo.prompt import instruction_for
 from cppo.rl.checks import Preprocessing, Skip, checked_rows, image_refs, open_image, upscale
-from cppo.rl.config import ConfigError
+from cppo.rl.prompt_count import (  # re-exported: cppo.rl.run and cppo.rl.plan take them from here
+    check_response_room,
+    data_processor,
+    processor_positions,
+    prompt_token_counts,
+)
 from cppo.rl.sources import DataError, Source, find_split, parse_columns, read_source
 
-__all__ = [  # find_split and DataError come from cppo.rl.sources, Preprocessing, open_image and
-    # upscale from cppo.rl.checks, re-exported for their callers of old
+__all__ = [  # re-exported for their callers of old: find_split and DataError (cppo.rl.sources),
+    # Preprocessing, open_image and upscale (cppo.rl.checks), the processor's (cppo.rl.prompt_count)
     "DataError",
     "Preprocessing",
     "PromptDataset",
     "Sample",
+    "check_response_room",
     "data_processor",
     "find_split",
     "open_config_data",
     "open_dataset",
     "open_image",
+    "processor_positions",
     "shapes_data",
     "to_rgb",
     "upscale",
@@ -131,18 +133,6 @@ class _Record:
     source: str
     extra: dict
     sizes: list = field(default_factory=list)  # (width, height) of each image as the model gets it
-
-
-@contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 class PromptDataset:
@@ -227,34 +217,27 @@ class PromptDataset:
         response in the model's `positions` (bad data: the model cannot take them), counting them by
         the pixel bounds the processor has now. Only the text is tokenised: no pixel is encoded."""
         kept = []
-        for start in range(0, len(self.records), 512):
-            chunk = self.records[start : start + 512]
-            questions, sizes = [r.question for r in chunk], [r.sizes for r in chunk]
-            with _quiet_transformers():  # its "longer than the maximum" warning: the count is the point
-                lengths = prompt_lengths(processor, questions, sizes, instruction_for(instruction))
-            for r, n in zip(chunk, lengths):
-                if limit and n > limit:
-                    prompt = f"{r.source}: prompt of {n} tokens (images included)"
-                    message = f"{prompt} is over max_prompt_length {limit}"
-                    if strict:
-                        raise DataError(
-                            f"{message} (strict data: raise max_prompt_length or remove the sample)"
-                        )
-                    self.dropped[f"prompt over {limit} tokens"] += 1
-                    if len(self.drop_examples) < 3:
-                        self.drop_examples.append(f"{r.source}: {n} tokens")
-                elif positions and n >= positions:
-                    problem = (
-                        f"prompt of {n} tokens (images included) leaves no room for a response in the "
-                        f"model's {positions} positions (max_position_embeddings)"
-                    )
-                    if strict:
-                        raise DataError(f"{r.source}: {problem} (strict data: remove the sample)")
-                    self.skipped[f"prompt over the model's {positions} positions"] += 1
-                    if len(self.skip_examples) < 5:
-                        self.skip_examples.append(f"{r.source}: {problem}")
-                else:
-                    kept.append(r)
+        for r, n in zip(self.records, prompt_token_counts(processor, self.records, instruction)):
+            if limit and n > limit:
+                prompt = f"{r.source}: prompt of {n} tokens (images included)"
+                message = f"{prompt} is over max_prompt_length {limit}"
+                if strict:
+                    raise DataError(f"{message} (strict data: raise max_prompt_length or remove the sample)")
+                self.dropped[f"prompt over {limit} tokens"] += 1
+                if len(self.drop_examples) < 3:
+                    self.drop_examples.append(f"{r.source}: {n} tokens")
+            elif positions and n >= positions:
+                problem = (
+                    f"prompt of {n} tokens (images included) leaves no room for a response in the "
+                    f"model's {positions} positions (max_position_embeddings)"
+                )
+                if strict:
+                    raise DataError(f"{r.source}: {problem} (strict data: remove the sample)")
+                self.skipped[f"prompt over the model's {positions} positions"] += 1
+                if len(self.skip_examples) < 5:
+                    self.skip_examples.append(f"{r.source}: {problem}")
+            else:
+                kept.append(r)
         self.records = kept
 
     def __len__(self) -> int:
@@ -333,41 +316,6 @@ def _hash(value) -> str:
     from datasets.fingerprint import Hasher
 
     return Hasher.hash(value)
-
-
-def processor_positions(processor) -> int | None:
-    """``max_position_embeddings`` of the model a processor was loaded from (its tokenizer's
-    ``name_or_path``), or None for a processor built in memory or a model whose config is not at hand."""
-    name = getattr(getattr(processor, "tokenizer", None), "name_or_path", "")
-    try:
-        return model_positions(name) if name else None
-    except ModelError:
-        return None
-
-
-def data_processor(cfg):
-    """The run's processor: the model's (``cfg.model``; None = the demo model) with the run's pixel
-    bounds, which the data's prompt lengths are counted with and the rollouts encode with."""
-    try:  # config, processor files and the weights' headers, before any data is read
-        processor = load_processor(cfg.model or demo_model_path(), weights_required=True)
-    except ModelError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
-    except ValueError as e:
-        raise ConfigError(f"min_pixels/max_pixels: {e}") from None
-    return processor
-
-
-def check_response_room(cfg, processor) -> None:
-    """ConfigError when max_new_tokens alone fills the positions of the model the processor was
-    loaded from: no prompt could come before such a response."""
-    positions = processor_positions(processor)
-    if positions is not None and cfg.max_new_tokens >= positions:
-        raise ConfigError(
-            f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's {positions} "
-            "positions (max_position_embeddings): lower it"
-        )
 
 
 def open_config_data(cfg, source, split: str, processor, eval_data: bool = False, verify_images: bool = True):
