@@ -267,10 +267,10 @@ def _features():
     )
 
 
-def default_procs(rows: int) -> int:
-    """Processes for the check of ``rows`` rows: one under ``PARALLEL_ROWS`` (starting workers costs
+def default_procs(n_rows: int) -> int:
+    """Processes for the check of ``n_rows`` rows: one under ``PARALLEL_ROWS`` (starting workers costs
     more than it saves there), else up to 8, leaving one core free."""
-    return 1 if rows < PARALLEL_ROWS else max(1, min(8, (os.cpu_count() or 1) - 1))
+    return 1 if n_rows < PARALLEL_ROWS else max(1, min(8, (os.cpu_count() or 1) - 1))
 
 
 def checked_rows(
@@ -309,13 +309,13 @@ def checked_rows(
     else:
         outcomes = ds.map(_check_batch, cache_file_name=cache, **map_args)
 
-    def rows():
+    def in_order():
         raw = ds.iter(batch_size=_BATCH)
         for start, (table, results) in enumerate(zip(raw, outcomes.iter(batch_size=_BATCH))):
             for offset, (row, outcome) in enumerate(zip(table.to_pylist(), results.to_pylist())):
                 yield f"{source.label} row {start * _BATCH + offset}", row, outcome
 
-    return rows(), fingerprint
+    return in_order(), fingerprint
 
 
 def _cache_file(fingerprint: str) -> str | None:
