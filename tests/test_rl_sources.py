@@ -402,3 +402,25 @@ def test_cppo_eval_takes_the_same_sources_and_preprocessing(published, tmp_path,
     args = ["--data", str(published["virl"]), "--split", "train", "--no-drop-multi-image"]
     assert main([*args, "--max-prompt-length", "none", *flags]) == 0
     assert json.loads(out.read_text())["n"] == VIRL_ROWS
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_parquet_source_compares_its_datasets_fingerprint(
+    published, tmp_path, capsys, monkeypatch
+):
+    from cli.train import main
+
+    data = tmp_path / "virl"
+    shutil.copytree(published["virl"], data)
+    tiny = "--prompts-per-step 2 --group-size 2 --micro-batch-size 2 --max-new-tokens 8 --no-tensorboard"
+    args = ["--data", str(data), "--output-dir", str(tmp_path / "run"), *tiny.split()]
+    assert main([*args, "--max-steps", "1"]) == 0
+    calls = _counting_checks(monkeypatch)
+    assert main([*args, "--max-steps", "2", "--resume", "auto"]) == 0  # the same data: resumed
+    assert not calls and "resumed from" in capsys.readouterr().out  # its check read back from the cache
+    raw = datasets.load_dataset("parquet", data_files=str(data / "39Krelease.parquet"), split="train")
+    answers = ["\\boxed{9}"] + raw["answer"][1:]
+    raw.remove_columns("answer").add_column("answer", answers).to_parquet(str(tmp_path / "x.parquet"))
+    shutil.move(tmp_path / "x.parquet", data / "39Krelease.parquet")
+    assert main([*args, "--max-steps", "3", "--resume", "auto"]) == 2
+    assert "data contents (the samples differ from the checkpoint's)" in capsys.readouterr().err
