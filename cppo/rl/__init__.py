@@ -8,6 +8,8 @@ Files, each read top to bottom:
     launch.py   the checks that need the launch (`check_launch`), max_steps from epochs
     data.py     samples checked up front, with the paper's preprocessing (multi-image, small images,
                 boxed answers, prompts over max_prompt_length tokens)
+    checks.py   the check of one sample, run by datasets' Dataset.map and cached by its fingerprint
+    prompt_count.py  the processor as the data meets it: pixel bounds, model positions, prompt tokens
     sources.py  where samples come from: hub ids (datasets.load_dataset), JSONL, parquet files and
                 dataset folders, save_to_disk folders, each with an optional @split
     sampler.py  the resumable prompt order, with each prompt's view seed
