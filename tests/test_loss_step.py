@@ -29,18 +29,25 @@ def _batch(seed: int):
 
 
 class Scorer:
-    """A single-process `score_view`: rows of the precomputed views, None for no rows; records calls."""
+    """A single-process `score_view`: rows of the precomputed views, None for no rows; records calls.
+    A pass told `lengths` returns 0 after each row's length, as a pass that stopped there would."""
 
     def __init__(self, views):
         self.views = {v: (e, lp.clone().requires_grad_()) for v, (e, lp) in views.items()}
         self.calls = []
 
-    def __call__(self, rows, view):
+    def __call__(self, rows, view, grad=True, lengths=None):
         self.calls.append((view, list(rows)))
+        self.grads = [*getattr(self, "grads", []), grad]
         if not rows:
             return None
         e, lp = self.views[view]
-        return (e[rows] if view == "negative" else None), lp[rows]
+        e, lp = (e[rows] if view == "negative" else None), lp[rows]
+        if not grad:
+            lp = lp.detach()
+        if lengths is not None:
+            lp = lp * (torch.arange(T) < lengths.unsqueeze(1))
+        return e, lp
 
 
 def _by_hand(anchor, entropy, mask, adv, views, settings, has_image):
@@ -84,7 +91,7 @@ def test_step_equals_the_loss_on_every_row_and_skips_the_passes_it_may(seed, gat
     g_want = torch.autograd.grad(want, anchor)[0]
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
     assert metrics["cpl/mask_frac"] == pytest.approx(float(m.sum()) / float(mask.sum()))
-    (neg, neg_rows), (pos, pos_rows) = scorer.calls
+    (neg, neg_rows), (pos, pos_rows) = scorer.calls  # the I+ pass stopped at each row's last selected token
     assert (neg, pos) == ("negative", "positive")
     gated = [i for i in range(N) if has_image[i] and (gate == "none" or adv[i] > 0)]
     if every_row:
@@ -99,7 +106,7 @@ def test_no_gated_row_runs_no_pass_and_gives_an_exact_zero_in_the_graph():
     anchor, entropy, mask, _, views = _batch(3)
     scorer = Scorer(views)
     loss, metrics = cpl_step(anchor, entropy, mask, torch.zeros(N), scorer, CPLSettings())
-    assert float(loss) == 0.0 and metrics["cpl/loss"] == 0.0
+    assert float(loss.detach()) == 0.0 and metrics["cpl/loss"] == 0.0
     assert scorer.calls == [("negative", [])]
     assert torch.equal(torch.autograd.grad(loss, anchor)[0], torch.zeros(N, T, dtype=torch.float64))
 
@@ -111,13 +118,13 @@ def test_a_stand_in_joins_both_passes_at_weight_zero():
     stand_in = torch.randn(1, T, dtype=torch.float64, requires_grad=True)
     calls = []
 
-    def score_view(rows, view):
+    def score_view(rows, view, grad=True, lengths=None):
         calls.append((view, rows))
         return None, stand_in * (2.0 if view == "positive" else 1.0)
 
     loss, _ = cpl_step(anchor, entropy, mask, -torch.ones(N), score_view, CPLSettings())
     assert calls == [("negative", []), ("positive", [])]
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     grad = torch.autograd.grad(loss, stand_in)[0]
     assert torch.equal(grad, torch.zeros_like(stand_in))
 
@@ -130,7 +137,7 @@ def test_editing_perception_mask_changes_the_step(monkeypatch):
     )
     scorer = Scorer(views)
     loss, _ = cpl_step(anchor, entropy, mask, adv, scorer, CPLSettings())
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     assert scorer.calls[-1] == ("positive", [])
 
 
@@ -149,3 +156,65 @@ def test_one_step_and_one_set_of_settings_for_both_trainers():
         fields = {f.name: f for f in dataclasses.fields(config)}
         for name, f in cpl_fields.items():
             assert fields[name].default == f.default and fields[name].metadata["help"] == f.metadata["help"]
+
+
+def test_rows_to_sample_worked_numbers():
+    from cppo.loss.step import rows_to_sample
+
+    assert [rows_to_sample(0.25, n) for n in (0, 1, 3, 8, 10)] == [0, 1, 1, 2, 2]  # at least one
+    assert [rows_to_sample(3, n) for n in (0, 2, 3, 9)] == [0, 2, 3, 3]  # a count, at most all
+    assert rows_to_sample(1.0, 7) == 7
+    assert CPLSettings(cpl_rows=2.5).cpl_problems() == [
+        "cpl_rows must be a fraction in (0, 1] or a whole number of rows, got 2.5"
+    ]
+    assert CPLSettings(cpl_rows=0).cpl_problems() and not CPLSettings(cpl_rows=4).cpl_problems()
+
+
+@pytest.mark.parametrize("cpl_rows", [0.5, 2])
+def test_the_sampled_term_is_an_unbiased_estimate_of_the_full_one(cpl_rows):
+    """Over many draws the mean of the sampled loss and of its gradient (anchor and both views) equal
+    the full term's within 4 standard errors; each draw runs the view passes with grad on its sample only."""
+    anchor, entropy, mask, adv, views = _batch(6)
+    adv = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.3, 0.7], dtype=torch.float64)  # every row gated
+    full_scorer = Scorer(views)
+    full, _ = cpl_step(anchor, entropy, mask, adv, full_scorer, CPLSettings(top_percent=0.4))
+    grads_full = torch.autograd.grad(
+        full, [anchor, *(full_scorer.views[v][1] for v in ("negative", "positive"))]
+    )
+    settings = CPLSettings(top_percent=0.4, cpl_rows=cpl_rows)
+    generator = torch.Generator().manual_seed(0)
+    losses, grads = [], []
+    for _ in range(3000):
+        scorer = Scorer(views)
+        loss, metrics = cpl_step(anchor, entropy, mask, adv, scorer, settings, generator=generator)
+        g = torch.autograd.grad(loss, [anchor, *(scorer.views[v][1] for v in ("negative", "positive"))])
+        losses.append(float(loss.detach()))
+        grads.append(torch.cat([x.flatten() for x in g]))
+        (_, first), (_, sampled), (_, plus) = scorer.calls
+        assert scorer.grads == [False, True, True] and first == list(range(N))
+        assert sampled == plus and len(sampled) == (3 if cpl_rows == 0.5 else 2) < N
+        assert metrics["cpl/rows"] == len(sampled)
+    losses, grads = torch.tensor(losses, dtype=torch.float64), torch.stack(grads)
+    assert losses.std() > 0  # the draws differ: the test can fail
+    assert abs(losses.mean() - float(full.detach())) < 4 * losses.std() / len(losses) ** 0.5
+    want = torch.cat([x.flatten() for x in grads_full])
+    sem = grads.std(dim=0) / len(grads) ** 0.5
+    assert bool(((grads.mean(dim=0) - want).abs() <= 4 * sem + 1e-12).all())
+
+
+def test_cpl_rows_one_is_the_full_term_and_a_stand_in_joins_every_sampled_pass():
+    anchor, entropy, mask, adv, views = _batch(7)
+    a, b = Scorer(views), Scorer(views)
+    full, _ = cpl_step(anchor, entropy, mask, adv, a, CPLSettings())
+    same, _ = cpl_step(anchor, entropy, mask, adv, b, CPLSettings(cpl_rows=1.0))
+    assert float(full.detach()) == float(same.detach()) and a.calls == b.calls
+
+    calls = []
+
+    def stand_in(rows, view, grad=True, lengths=None):
+        calls.append((view, rows, grad))
+        return None, torch.zeros(1, T, dtype=torch.float64, requires_grad=True)
+
+    loss, _ = cpl_step(anchor, entropy, mask, -torch.ones(N), stand_in, CPLSettings(cpl_rows=0.5))
+    assert calls == [("negative", [], False), ("negative", [], True), ("positive", [], True)]
+    assert float(loss.detach()) == 0.0

@@ -197,9 +197,11 @@ class CPPOTrainer(GRPOTrainer):
         adv = inputs["advantages"] if inputs["advantages"].dim() == 1 else inputs["advantages"][:, 0]
         has_image = torch.tensor([n > 0 for n in inputs["num_images"]], device=logps.device)
 
-        def score_view(rows: list[int], view: str):
+        def score_view(rows: list[int], view: str, grad: bool = True, lengths=None):
             key = _VIEWS[0] if view == "positive" else _VIEWS[1]
-            out = self._view_pass(model, inputs, rows, key, entropy=view == "negative")
+            keep = None if lengths is None or not rows else int(lengths.max())
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                out = self._view_pass(model, inputs, rows, key, entropy=view == "negative", keep=keep)
             return None if out is None else (out[1], out[0])
 
         cpl, metrics = cpl_step(
@@ -207,8 +209,9 @@ class CPPOTrainer(GRPOTrainer):
         )
         return cpl, metrics["cpl/mask_frac"]
 
-    def _view_pass(self, model, inputs, rows: list[int], key: str, entropy: bool = False):
+    def _view_pass(self, model, inputs, rows: list[int], key: str, entropy: bool = False, keep=None):
         """(logps, entropies) of `rows` under view `key`; None when no process has rows for this pass.
+        `keep`: only the first `keep` completion tokens matter; the pass stops there (0 after).
 
         Sharded models (FSDP, ZeRO-3) need every process to run the same forwards: the processes agree
         on the largest row count, and one without rows scores its first row (the caller weights it 0)."""
@@ -219,8 +222,11 @@ class CPPOTrainer(GRPOTrainer):
             rows = rows or [0]
         elif not rows:
             return None
-        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)[rows]
-        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)[rows]
+        T = inputs["completion_ids"].size(1)
+        t = T if keep is None else max(1, min(keep, T))
+        P = inputs["prompt_ids"].size(1)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"][:, :t]], dim=1)[rows]
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"][:, :t]], dim=1)[rows]
         grids = torch.split(inputs["image_grid_thw"], inputs["num_images"])
         num_images = [inputs["num_images"][r] for r in rows]
         kwargs = {}
@@ -231,8 +237,11 @@ class CPPOTrainer(GRPOTrainer):
                 num_images=num_images,
             )
         if "mm_token_type_ids" in inputs:
-            kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"][rows]
+            kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"][rows][:, : P + t]
         logps, ent, _ = self._get_per_token_logps_and_entropies(
-            model, ids, att, inputs["completion_ids"].size(1), compute_entropy=entropy, **kwargs
+            model, ids, att, t, compute_entropy=entropy, **kwargs
         )
+        if t < T:  # back to the batch's T columns; the cut ones are never read
+            logps = torch.nn.functional.pad(logps, (0, T - t))
+            ent = None if ent is None else torch.nn.functional.pad(ent, (0, T - t))
         return logps, ent

@@ -21,7 +21,8 @@ def _setting(default, help: str):
 
 @dataclass
 class CPLSettings:
-    """lambda, tau, the divergence, the gate, the selector and rho of the Contrastive Perception Loss."""
+    """lambda, tau, the divergence, the gate, the selector, rho and the rows of the Contrastive
+    Perception Loss."""
 
     cpl_lambda: float = _setting(0.01, "lambda, weight of the Contrastive Perception Loss (paper: 0.01)")
     cpl_tau: float = _setting(0.1, "tau, temperature of the CPL softplus (paper: 0.1)")
@@ -44,6 +45,12 @@ class CPLSettings:
         0.5, "rho, fraction of the candidate tokens each response keeps (paper: 0.5)"
     )
 
+    cpl_rows: float = _setting(
+        1.0,
+        "rows the CPL is computed on, of those with a selected token: a fraction (<= 1; 1 = every row, the "
+        "paper's) or a count (> 1), drawn at random and reweighted: an unbiased estimate of the full term",
+    )
+
     def cpl_problems(self) -> list[str]:
         """What is wrong with these settings, one line each naming the field; [] when they can run.
 
@@ -57,6 +64,9 @@ class CPLSettings:
             problems.append(f"cpl_tau must be > 0 (CPL divides by it), got {self.cpl_tau}")
         if not 0 < self.top_percent <= 1:
             problems.append(f"top_percent must be in (0, 1], got {self.top_percent}")
+        rows = self.cpl_rows
+        if not (rows > 0 and math.isfinite(rows)) or (rows > 1 and rows != int(rows)):
+            problems.append(f"cpl_rows must be a fraction in (0, 1] or a whole number of rows, got {rows}")
         for name, registry, extra in (
             ("cpl_divergence", DIVERGENCES, ", full"),
             ("cpl_gate", GATES, ""),

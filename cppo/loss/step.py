@@ -2,24 +2,35 @@
 
 This is the one copy of the step; `cppo-train`'s perception term (cppo.rl.perception) and the TRL
 integration (cppo.integrations.trl) both call `cpl_step`. It is pure: the anchor pass's log-probs and
-entropies, the advantages and masks come in as tensors, and the two view passes are run by a
-callable the trainer hands in, so no model, batch layout or process group is known here.
+entropies, the advantages and masks come in as tensors, and the view passes are run by a callable
+the trainer hands in, so no model, batch layout or process group is known here.
 
     cpl, metrics = cpl_step(logp, entropy, response_mask, advantages, score_view, settings)
     loss = pg_loss + settings.cpl_lambda * cpl
 
-`score_view(rows, view)`, view "negative" (I-) or "positive" (I+), returns `(entropy, logp)` of the
-batch rows `rows` under that view, each (len(rows), T); entropy may be None for "positive", which
-needs none. It returns None when no process runs the pass; and when `rows` is empty but other
-processes need the pass (sharded models: every process must run the same forwards) it runs a
-stand-in pass and returns `(None, logp)` of whatever rows it scored, which the step keeps in the
-autograd graph at weight 0. A single-process trainer returns None for empty `rows`.
+`score_view(rows, view, grad=True, lengths=None)`, view "negative" (I-) or "positive" (I+), returns
+`(entropy, logp)` of the batch rows `rows` under that view, each (len(rows), T); entropy may be None
+for "positive", which needs none. `grad=False`: the pass needs no gradient (run it under no_grad).
+`lengths` (len(rows),): each row's response tokens that matter are its first `lengths[i]`; the pass
+may stop there (a hint: scoring more changes nothing). It returns None when no process runs the
+pass; and when `rows` is empty but other processes need the pass (sharded models: every process
+must run the same forwards) it runs a stand-in pass and returns `(None, logp)` of whatever rows it
+scored, which the step keeps in the autograd graph at weight 0. A single-process trainer returns
+None for empty `rows`. The step asks for the same passes, in the same order, on every process.
 
-Only the rows that pass the gate (and have an image) get the I- pass, and only those with at least
-one selected token get the I+ pass: every other row contributes exactly 0 to L_CPL, so skipping
-its passes leaves the loss unchanged (docs/method.md §5.7). `every_row=True` runs both passes on
-every row of a batch that needs them, as the official code does: the same loss and gradients,
-more passes.
+Which rows get which pass (docs/method.md §5.7): only the rows that pass the gate (and have an
+image) get the I- pass, and only those with at least one selected token the I+ pass, which stops at
+each row's last selected token: every other row and position contributes exactly 0 to L_CPL.
+`every_row=True` runs both passes on every row, to the end, as the official code does: the same loss
+and gradients, more work.
+
+`settings.cpl_rows` below 1 (a fraction) or above 1 (a count) puts the perception term on a random
+sample of the rows with a selected token, an unbiased estimate of the full term (departure from the
+paper, which uses every row): the selection of every gated row comes from an I- pass without
+gradient, then the sampled rows get the I- and I+ passes with gradient, each cut at its last
+selected token, and their sum over selected tokens is divided by the full term's token count and
+multiplied by (rows with a selected token) / (sampled rows), so that the expected loss and gradient
+are the full term's (tests/test_loss_step.py). 1.0 (the default) runs the full term.
 
 Letters: N rows of the batch, v rows with a view pass, T response tokens.
 """
@@ -33,7 +44,7 @@ import torch
 from cppo.loss.cpl import contrastive_perception_loss
 from cppo.loss.mask import gate_responses, perception_mask
 
-ViewScorer = Callable[[list[int], str], "tuple[torch.Tensor | None, torch.Tensor] | None"]
+ViewScorer = Callable[..., "tuple[torch.Tensor | None, torch.Tensor] | None"]
 
 
 def cpl_step(
@@ -47,8 +58,9 @@ def cpl_step(
     has_image: torch.Tensor | None = None,
     max_reward: float = 1.0,
     every_row: bool = False,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """lambda-free L_CPL of one batch, and its metrics.
+    """lambda-free L_CPL of one batch (or its unbiased estimate, `settings.cpl_rows`), and its metrics.
 
     Args:
         anchor_logp: (N, T) log-probs under I, with grad (the PPO ratio's).
@@ -56,16 +68,18 @@ def cpl_step(
         response_mask: (N, T) true at response tokens.
         advantages: (N,) A_i.
         score_view: runs a view pass (module docstring).
-        settings: a `cppo.loss.settings.CPLSettings` (tau, divergence, gate, selector, rho are read).
+        settings: a `cppo.loss.settings.CPLSettings` (tau, divergence, gate, selector, rho, rows).
         rewards: (N,) r_i, for the `correct` gate; None where the trainer has none.
         has_image: (N,) bool; rows without an image get no CPL. None: every row has one.
         max_reward: the full reward, for the `correct` gate.
-        every_row: both view passes on every row when any row needs them (the official code's way).
+        every_row: both view passes on every row, uncut, when any row needs them (the official way).
+        generator: draws the sampled rows (None: torch's global generator).
 
     Returns:
         (loss, metrics): `cpl/loss` and the other metrics of `contrastive_perception_loss`,
-        `cpl/mask_frac` (selected / response tokens of the batch) and `cpl/rows` (rows with a CPL
-        term). The loss is an exact 0 inside the graph of every pass run when no token is selected.
+        `cpl/mask_frac` (selected / response tokens of the batch) and `cpl/rows` (rows whose CPL
+        terms were computed). The loss is an exact 0 inside the graph of every pass run when no
+        token is selected.
     """
     mask = response_mask.bool()  # (N, T)
     gate = gate_responses(advantages, rewards, settings.cpl_gate, max_reward)  # (N,)
@@ -75,19 +89,21 @@ def cpl_step(
         view_rows = []
     else:
         view_rows = list(range(len(gate))) if every_row else gate.nonzero().squeeze(1).tolist()
-    negative = score_view(view_rows, "negative")
-    if negative is None:  # no process runs I- (nor I+)
+    sampled = not every_row and float(settings.cpl_rows) != 1.0
+    negative = score_view(view_rows, "negative", grad=not sampled)
+    if negative is None:  # no process runs I- (nor anything after it)
         return _no_cpl(anchor_logp)
+    if not view_rows:  # a stand-in for other processes: join their later passes too
+        later = [score_view([], "negative")] if sampled else []
+        later.append(score_view([], "positive"))
+        return _no_cpl(anchor_logp, negative[1], *(out[1] for out in later if out is not None))
     entropy_neg, logp_neg = negative  # (v, T)
-    if not view_rows:  # a stand-in for other processes: join their I+ pass too
-        return _no_cpl(anchor_logp, logp_neg, *_logp_of(score_view([], "positive")))
-    sub_rewards = None if rewards is None else rewards[view_rows]
     selected = perception_mask(
         anchor_entropy[view_rows],
         entropy_neg,
         mask[view_rows],
         advantages[view_rows],
-        sub_rewards,
+        None if rewards is None else rewards[view_rows],
         gate=settings.cpl_gate,
         selector=settings.selector,
         top_percent=settings.top_percent,
@@ -95,28 +111,65 @@ def cpl_step(
     )  # (v, T) bool, gated
     if has_image is not None:
         selected &= gate[view_rows].unsqueeze(1)  # every_row: rows without an image select nothing
-    keep = list(range(len(view_rows))) if every_row else selected.any(dim=1).nonzero().squeeze(1).tolist()
+    with_tokens = selected.any(dim=1).nonzero().squeeze(1).tolist()
+    keep = list(range(len(view_rows))) if every_row else with_tokens
+    weight = 1.0
+    if sampled:
+        keep = _sample(with_tokens, settings.cpl_rows, generator)
+        # E[sum over the sample] = sum over all rows x sample / rows: reweighted to the full term
+        weight = len(with_tokens) / max(len(keep), 1)
     kept_rows = [view_rows[i] for i in keep]
-    positive = score_view(kept_rows, "positive")
+    lengths = None if every_row else _last_selected(selected[keep])  # (k,) the passes may stop there
+    if sampled:  # the gradient pass of I- on the sampled rows (the selection came from the first)
+        negative = score_view(kept_rows, "negative", lengths=lengths)
+        logp_neg_kept = None if negative is None or not keep else negative[1]
+    else:
+        logp_neg_kept = logp_neg[keep]
+    positive = score_view(kept_rows, "positive", lengths=lengths)
     if not keep:
-        return _no_cpl(anchor_logp, logp_neg, *_logp_of(positive))
+        graph = [t for t in (logp_neg, None if negative is None else negative[1]) if t is not None]
+        return _no_cpl(anchor_logp, *graph, *(() if positive is None else (positive[1],)))
     cpl, metrics = contrastive_perception_loss(
         anchor_logp[kept_rows],
         positive[1],
-        logp_neg[keep],
+        logp_neg_kept,
         selected[keep],
         tau=settings.cpl_tau,
         divergence=settings.cpl_divergence,
         agg="token-mean",
         response_mask=mask[kept_rows],
     )
+    if sampled:  # from the sample's token mean to the unbiased estimate of the full token mean
+        tokens_all = int(selected.sum())
+        cpl = cpl * (weight * int(selected[keep].sum()) / max(tokens_all, 1))
+        metrics["cpl/loss"] = float(cpl.detach())
     metrics["cpl/mask_frac"] = float(selected.sum()) / max(int(mask.sum()), 1)  # of the batch's tokens
     metrics["cpl/rows"] = float(len(keep))
     return cpl, metrics
 
 
-def _logp_of(scored) -> tuple[torch.Tensor, ...]:
-    return () if scored is None else (scored[1],)
+def rows_to_sample(cpl_rows: float, available: int) -> int:
+    """How many of `available` rows the perception term is computed on: a fraction (<= 1) of them,
+    at least one, or a count (> 1), at most all."""
+    if available == 0:
+        return 0
+    if cpl_rows <= 1:
+        return max(1, min(available, round(cpl_rows * available)))
+    return min(available, int(cpl_rows))
+
+
+def _sample(rows: list[int], cpl_rows: float, generator: torch.Generator | None) -> list[int]:
+    """`rows_to_sample` of `rows`, uniformly without replacement, in their order."""
+    n = rows_to_sample(cpl_rows, len(rows))
+    picked = torch.randperm(len(rows), generator=generator)[:n].sort().values.tolist()
+    return [rows[i] for i in picked]
+
+
+def _last_selected(selected: torch.Tensor) -> torch.Tensor:
+    """(k,) per row, one past its last selected token (0 for a row without one)."""
+    T = selected.shape[1]
+    position = torch.arange(1, T + 1, device=selected.device).expand_as(selected)  # (k, T)
+    return (position * selected).amax(dim=1) if T else torch.zeros(len(selected), dtype=torch.long)
 
 
 def _no_cpl(*graph: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

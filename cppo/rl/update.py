@@ -103,15 +103,19 @@ def _entropy_and_logp(
     view: str | None = None,
     entropy_grad: bool = False,
     passes: Passes = Passes(),
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images).
 
     With `passes.trim` the pass runs on its rows' own tokens only (`cppo.batching.trim_padding`: no
     column that is padding in every one of its rows) and its results are padded back to the step's
-    T with zeros, which they are outside the response mask anyway."""
+    T with zeros, which they are outside the response mask anyway. `lengths` (n,): each row is
+    scored on its first `lengths[i]` response tokens only (0 after them)."""
     inputs = select_rows(ro, rows, _image_token_id(model), view)
     ids, mask = ro.response_ids[rows], ro.response_mask[rows]
     T = ids.shape[1]
+    if lengths is not None:
+        mask = mask & (torch.arange(T) < lengths.cpu().unsqueeze(1))  # (n, T)
     if passes.trim:
         inputs, t = trim_padding(inputs, mask)
         ids, mask = ids[:, :t], mask[:, :t]
@@ -160,21 +164,31 @@ class MicroBatch:
     logp: torch.Tensor  # (n, T) log-probs under I, with grad
     passes: Passes = Passes()
 
-    def view_pass(self, rows: list[int], view: str, entropy_grad: bool = False):
+    def view_pass(
+        self,
+        rows: list[int],
+        view: str,
+        entropy_grad: bool = False,
+        grad: bool = True,
+        lengths: torch.Tensor | None = None,
+    ):
         """(entropy, logprob), each (len(rows), T), of the micro-batch's rows `rows` (indices into
-        `self.rows`) under `view`: the `score_view` of cppo.loss.cpl_step. None when no process has a
-        row for this pass; `(None, logprob)` of one stand-in row when only other processes have (the
-        caller adds it times 0: module docstring, FSDP)."""
+        `self.rows`) under `view`: the `score_view` of cppo.loss.cpl_step (`grad`: with a gradient;
+        `lengths`: each row's response tokens that matter, the pass stops after them). None when no
+        process has a row for this pass; `(None, logprob)` of one stand-in row when only other
+        processes have (the caller adds it times 0: module docstring, FSDP)."""
         if not _any_process_has_rows(self.model, len(rows)):
             return None
-        if not rows:  # a text-only micro-batch has no views: its stand-in runs on the original image
-            stand_in = view if view in self.ro.views else None
-            return None, self._pass(self.rows[:1], stand_in, entropy_grad)[1]
-        with self.timer("perception"):
-            return self._pass([self.rows[i] for i in rows], view, entropy_grad)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if not rows:  # a text-only micro-batch has no views: its stand-in runs on the original image
+                stand_in = view if view in self.ro.views else None
+                return None, self._pass(self.rows[:1], stand_in, entropy_grad)[1]
+            with self.timer("perception"):
+                return self._pass([self.rows[i] for i in rows], view, entropy_grad, lengths)
 
-    def _pass(self, step_rows: list[int], view: str | None, entropy_grad: bool):
-        return _entropy_and_logp(self.model, self.ro, step_rows, self.cfg, view, entropy_grad, self.passes)
+    def _pass(self, step_rows: list[int], view: str | None, entropy_grad: bool, lengths=None):
+        model, ro, cfg = self.model, self.ro, self.cfg
+        return _entropy_and_logp(model, ro, step_rows, cfg, view, entropy_grad, self.passes, lengths)
 
 
 @torch.no_grad()
