@@ -24,13 +24,13 @@ each row's last selected token: every other row and position contributes exactly
 `every_row=True` runs both passes on every row, to the end, as the official code does: the same loss
 and gradients, more work.
 
-`settings.cpl_rows` below 1 (a fraction) or above 1 (a count) puts the perception term on a random
-sample of the rows with a selected token, an unbiased estimate of the full term (departure from the
-paper, which uses every row): the selection of every gated row comes from an I- pass without
-gradient, then the sampled rows get the I- and I+ passes with gradient, each cut at its last
-selected token, and their sum over selected tokens is divided by the full term's token count and
-multiplied by (rows with a selected token) / (sampled rows), so that the expected loss and gradient
-are the full term's (tests/test_loss_step.py). 1.0 (the default) runs the full term.
+`settings.cpl_rows` below 1 (a fraction p: each row drawn with chance p) or above 1 (a count) puts
+the perception term on a random sample of the rows with a selected token, an unbiased estimate of
+the full term (departure from the paper, which uses every row): the selection of every gated row
+comes from an I- pass without gradient, then the drawn rows get the I- and I+ passes with gradient,
+each cut at its last selected token, and their sum over selected tokens is divided by the full
+term's token count and by each row's chance to be drawn, so that the expected loss and gradient are
+the full term's (tests/test_loss_step.py). 1.0 runs the full term.
 
 Letters: N rows of the batch, v rows with a view pass, T response tokens.
 """
@@ -114,10 +114,8 @@ def cpl_step(
     with_tokens = selected.any(dim=1).nonzero().squeeze(1).tolist()
     keep = list(range(len(view_rows))) if every_row else with_tokens
     weight = 1.0
-    if sampled:
-        keep = _sample(with_tokens, settings.cpl_rows, generator)
-        # E[sum over the sample] = sum over all rows x sample / rows: reweighted to the full term
-        weight = len(with_tokens) / max(len(keep), 1)
+    if sampled:  # each row's sum over its tokens, divided by the chance it was drawn: unbiased
+        keep, weight = _sample(with_tokens, settings.cpl_rows, generator)
     kept_rows = [view_rows[i] for i in keep]
     lengths = None if every_row else _last_selected(selected[keep])  # (k,) the passes may stop there
     if sampled:  # the gradient pass of I- on the sampled rows (the selection came from the first)
@@ -148,21 +146,18 @@ def cpl_step(
     return cpl, metrics
 
 
-def rows_to_sample(cpl_rows: float, available: int) -> int:
-    """How many of `available` rows the perception term is computed on: a fraction (<= 1) of them,
-    at least one, or a count (> 1), at most all."""
-    if available == 0:
-        return 0
-    if cpl_rows <= 1:
-        return max(1, min(available, round(cpl_rows * available)))
-    return min(available, int(cpl_rows))
-
-
-def _sample(rows: list[int], cpl_rows: float, generator: torch.Generator | None) -> list[int]:
-    """`rows_to_sample` of `rows`, uniformly without replacement, in their order."""
-    n = rows_to_sample(cpl_rows, len(rows))
+def _sample(rows: list[int], cpl_rows: float, generator: torch.Generator | None) -> tuple[list[int], float]:
+    """(the drawn rows in their order, 1 / the chance of each to be drawn). A fraction p < 1: each row
+    independently with chance p (possibly none in a small batch: p x rows are expected).
+    A count c > 1: c of them (at most all) uniformly without replacement, chance c / rows."""
+    if not rows:
+        return [], 1.0
+    if cpl_rows < 1:
+        drawn = torch.rand(len(rows), generator=generator) < cpl_rows
+        return [r for r, d in zip(rows, drawn.tolist()) if d], 1.0 / cpl_rows
+    n = min(len(rows), int(cpl_rows))
     picked = torch.randperm(len(rows), generator=generator)[:n].sort().values.tolist()
-    return [rows[i] for i in picked]
+    return [rows[i] for i in picked], len(rows) / n
 
 
 def _last_selected(selected: torch.Tensor) -> torch.Tensor:
