@@ -181,6 +181,11 @@ def test_the_check_is_cached_by_the_datasets_fingerprint_and_a_second_launch_rea
     assert len(calls) == VIRL_ROWS
     none = open_dataset(data, prep=Preprocessing.none())  # other options: checked again
     assert len(calls) == 2 * VIRL_ROWS and len(none) == VIRL_ROWS
+    import cppo.rl.checks as checks
+
+    monkeypatch.setattr(checks, "_CODE", ["another version of the check"])  # checked again, but the
+    assert _outcome(open_dataset(data, prep=PAPER, processor=processor)) == _outcome(first)  # same data
+    assert len(calls) == 3 * VIRL_ROWS
     # two processes give the outcome one gives (another cache: the check itself runs again)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache2"))
     assert _outcome(open_dataset(data, prep=PAPER, processor=processor, num_proc=2)) == _outcome(first)

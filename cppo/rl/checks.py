@@ -9,7 +9,9 @@ the reason cppo.rl.data counts it under. ``checked_rows`` runs it over a source:
   arguments and code, under ``HF_DATASETS_CACHE/cppo_checks`` (never beside the data: a
   save_to_disk folder may be read-only). A second launch on the same data reads the outcomes
   back instead of opening every image again; a change to the data, the options or this code
-  checks again. An image file replaced or removed since is met when the sample is read.
+  checks again. An image file replaced or removed since is met when the sample is read. The resume
+  check (cppo.rl.resume) compares the dataset's own ``_fingerprint`` and the rows kept, not this
+  cache's name: a new version of this code checks again but still resumes the run.
 - a JSONL file, line by line (the demo path, without ``datasets``).
 """
 
@@ -276,8 +278,8 @@ def default_procs(n_rows: int) -> int:
 def checked_rows(
     source: Source, prep: Preprocessing, sizes: bool, verify: bool, outside: bool, num_proc: int | None = None
 ):
-    """(where, raw row, outcome) for every row of ``source``, in order, and the checked dataset's
-    fingerprint (None for a JSONL file). ``num_proc``: processes for a dataset's check (None:
+    """(where, raw row, outcome) for every row of ``source``, in order, and the dataset's
+    ``_fingerprint`` (None for a JSONL file). ``num_proc``: processes for a dataset's check (None:
     ``default_procs``)."""
     if source.dataset is None:
         lines = (
@@ -289,7 +291,7 @@ def checked_rows(
     ds = source.dataset.with_format("arrow")  # rows as arrow tables: images stay undecoded
     prep = replace(prep, max_prompt_length=None)  # not the check's: cppo.rl.data counts the tokens
     where = (source.keys, str(source.base), str(source.folder), source.hub)
-    fingerprint = Hasher.hash([ds._fingerprint, where, prep, sizes, verify, outside, _code_hash()])
+    cached_as = Hasher.hash([ds._fingerprint, where, prep, sizes, verify, outside, _code_hash()])
     kwargs = {"source": Source(source.label, source.base, source.keys, source.hub, source.folder)}
     kwargs.update(prep=prep, sizes=sizes, verify=verify, outside=outside)
     procs = default_procs(len(ds)) if num_proc is None else num_proc
@@ -299,11 +301,11 @@ def checked_rows(
         remove_columns=ds.column_names,
         fn_kwargs=kwargs,
         features=_features(),
-        new_fingerprint=fingerprint,
+        new_fingerprint=cached_as,
         num_proc=procs if procs > 1 else None,
         desc=f"checking {source.label}",
     )
-    cache = _cache_file(fingerprint)
+    cache = _cache_file(cached_as)
     if cache is None:
         outcomes = ds.map(_check_batch, keep_in_memory=True, **map_args)
     else:
@@ -315,7 +317,7 @@ def checked_rows(
             for offset, (row, outcome) in enumerate(zip(table.to_pylist(), results.to_pylist())):
                 yield f"{source.label} row {start * _BATCH + offset}", row, outcome
 
-    return in_order(), fingerprint
+    return in_order(), ds._fingerprint
 
 
 def _cache_file(fingerprint: str) -> str | None:

@@ -53,11 +53,12 @@ no usable sample at all       error with the skip counts
 ``shapes_data(dir)`` exports the default task (``data: None``) once; ``find_split(path, "val")`` finds a
 held-out split beside the training data.
 
-The checks and the preprocessing of one sample are cppo.rl.checks' (``check_row``): for a ``datasets``
-source they run through ``Dataset.map`` and are cached by the dataset's fingerprint, so a second launch
-on the same data does not check again; ``fingerprint`` is then the checked dataset's (the resume
-check's, cppo.rl.resume). This module counts the outcomes, drops the prompts that are too long (their
-tokens are counted with the model's processor) and reads the images of a sample when it is accessed.
+The checks and the preprocessing of one sample are cppo.rl.checks' (``check_row``): for a
+``datasets`` source they run through ``Dataset.map`` and are cached by the dataset's fingerprint, so
+a second launch on the same data does not check again; ``fingerprint`` is then the dataset's
+``_fingerprint`` with the rows kept (what a resume compares, cppo.rl.resume). This module counts the
+outcomes, drops the prompts that are too long (their tokens are counted with the model's processor)
+and reads the images of a sample when it is accessed.
 The order in which a run draws the samples is cppo.rl.sampler's.
 """
 
@@ -164,7 +165,9 @@ class PromptDataset:
         self.dropped: Counter = Counter()  # left out by the preprocessing, by reason
         self.skip_examples: list[str] = []
         self.drop_examples: list[str] = []
-        outcomes, checked = checked_rows(source, prep, count, verify_images, allow_outside_images, num_proc)
+        outcomes, fingerprint = checked_rows(
+            source, prep, count, verify_images, allow_outside_images, num_proc
+        )
         for where, row, outcome in outcomes:
             self._count(where, row, outcome, strict)
         if count and self.records:
@@ -176,8 +179,10 @@ class PromptDataset:
             raise DataError(f"{self.source}: no usable sample; {reasons or 'the file holds none'}")
         self.text_only = sum(not r.images for r in self.records)
         self.multi_image = sum(len(r.images) > 1 for r in self.records)
-        # the checked dataset's fingerprint and the rows kept (None for a JSONL file: cppo.rl.resume)
-        self.fingerprint = None if checked is None else _hash([checked, [r.source for r in self.records]])
+        # the dataset's _fingerprint and the rows kept (None for a JSONL file: cppo.rl.resume)
+        self.fingerprint = (
+            None if fingerprint is None else _hash([fingerprint, [r.source for r in self.records]])
+        )
 
     def _count(self, where: str, row: dict, outcome: dict, strict: bool) -> None:
         """One row's outcome (cppo.rl.checks.check_row): a record, or a counted drop or skip."""

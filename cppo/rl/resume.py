@@ -25,8 +25,8 @@ GPUs than this one is refused even when forced (`gpu_count`, stored in the train
 with the policy, cppo.rl.policy.build_policy; a sharded checkpoint's weights and optimizer state from
 its shards, resharded to this run's processes, with or without FSDP).
 
-The data fingerprint a checkpoint records is `data_fingerprint`'s: the checked `datasets` dataset's
-own fingerprint where the data is one, else a hash of the samples.
+The data fingerprint a checkpoint records is `data_fingerprint`'s: the `datasets` dataset's own
+`_fingerprint` with the rows kept where the data is one, else a hash of the samples.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ from cppo.rl.sharded import is_sharded_checkpoint, load_shards, save_sharded_che
 
 
 def data_fingerprint(dataset) -> str:
-    """The samples' fingerprint: for a ``datasets`` source the checked dataset's ``_fingerprint`` with
-    the rows kept (``PromptDataset.fingerprint``, cppo.rl.data); for a JSONL file, a hash of the
+    """The samples' fingerprint: for a ``datasets`` source the dataset's ``_fingerprint`` with the
+    rows kept (``PromptDataset.fingerprint``, cppo.rl.data); for a JSONL file, a hash of the
     samples' questions, answers, types and image references, in order."""
     if getattr(dataset, "fingerprint", None):
         return dataset.fingerprint
