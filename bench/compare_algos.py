@@ -32,8 +32,9 @@ import torch
 
 from cppo.models import demo_model_path, load_model_and_processor
 from cppo.models.evaluate import evaluate
-from cppo.rl.data import find_split, open_dataset, shapes_data
+from cppo.rl.data import open_dataset, shapes_data
 from cppo.rl.logfiles import read_metrics
+from cppo.rl.sources import find_split
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from cppo.models import load_model_and_processor, model_path_or_demo
     from cppo.perturb import UnknownNameError, get_perturbation, get_preset
     from cppo.precision import check_device, resolve_dtype
-    from cppo.rl.data import DataError
+    from cppo.rl.sources import DataError
 
     try:  # everything that needs no model, first
         _check_numbers(args)

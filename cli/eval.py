@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     from cppo.models.prompt_tokens import set_pixel_bounds
     from cppo.precision import check_device, resolve_dtype
     from cppo.prompt import instruction_for
-    from cppo.rl.data import DataError, Preprocessing, open_dataset
-    from cppo.rl.sources import parse_columns
+    from cppo.rl.checks import Preprocessing
+    from cppo.rl.data import open_dataset
+    from cppo.rl.sources import DataError, parse_columns
 
     try:  # everything that needs no model, data or processor, first
         check_numbers(args)

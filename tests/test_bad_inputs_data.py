@@ -20,7 +20,8 @@ from cli.detect import main as detect_main
 from cli.eval import main as eval_main
 from cli.train import main as train_main
 from cppo.models import demo_model_path, load_processor
-from cppo.rl.data import Preprocessing, open_dataset
+from cppo.rl.checks import Preprocessing
+from cppo.rl.data import open_dataset
 
 GOOD = {"question": "What colour is the square?", "answer": "red"}
 

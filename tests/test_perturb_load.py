@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from cppo.perturb import ImageError, image_size_of, load_image
-from cppo.rl.data import DataError, open_image
+from cppo.rl.checks import open_image
+from cppo.rl.sources import DataError
 
 
 def _turned(tmp_path):

@@ -4,7 +4,9 @@ import json
 import pytest
 from PIL import Image
 
-from cppo.rl.data import DataError, find_split, open_dataset, open_image, shapes_data
+from cppo.rl.checks import open_image
+from cppo.rl.data import open_dataset, shapes_data
+from cppo.rl.sources import DataError, find_split
 
 
 def _png(path, size=(32, 24), color=(200, 10, 10), mode="RGB"):

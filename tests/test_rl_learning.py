@@ -21,9 +21,10 @@ import torch
 from cppo.models import load_model_and_processor
 from cppo.models.build import demo_model_path
 from cppo.models.evaluate import evaluate
-from cppo.rl.data import find_split, open_dataset, shapes_data
+from cppo.rl.data import open_dataset, shapes_data
 from cppo.rl.flags import parse_args
 from cppo.rl.loop import run_training
+from cppo.rl.sources import find_split
 
 pytestmark = pytest.mark.slow
 EVAL_N = 100

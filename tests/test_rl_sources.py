@@ -15,11 +15,19 @@ datasets = pytest.importorskip("datasets")
 from cppo.models import demo_model_path, encode_prompts, load_processor  # noqa: E402
 from cppo.models.prompt_tokens import pixel_bounds, prompt_lengths, set_pixel_bounds  # noqa: E402
 from cppo.prompt import INSTRUCTION  # noqa: E402
+from cppo.rl.checks import Preprocessing  # noqa: E402
 from cppo.rl.config import ConfigError, TrainConfig  # noqa: E402
-from cppo.rl.data import DataError, Preprocessing, data_processor, open_dataset  # noqa: E402
+from cppo.rl.data import open_dataset  # noqa: E402
 from cppo.rl.launch import resolve_max_steps  # noqa: E402
+from cppo.rl.prompt_count import data_processor  # noqa: E402
 from cppo.rl.resume import data_fingerprint  # noqa: E402
-from cppo.rl.sources import is_hub_id, parquet_files, parse_columns, split_spec  # noqa: E402
+from cppo.rl.sources import (  # noqa: E402
+    DataError,  # noqa: E402
+    is_hub_id,
+    parquet_files,
+    parse_columns,
+    split_spec,
+)
 from tests.published_data import (  # noqa: E402
     GEO_ROWS,
     VIRL_ROWS,

@@ -28,10 +28,11 @@ Files, each read top to bottom:
 """
 
 from cppo.rl.config import ConfigError, TrainConfig
-from cppo.rl.data import DataError, PromptDataset, Sample, find_split, open_dataset, shapes_data
+from cppo.rl.data import PromptDataset, Sample, open_dataset, shapes_data
 from cppo.rl.flags import parse_args
 from cppo.rl.rewards import REWARDS, RewardResult, RewardScorer, get_reward, register_reward
 from cppo.rl.sampler import Draw, PromptSampler, view_seed
+from cppo.rl.sources import DataError, find_split
 
 __all__ = [
     "REWARDS",

@@ -71,33 +71,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from cppo.perturb import to_rgb
-from cppo.rl.checks import Preprocessing, Skip, checked_rows, image_refs, open_image, upscale
-from cppo.rl.prompt_count import (  # re-exported: cppo.rl.run and cppo.rl.plan take them from here
-    check_response_room,
-    data_processor,
-    processor_positions,
-    prompt_token_counts,
-)
-from cppo.rl.sources import DataError, Source, find_split, parse_columns, read_source
+from cppo.rl.checks import Preprocessing, Skip, checked_rows, image_refs, open_image
+from cppo.rl.prompt_count import processor_positions, prompt_token_counts
+from cppo.rl.sources import DataError, Source, parse_columns, read_source
 
-__all__ = [  # re-exported for their callers of old: find_split and DataError (cppo.rl.sources),
-    # Preprocessing, open_image and upscale (cppo.rl.checks), the processor's (cppo.rl.prompt_count)
-    "DataError",
-    "Preprocessing",
-    "PromptDataset",
-    "Sample",
-    "check_response_room",
-    "data_processor",
-    "find_split",
-    "open_config_data",
-    "open_dataset",
-    "open_image",
-    "processor_positions",
-    "shapes_data",
-    "to_rgb",
-    "upscale",
-]
+__all__ = ["PromptDataset", "Sample", "open_config_data", "open_dataset", "shapes_data"]
 
 
 @dataclass

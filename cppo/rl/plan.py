@@ -31,14 +31,16 @@ from pathlib import Path
 
 from cppo.models import demo_model_path
 from cppo.models.model_dir import read_config
+from cppo.rl.checks import Preprocessing
 from cppo.rl.config import ConfigError, TrainConfig
-from cppo.rl.data import DataError, Preprocessing, PromptDataset, data_processor
+from cppo.rl.data import PromptDataset
 from cppo.rl.fsdp import fsdp_settings
 from cppo.rl.generation import MAX_GENERATION_ROWS
 from cppo.rl.launch import resolve_max_steps
 from cppo.rl.memory import GIB, SHAPES, ModelShape, RunShape, estimate
+from cppo.rl.prompt_count import data_processor
 from cppo.rl.rundir import earlier_run, entry_names
-from cppo.rl.sources import parse_columns, read_source
+from cppo.rl.sources import DataError, parse_columns, read_source
 
 PASSES = {"grpo": 1, "papo": 2, "cppo": 3}  # forward passes alive before one backward (anchor, views)
 SHAPES_TASK_SAMPLES = 4000  # shapes_data's n_train: the default task's training split

@@ -32,20 +32,14 @@ from cppo.perturb import get_preset, load_preset
 from cppo.rl.atomic import RunDirError, atomic_write
 from cppo.rl.checkpoint import check_writable
 from cppo.rl.config import ConfigError, TrainConfig
-from cppo.rl.data import (
-    PromptDataset,
-    check_response_room,
-    data_processor,
-    find_split,
-    open_config_data,
-    shapes_data,
-)
+from cppo.rl.data import PromptDataset, open_config_data, shapes_data
 from cppo.rl.flags import to_yaml
 from cppo.rl.fsdp import fsdp_settings
 from cppo.rl.launch import check_launch, resolve_max_steps
 from cppo.rl.logfiles import write_failure
 from cppo.rl.perception import get_perception_term
 from cppo.rl.policy import build_policy, compute_dtype
+from cppo.rl.prompt_count import check_response_room, data_processor
 from cppo.rl.reference import place_reference
 from cppo.rl.reporting import Counters, StepLogger
 from cppo.rl.resume import Checkpointer, data_fingerprint, restore, resume_point
@@ -53,6 +47,7 @@ from cppo.rl.rewards import RewardScorer
 from cppo.rl.rundir import check_fresh, clear_earlier_run
 from cppo.rl.sampler import PromptSampler
 from cppo.rl.sharded import share_rank0_outcome
+from cppo.rl.sources import find_split
 
 
 @dataclass
