@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 def _train(cfg) -> int:
     """Run the training; the exit status, with the one line for each way it can end."""
     from cppo.rl.checkpoint import RunDirError
-    from cppo.rl.data import DataError
     from cppo.rl.loop import BadStepsError, train
     from cppo.rl.ranks import CollectiveTimeoutError, collective_timeout_line
     from cppo.rl.rewards import RewardHungError
     from cppo.rl.signals import RunInterrupted
+    from cppo.rl.sources import DataError
 
     try:
         run_dir = train(cfg)
@@ -101,7 +101,7 @@ def _train(cfg) -> int:
             raise
         print(f"cppo-train: error: {line}", file=sys.stderr)
         return 4
-    print(f"cppo-train: done; run directory {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
+    print(f"cppo-train: done; look at {run_dir / 'curves.png'} and {run_dir / 'summary.json'}")
     return 0
 
 

@@ -20,9 +20,10 @@ SAFE = set(
     data_strict max_bad_steps epochs eval_data_columns ref_offload export_pretrained""".split()
 )
 SAFE |= {"generation_batch_size", "sort_by_length", "prefetch"}  # how rollouts and updates are batched
-SAFE |= {"reward_timeout"}  # a reward call's time limit
+SAFE |= {"reward_timeout", "reward_hang_steps", "drop_hung_rewards"}  # a reward call's time limit, a hung one
 SAFE |= {"dist_timeout"}  # how long a collective may wait
 SAFE |= {"overwrite"}  # what a fresh start does with an earlier run's files (cppo.rl.rundir)
+SAFE |= {"report_to", "project", "run_name", "rollout_table_every"}  # where the run is followed
 
 
 def test_resume_safe_fields_are_the_marked_config_fields():

@@ -21,6 +21,7 @@ from cppo.rl.bounds import Bound, Lookup, above, at_least, batch_problems, field
 from cppo.rl.perception import get_perception_term
 from cppo.rl.rewards import get_reward, reward_name
 from cppo.rl.sources import parse_columns
+from cppo.rl.trackers import tracker_name
 
 ALGOS = ("cppo", "grpo", "papo")  # the built-in perception terms (cppo.rl.perception)
 DEFAULT_MAX_STEPS = 40  # the demo's run length, when neither max_steps nor epochs is given
@@ -376,8 +377,10 @@ class TrainConfig(CPLSettings):
         "also keep the checkpoint with the best eval/accuracy (checkpoints/best.json names it), outside "
         "keep_last; needs eval_every",
     )
-    eval_every: int = _safe(0, "evaluate on eval_data every N steps; 0 = never", check=OFF_AT_0)
-    eval_samples: int = _safe(1, "K of the periodic avg@K evaluation", check=POSITIVE)
+    eval_every: int | None = _safe(
+        None, "evaluate on eval_data at step 0, every N steps and at the end; none = 10 without --data "
+        "(the demo), else 0 = never", check=at_least(0, "or none"))  # fmt: skip
+    eval_samples: int | None = _safe(None, "K of avg@K; none: 4 without --data, else 1", check=POSITIVE)
     log_rollouts: int = _safe(4, "rollouts per step written to rollouts.jsonl; 0 = none", check=OFF_AT_0)
     resume: str | None = _safe(
         None,
@@ -403,7 +406,12 @@ class TrainConfig(CPLSettings):
         "optimizer update; 0 = never stop",
         check=OFF_AT_0,
     )
-    tensorboard: bool = _safe(True, "write TensorBoard logs when tensorboard is installed")
+    tensorboard: bool = _safe(True, "TensorBoard scalars in tb/ (when installed), as --report-to tensorboard")
+    report_to: list[str] = _safe(["none"], "trackers (TRL's report_to): none | all | tensorboard wandb "
+        "trackio mlflow comet_ml aim clearml dvclive swanlab", check=Lookup(tracker_name))  # fmt: skip
+    project: str = _safe("cppo", "the trackers' project (W&B and trackio project, MLflow experiment)")
+    run_name: str | None = _safe(None, "the trackers' run name; none = the run directory's name")
+    rollout_table_every: int = _safe(10, "rollouts to trackers with tables every N steps", check=OFF_AT_0)
 
     def __post_init__(self):  # betas as a tuple, the defaults that depend on other fields, N -> B
         if isinstance(self.betas, list):
@@ -412,6 +420,9 @@ class TrainConfig(CPLSettings):
             self.max_steps = DEFAULT_MAX_STEPS
         if self.output_dir is None:  # each algorithm its own default folder, so that runs never collide
             self.output_dir = f"runs/{self.algo}"
+        demo = self.data is None  # the demo shows its held-out avg@4 rise (its gain is in sampling)
+        self.eval_every = (10 if demo else 0) if self.eval_every is None else self.eval_every
+        self.eval_samples = (4 if demo else 1) if self.eval_samples is None else self.eval_samples
         if self.rollouts_per_step is not None:  # B is the one number the rest of the code reads
             if problem := _rollouts_problem(self):
                 raise ConfigError(problem)

@@ -9,13 +9,15 @@ import math
 import torch
 
 from cppo.rl.config import ConfigError, TrainConfig
+from cppo.rl.trackers import check_installed
 
 
 def check_launch(cfg: TrainConfig, world: int = 1, sharded: bool = False) -> None:
     """What cppo-train's loop needs beyond a valid config, checked before any model loads: the
-    process count and FSDP (``sharded``) of this launch, a CUDA device that this torch does not see, and
-    the options of cppo.loss / cppo.detect that the loop does not wire in (they need the views' hidden
-    states, which the loop does not keep)."""
+    trackers of --report-to (installed), the process count and FSDP (``sharded``) of this launch, a
+    CUDA device that this torch does not see, and the options of cppo.loss / cppo.detect that the loop
+    does not wire in (they need the views' hidden states, which the loop does not keep)."""
+    check_installed(cfg)  # a tracker of --report-to that is not installed: the extra to install
     errors = []
     if cfg.prompts_per_step % world:
         errors.append(

@@ -190,11 +190,12 @@ class RunLogger:
         with _writing(self.tb_dir, rollback=False):
             tb.close()
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Append `{"step": step, **metrics}` to metrics.jsonl (flushed, fsynced) and to TensorBoard."""
-        if not self.is_main:
-            return
+    def log(self, step: int, metrics: dict[str, float]) -> dict:
+        """Append `{"step": step, **metrics}` to metrics.jsonl (flushed, fsynced) and to TensorBoard;
+        returns that row (as the file holds it)."""
         row = {"step": int(step), **{str(k): _plain(v) for k, v in metrics.items()}}
+        if not self.is_main:
+            return row
         self._append(self.metrics_path, [json.dumps(row)])
         if self._tb is not None:
             with self._failing(), _writing(self.tb_dir, rollback=False):
@@ -202,6 +203,7 @@ class RunLogger:
                     if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                         self._tb.add_scalar(key, value, int(step))
                 self._tb.flush()
+        return row
 
     def _append(self, path: Path, lines: list[str]) -> None:
         with self._failing():

@@ -62,7 +62,6 @@ from cppo.precision import autocast
 from cppo.prompt import instruction_for
 from cppo.rl.checkpoint import write_best
 from cppo.rl.config import TrainConfig
-from cppo.rl.curves import draw_curves
 from cppo.rl.fsdp import gathered
 from cppo.rl.policy import compute_dtype
 from cppo.rl.prefetch import Prefetcher
@@ -118,6 +117,11 @@ def _run_steps(cfg: TrainConfig, where: Whereabouts):
     prefetch = Prefetcher(partial(_prepare, run, copy.deepcopy(run.processor)), enabled=cfg.prefetch)
     hangs = HangWatch(run.scorer.names, cfg.reward_hang_steps)  # not saved: a resume starts the count anew
     with run.logger, closing(prefetch), StopSignals() as stops:  # a log write failure: RunDirError
+        if run.eval_set is not None and run.start == 0:  # step 0: the held-out accuracy before training
+            where.at("the evaluation", 0)
+            metrics = rank0s(_held_out(run, Timer()), world)
+            with rank0_stage("write the step's logs", world):
+                run.logger.evaluation(0, metrics)
         for step in range(run.start, cfg.max_steps):
             where.at("the rollout", step + 1)
             seed_everything(_rollout_seed(cfg.seed, step, rank))
@@ -159,9 +163,7 @@ def _run_steps(cfg: TrainConfig, where: Whereabouts):
             last = step + 1 == cfg.max_steps
             if run.eval_set is not None and ((step + 1) % cfg.eval_every == 0 or last):
                 where.at("the evaluation")
-                with timer("eval"), gathered(model), autocast(device, compute_dtype(cfg, device)):
-                    metrics.update(_evaluate(model, run.processor, run.eval_set, cfg, rank, world))
-                metrics["time/eval"] = timer["eval"]  # rank 0's: the gather at its end syncs the ranks
+                metrics.update(_held_out(run, timer))
             metrics = rank0s(metrics, world)  # every decision below is taken once, from rank 0's metrics
             bad = counters.count(metrics)
             where.at("writing the step's logs")
@@ -190,8 +192,7 @@ def _run_steps(cfg: TrainConfig, where: Whereabouts):
                     saved = checkpoints.save(step + 1, sampler.state_dict())
             if not last and stops.requested(world, device):
                 raise stops.interrupted(step + 1, saved or checkpoints.save(step + 1, sampler.state_dict()))
-    if rank == 0:  # a figure that cannot be written (a full disk) is a warning: the run is complete
-        draw_curves(run.run_dir)
+    run.logger.finish()  # rank 0: curves.png, the trackers' image and close, summary.json and its lines
     return run.run_dir, model
 
 
@@ -203,6 +204,13 @@ def _prepare(run, processor, draws) -> Prompts:
     return prepare_prompts(
         processor, samples, seeds, run.cfg.algo, run.preset, instruction_for(run.cfg.instruction)
     )
+
+
+def _held_out(run, timer: Timer) -> dict[str, float]:
+    """The evaluation's eval/* metrics and time/eval (rank 0's: the gather at its end syncs the ranks)."""
+    with timer("eval"), gathered(run.model), autocast(run.device, compute_dtype(run.cfg, run.device)):
+        metrics = _evaluate(run.model, run.processor, run.eval_set, run.cfg, run.rank, run.world)
+    return {**metrics, "time/eval": timer["eval"]}
 
 
 def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:

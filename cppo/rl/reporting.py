@@ -1,10 +1,12 @@
 """What a step reports: its metrics, the rollouts it logs, the run's counters, the progress bar.
 
     log = StepLogger(run_dir, cfg, rank)     # metrics.jsonl, rollouts.jsonl, reward_errors.jsonl, TB
-    log.start(step)                          # the progress bar, from the step the run starts at
+    log.start(step)                          # the trackers (--report-to), the progress bar
+    log.evaluation(0, metrics)               # the held-out evaluation before training
     bad = counters.count(metrics)            # a skipped update makes a bad step
-    log.step(step, metrics, ro, bad)         # every file line, the bar, a stderr line when needed
+    log.step(step, metrics, ro, bad)         # every file line and tracker, the bar, a stderr line
     log.close()                              # or `with log:`
+    log.finish()                             # curves.png, summary.json and the printed summary
 
 A log that cannot be written (a full disk) is a RunDirError naming the file and the checkpoint a
 resume continues from: cppo-train's one line and exit 2.
@@ -25,8 +27,12 @@ import torch
 
 from cppo.rl.atomic import RunDirError
 from cppo.rl.checkpoint import latest_checkpoint
-from cppo.rl.logfiles import LogWriteError, RunLogger
+from cppo.rl.curves import draw_curves
+from cppo.rl.logfiles import LogWriteError, RunLogger, write_failure
 from cppo.rl.ranks import Tally
+from cppo.rl.summary import SUMMARY_FILE, summarize, summary_text, write_summary
+from cppo.rl.trackers import Trackers
+from cppo.rl.trackers import resolve as resolve_trackers
 from cppo.rl.update import Timer
 
 _STATUS = Path("/proc/self/status")
@@ -211,9 +217,11 @@ class StepLogger:
 
     def __init__(self, run_dir: Path, cfg, rank: int):
         self.cfg, self.rank, self.run_dir = cfg, rank, Path(run_dir)
+        tensorboard = cfg.tensorboard or "tensorboard" in resolve_trackers(cfg.report_to)
         with self._writes():
-            self.files = RunLogger(run_dir, tensorboard=cfg.tensorboard, is_main=rank == 0)
+            self.files = RunLogger(run_dir, tensorboard=tensorboard, is_main=rank == 0)
         self.progress: Progress | None = None
+        self.trackers = Trackers(run_dir)  # none until the run starts them (start), after config.yaml
 
     @contextmanager
     def _writes(self):
@@ -243,16 +251,30 @@ class StepLogger:
             print(f"[cppo] {old} of an earlier run without a checkpoint to resume -> {new}", file=sys.stderr)
 
     def start(self, step: int) -> None:
-        """Open the progress bar at `step`, the step the run starts from."""
+        """Start the trackers of --report-to (a resumed run continues their runs: trackers.json) with
+        the resolved config, and open the progress bar at `step`, the step the run starts from."""
+        self.trackers = Trackers(self.run_dir, self.cfg, self.rank, resumed=step > 0)
+        self.trackers.config(self.cfg.to_dict())
         self.progress = Progress(self.cfg, step, self.rank)
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        """An evaluation outside a training step (step 0: before training) as its own metrics line."""
+        with self._writes():
+            row = self.files.log(step, metrics)
+        self.trackers.log(step, row)
 
     def step(self, step: int, metrics: dict, ro, bad: bool) -> None:
         """Log the step; RunDirError (one line: the file, the reason, the checkpoint a resume
         continues from) when a log cannot be written."""
+        rows = rollout_rows(ro, self.cfg.log_rollouts)
         with self._writes():
-            self.files.log(step, metrics)
-            self.files.log_rollouts(step, rollout_rows(ro, self.cfg.log_rollouts))
+            row = self.files.log(step, metrics)
+            self.files.log_rollouts(step, rows)
             self.files.log_reward_errors(step, reward_error_rows(ro, self.rank))
+        self.trackers.log(step, row)
+        every = self.cfg.rollout_table_every
+        if every and (step % every == 0 or step == self.cfg.max_steps):
+            self.trackers.table(step, rows)
         if self.progress is not None:
             self.progress.update(metrics)
         if self.rank == 0:
@@ -267,13 +289,31 @@ class StepLogger:
     def __enter__(self) -> StepLogger:
         return self
 
+    def finish(self) -> None:
+        """The end of a finished run, on rank 0: curves.png (a failed write is a warning), sent to
+        the trackers that take images, which are then closed; summary.json and the printed summary."""
+        if self.rank != 0:
+            return
+        curves = draw_curves(self.run_dir)
+        self.trackers.image(curves, self.cfg.max_steps)
+        self.trackers.finish()
+        try:
+            summary = write_summary(self.run_dir, self.cfg)
+        except OSError as e:  # the run is complete: its summary can be read from metrics.jsonl
+            print(
+                f"[cppo] could not write {self.run_dir / SUMMARY_FILE} ({write_failure(e)})", file=sys.stderr
+            )
+            summary = summarize(self.run_dir, self.cfg)
+        print(summary_text(summary), flush=True)
+
     def __exit__(self, exc_type, exc, tb) -> None:
         """Close; while another error propagates (a checkpoint the full disk refused), a failure to
-        flush TensorBoard's last events must not replace it."""
+        flush TensorBoard's last events must not replace it, and the trackers' runs are closed."""
         if exc_type is None:
             self.close()
             return
         try:
             self.close()
+            self.trackers.finish()
         except Exception:
             pass

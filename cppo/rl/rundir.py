@@ -31,6 +31,8 @@ RUN_ENTRIES = (
     ROLLOUTS_FILE,
     REWARD_ERRORS_FILE,
     "curves.png",
+    "summary.json",
+    "trackers.json",
     "tb",
     CHECKPOINTS_DIR,
 )
