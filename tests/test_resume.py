@@ -23,7 +23,7 @@ SAFE |= {"generation_batch_size", "sort_by_length", "prefetch"}  # how rollouts 
 SAFE |= {"reward_timeout", "reward_hang_steps", "drop_hung_rewards"}  # a reward call's time limit, a hung one
 SAFE |= {"dist_timeout"}  # how long a collective may wait
 SAFE |= {"overwrite"}  # what a fresh start does with an earlier run's files (cppo.rl.rundir)
-SAFE |= {"report_to", "project", "run_name", "rollout_table_every"}  # where the run is followed
+SAFE |= {"report_to", "project", "run_name", "rollout_table_every", "eval_at_start"}  # following a run
 
 
 def test_resume_safe_fields_are_the_marked_config_fields():

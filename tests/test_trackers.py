@@ -23,7 +23,7 @@ def _flags(tiny_dir, data, out, *extra):
     tiny = "--prompts-per-step 2 --group-size 2 --micro-batch-size 2 --max-new-tokens 4 --seed 0"
     return [
         *("--model", str(tiny_dir), "--data", str(data), "--output-dir", str(out), *tiny.split()),
-        *("--eval-every", "1", "--eval-data", str(data), "--rollout-table-every", "1"),
+        *("--eval-every", "1", "--eval-at-start", "--eval-data", str(data), "--rollout-table-every", "1"),
         *("--project", "cppo-tests", "--run-name", "tiny", *extra),
     ]
 

@@ -377,10 +377,10 @@ class TrainConfig(CPLSettings):
         "also keep the checkpoint with the best eval/accuracy (checkpoints/best.json names it), outside "
         "keep_last; needs eval_every",
     )
-    eval_every: int | None = _safe(
-        None, "evaluate on eval_data at step 0, every N steps and at the end; none = 10 without --data "
-        "(the demo), else 0 = never", check=at_least(0, "or none"))  # fmt: skip
+    eval_every: int | None = _safe(None, "evaluate on eval_data every N steps and at the end; none: 10 "
+        "without --data (the demo), else 0 = never", check=at_least(0, "or none"))  # fmt: skip
     eval_samples: int | None = _safe(None, "K of avg@K; none: 4 without --data, else 1", check=POSITIVE)
+    eval_at_start: bool | str = _safe("auto", "evaluate at step 0 too: true | false | auto (without --data)")
     log_rollouts: int = _safe(4, "rollouts per step written to rollouts.jsonl; 0 = none", check=OFF_AT_0)
     resume: str | None = _safe(
         None,

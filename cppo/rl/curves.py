@@ -1,4 +1,5 @@
-"""curves.png: a run's reward, accuracy, CPL and entropy against the step, drawn from metrics.jsonl.
+"""curves.png: a run's reward, accuracy (training and held-out), CPL and entropy against the step,
+drawn from metrics.jsonl.
 
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     draw_curves(run_dir)        # the trainer's call at the end: a write that fails is a warning
@@ -25,6 +26,8 @@ PANELS = [
     ("CPL", "cpl/loss", "cpl/mask_frac"),
     ("entropy", "entropy/mean", None),
 ]
+# drawn over a panel's left axis as points joined by a line, unsmoothed: the evaluations (step 0 first)
+OVERLAYS = {"accuracy": ("eval/accuracy", "held-out (eval/accuracy)")}
 
 
 def _series(rows: list[dict], key: str):
@@ -53,7 +56,8 @@ def moving_average(values, window: int):
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> Path:
-    """A 2x2 figure of reward, accuracy, CPL (loss, and mask fraction on a twin axis) and entropy.
+    """A 2x2 figure of reward, accuracy, CPL (loss, and mask fraction on a twin axis) and entropy; the
+    held-out evaluations (eval/accuracy, with step 0's before training) over the training accuracy.
 
     Raw values are drawn faint with a centred moving average (window ~ 1/10 of the run, at most 25
     steps) over them. A key the run did not log (a GRPO run has no `cpl/*`) leaves its panel with a
@@ -82,6 +86,11 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path:
             axis.plot(steps, values, color=color, alpha=0.3, linewidth=1)
             axis.plot(steps, moving_average(values, window), color=color, linewidth=2, label=k)
             axis.set_ylabel(k, color=color)
+            drawn = True
+        overlay = OVERLAYS.get(title)
+        if overlay and (series := _series(rows, overlay[0])) is not None:
+            ax.plot(*series, color="C2", marker="o", linewidth=2, label=overlay[1])
+            ax.legend(loc="lower right", fontsize="small")
             drawn = True
         if not drawn:
             missing = key + (f", {twin_key}" if twin_key else "")

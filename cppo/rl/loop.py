@@ -117,7 +117,8 @@ def _run_steps(cfg: TrainConfig, where: Whereabouts):
     prefetch = Prefetcher(partial(_prepare, run, copy.deepcopy(run.processor)), enabled=cfg.prefetch)
     hangs = HangWatch(run.scorer.names, cfg.reward_hang_steps)  # not saved: a resume starts the count anew
     with run.logger, closing(prefetch), StopSignals() as stops:  # a log write failure: RunDirError
-        if run.eval_set is not None and run.start == 0:  # step 0: the held-out accuracy before training
+        at_start = cfg.data is None if cfg.eval_at_start == "auto" else cfg.eval_at_start  # auto: the demo
+        if run.eval_set is not None and at_start and run.start == 0:  # before training: step 0
             where.at("the evaluation", 0)
             metrics = rank0s(_held_out(run, Timer()), world)
             with rank0_stage("write the step's logs", world):
