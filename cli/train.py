@@ -5,6 +5,7 @@
     cppo-train --resume auto                     # continue runs/cppo from its latest checkpoint
     cppo-train --overwrite                       # delete the earlier run in runs/cppo, start again
     cppo-train --config run.yaml --max-steps 200 # a YAML file for defaults, flags on top
+    cppo-train --report-to wandb --project vlm-rl # also to W&B (pip install 'cppo[wandb]'; trackio, mlflow)
     cppo-train --algo grpo --group-size 8 --print-config
     cppo-train --config examples/configs/cppo-3b.yaml --dry-run --dry-run-gpus 8   # the plan, no model
 
@@ -17,8 +18,9 @@ folder that holds an earlier one (config.yaml, logs, tb/, curves.png, checkpoint
 Exit status, each with one line on stderr saying what happened and what to do:
 
 - 0: done;
-- 2: the config, the data, the run directory (unwritable, full) or the resume point cannot be used,
-  found before training (or a checkpoint write that failed: the previous checkpoint is intact);
+- 2: the config, the data, the run directory (unwritable, full), the resume point or a ``--report-to``
+  tracker (not installed: the line names its extra) cannot be used, found before training (or a
+  checkpoint write that failed: the previous checkpoint is intact);
 - 3: stopped after ``max_bad_steps`` consecutive steps with a non-finite loss or gradient norm;
 - 4: a collective between the processes waited longer than ``--dist-timeout`` (another process
   stalled or died); the line names this process's rank, the step and the phase it was in, and the
