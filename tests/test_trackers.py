@@ -111,6 +111,7 @@ def _wandb_run(stores: Path, run_id: str):
     return config, history, tables
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_config_and_every_metrics_line_and_is_resumed(tracked_run, stores):
     out, first, after_2 = tracked_run
     assert json.loads((out / TRACKERS_FILE).read_text())["wandb"] == first["wandb"]  # resumed, not new
@@ -127,6 +128,7 @@ def test_wandb_offline_run_holds_the_config_and_every_metrics_line_and_is_resume
     assert "curves" in {k.split("/")[0] for k in history[3]}  # the figure, at the last step
 
 
+@pytest.mark.slow
 def test_trackio_local_store_holds_the_config_and_the_metrics(tracked_run, stores):
     from trackio.sqlite_storage import SQLiteStorage
 
@@ -140,6 +142,7 @@ def test_trackio_local_store_holds_the_config_and_the_metrics(tracked_run, store
         assert {k: logged[row["step"]][k] for k in _numbers(row)} == _numbers(row)
 
 
+@pytest.mark.slow
 def test_mlflow_file_store_holds_the_config_and_the_metrics(tracked_run, stores):
     from mlflow.tracking import MlflowClient
 
@@ -162,6 +165,7 @@ def test_mlflow_file_store_holds_the_config_and_the_metrics(tracked_run, stores)
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the resume continued it
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_metrics_config_and_curves(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -178,6 +182,7 @@ def test_tensorboard_events_hold_the_metrics_config_and_curves(tracked_run):
     assert yaml.safe_load(text) == _config(out)
 
 
+@pytest.mark.slow
 def test_the_summary_reads_the_run_back(tracked_run):
     out, _, _ = tracked_run
     summary = json.loads((out / "summary.json").read_text())
@@ -252,3 +257,35 @@ def test_summary_means_the_first_and_last_steps_and_reads_the_evaluation(tmp_pat
     text = summary_text(summary)
     assert "held-out avg@4: 50.0% at step 0 -> 75.0% at step 10" in text
     assert "training reward (mean of 5 steps): 0.300 -> 0.800" in text
+
+
+def test_curves_draw_the_held_out_evaluations_over_the_training_accuracy():
+    from cppo.rl.curves import curves_figure
+
+    rows = [{"step": 0, "eval/accuracy": 0.5}] + [{"step": s, "reward/accuracy": 0.6} for s in (1, 2)]
+    rows[-1]["eval/accuracy"] = 0.7
+    accuracy = curves_figure(rows, "run").axes[1]
+    assert accuracy.get_title() == "accuracy"
+    held_out = [line for line in accuracy.get_lines() if line.get_label() == "held-out (eval/accuracy)"]
+    assert [list(held_out[0].get_xdata()), list(held_out[0].get_ydata())] == [[0, 2], [0.5, 0.7]]
+
+
+@pytest.mark.slow
+def test_the_demo_evaluates_before_and_after_and_says_where_to_look(tiny_dir, tmp_path, capsys):
+    """The no-argument run's settings (no --data: the shapes task, avg@4 at steps 0, every 10 and
+    the last), on the tiny model for two steps: summary.json and the printed summary hold the
+    held-out accuracy at step 0 and at the end, and the last line names curves.png."""
+    cfg = parse_args([])
+    assert (cfg.eval_every, cfg.eval_samples, cfg.eval_at_start) == (10, 4, "auto")
+    tiny = "--prompts-per-step 2 --group-size 2 --micro-batch-size 2 --max-new-tokens 4 --max-steps 2"
+    out = tmp_path / "demo"
+    assert train_main(["--model", str(tiny_dir), "--output-dir", str(out), *tiny.split()]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    rows = _metrics(out)
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    assert [s for s, _ in evals] == [0, 2]  # before training and at the end
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["metric"] == "avg@4" and summary["eval"]["curve"] == [list(e) for e in evals]
+    start, end = (f"{100 * a:.1f}%" for _, a in evals)
+    assert f"  held-out avg@4: {start} at step 0 -> {end} at step 2" in printed
+    assert printed[-1] == f"cppo-train: done; look at {out / 'curves.png'} and {out / 'summary.json'}"

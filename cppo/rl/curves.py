@@ -63,11 +63,18 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path:
     steps) over them. A key the run did not log (a GRPO run has no `cpl/*`) leaves its panel with a
     note. The PNG is written to a temporary file and renamed into place.
     """
+    metrics_path, out_png = Path(metrics_path), Path(out_png)
+    fig = curves_figure(read_metrics(metrics_path), metrics_path.parent.name or str(metrics_path))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return out_png
+
+
+def curves_figure(rows: list[dict], title: str):
+    """The matplotlib Figure that plot_curves saves, from metrics.jsonl's rows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metrics_path, out_png = Path(metrics_path), Path(out_png)
-    rows = read_metrics(metrics_path)
     fig = Figure(figsize=(10, 7), layout="constrained")
     FigureCanvasAgg(fig)  # no pyplot: no global state, no GUI backend
     axes = fig.subplots(2, 2).ravel()
@@ -103,10 +110,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path:
                 transform=ax.transAxes,
                 color="gray",
             )
-    fig.suptitle(metrics_path.parent.name or str(metrics_path))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return out_png
+    fig.suptitle(title)
+    return fig
 
 
 def draw_curves(run_dir: Path) -> Path | None:
