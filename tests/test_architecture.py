@@ -78,3 +78,15 @@ def test_the_committed_figure_is_a_fresh_drawing_of_the_code():
     fresh = graph.render_svg(graph.scan(ROOT))
     committed = (ROOT / graph.FIGURE).read_text(encoding="utf-8")
     assert committed == fresh, "docs/img/architecture.svg is stale: run python scripts/import_graph.py"
+
+
+def test_the_trainer_package_lists_each_of_its_files_once():
+    """cppo/rl/__init__.py's file list names every module of cppo/rl and no other."""
+    import ast
+    import re
+
+    init = ROOT / "cppo" / "rl" / "__init__.py"
+    listed = re.findall(r"\b(\w+)\.py\b", ast.get_docstring(ast.parse(init.read_text())))
+    files = {p.stem for p in init.parent.glob("*.py") if p.stem != "__init__"}
+    assert sorted(set(listed)) == sorted(files)
+    assert len(listed) == len(set(listed)), "a file is listed twice"

@@ -1,30 +1,35 @@
 """cppo.rl: a lean GRPO / CPPO / PAPO training loop for Qwen2.5-VL.
 
 Files, each read top to bottom:
-    loop.py     the training loop (`run_training`), one step after another
-    run.py      `setup_run(cfg) -> Run`: processes, data, policy, reference, optimizer, resume
-    config.py   TrainConfig: every field documented, with its rule (bounds.py) and the checks across fields
-    flags.py    flags and YAML files into a TrainConfig (defaults < --config < flags), config.yaml out
-    launch.py   the checks that need the launch (`check_launch`), max_steps from epochs
-    data.py     samples checked up front, with the paper's preprocessing (multi-image, small images,
-                boxed answers, prompts over max_prompt_length tokens)
-    checks.py   the check of one sample, run by datasets' Dataset.map and cached by its fingerprint
+    loop.py       the training loop (`run_training`), one step after another
+    run.py        `setup_run(cfg) -> Run`: processes, data, policy, reference, optimizer, resume
+    config.py     TrainConfig: every field documented, with its rule; bounds.py holds the rules
+    flags.py      flags and YAML files into a TrainConfig (defaults < --config < flags), config.yaml out
+    launch.py     the checks that need the launch (`check_launch`), max_steps from epochs
+    plan.py       what a run will do, before it does it (`--dry-run`); memory.py its per-GPU memory
+    data.py       the samples of a run, checked up front (`PromptDataset`, `open_dataset`, `shapes_data`)
+    checks.py     the check and preprocessing of one sample, run by datasets' Dataset.map and cached
     prompt_count.py  the processor as the data meets it: pixel bounds, model positions, prompt tokens
-    sources.py  where samples come from: hub ids (datasets.load_dataset), JSONL, parquet files and
-                dataset folders, save_to_disk folders, each with an optional @split
-    sampler.py  the resumable prompt order, with each prompt's view seed
-    rollout.py  views, G samples per prompt, rewards and advantages of one step
-    rewards.py  the reward registry (accuracy, format, user functions) and the weighted scorer
-    update.py   the policy update: mini-batches of micro-batches, PPO-clip + KL + perception term
-    perception.py  the perception-term registry (--algo): grpo (none), cppo (CPL), papo
-    reporting.py  what a step reports (`StepLogger`), the run's `Counters`; logfiles.py writes the files
-    checkpoint.py, resume.py, signals.py, atomic.py   checkpoints, the trainer state and resuming,
-                stopping on a signal, atomic writes
-    sharded.py  an FSDP run's checkpoints: each process writes its shards (torch.distributed.checkpoint)
-    fsdp.py     FSDP2 sharding of the policy and the reference
-    reference.py  the frozen reference: built, sharded under FSDP or kept in CPU memory (--ref-offload)
-    evaluate.py avg@K accuracy and format per question type (cppo-eval; imported on demand, it loads
-                transformers)
+    sources.py    where samples come from: hub ids, JSONL, parquet files and dataset folders,
+                  save_to_disk folders, each with an optional @split; jsonl.py reads JSON Lines
+    sampler.py    the resumable prompt order, with each prompt's view seed
+    prefetch.py   the next step's host work (images, views, processor) in a background thread
+    rollout.py    views, G samples per prompt, rewards and advantages of one step
+    generation.py how many rows one `generate` call takes, and what seeds them
+    rewards.py    the reward registry (accuracy, format, user functions), the weighted scorer, hangs
+    update.py     the policy update: mini-batches of micro-batches, PPO-clip + KL + perception term
+    perception.py the perception-term registry (--algo): grpo (none), cppo (cppo.loss.cpl_step), papo
+    clip.py       gradient clipping by the global norm, sharded or not
+    policy.py     the policy and its reference: loaded, float32 master weights, sharded under FSDP
+    reference.py  the frozen reference: where it lives (sharded, or in CPU memory: --ref-offload)
+    fsdp.py       FSDP2 sharding, switched on by an accelerate config
+    ranks.py      what the processes agree on: metrics over every rank, decisions from rank 0, timeouts
+    reporting.py  what a step reports (`StepLogger`), the run's `Counters`; logfiles.py writes the
+                  files, curves.py draws curves.png, trackers.py feeds --report-to, summary.py the end
+    checkpoint.py, manifest.py, atomic.py  checkpoints on disk, their COMPLETE manifest, atomic writes
+    sharded.py    an FSDP run's checkpoints: each process writes its shards
+    resume.py     the trainer state and resuming; signals.py stopping on a signal; rundir.py whose run
+                  directory it is
 """
 
 from cppo.rl.config import ConfigError, TrainConfig
