@@ -227,6 +227,26 @@ def test_the_check_of_a_save_to_disk_folder_never_writes_into_it(published, tmp_
     assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before
 
 
+def test_the_resume_fingerprint_of_parquet_follows_its_files_and_of_save_to_disk_its_contents(
+    published, tmp_path
+):
+    """datasets' own _fingerprint: a parquet file's follows its path and modification time, so a copy
+    elsewhere (or the same bytes written again) counts as changed data for a resume (docs/training.md,
+    "Data"); a save_to_disk folder keeps its fingerprint in a copy."""
+    prep = Preprocessing.none()
+    first, copy = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(published["virl"], first)
+    shutil.copytree(published["virl"], copy)
+    same = open_dataset(first, prep=prep).fingerprint
+    assert open_dataset(first, prep=prep).fingerprint == same  # the same files: the same fingerprint
+    assert open_dataset(copy, prep=prep).fingerprint != same
+    raw = datasets.load_dataset("parquet", data_files=str(first / "39Krelease.parquet"), split="train")
+    raw.save_to_disk(str(tmp_path / "saved"))
+    shutil.copytree(tmp_path / "saved", tmp_path / "saved2")
+    saved = [open_dataset(tmp_path / name, image_root=first, prep=prep) for name in ("saved", "saved2")]
+    assert saved[0].fingerprint == saved[1].fingerprint
+
+
 def test_columns_can_be_mapped(published, tmp_path):
     raw = datasets.load_dataset("parquet", data_files=str(published["virl"] / "39Krelease.parquet"))["train"]
     renamed = raw.rename_columns({"question": "prompt", "answer": "truth", "image": "pictures"})

@@ -157,10 +157,10 @@ class PromptDataset:
             raise DataError(f"{self.source}: no usable sample; {reasons or 'the file holds none'}")
         self.text_only = sum(not r.images for r in self.records)
         self.multi_image = sum(len(r.images) > 1 for r in self.records)
-        # the dataset's _fingerprint and the rows kept (None for a JSONL file: cppo.rl.resume)
-        self.fingerprint = (
-            None if fingerprint is None else _hash([fingerprint, [r.source for r in self.records]])
-        )
+        # the dataset's _fingerprint and the rows kept, by number: "LABEL row i" without the label,
+        # which names the data's path (a copied save_to_disk folder resumes). None for a JSONL file
+        kept = [r.source.removeprefix(self.source) for r in self.records]
+        self.fingerprint = None if fingerprint is None else _hash([fingerprint, kept])
 
     def _count(self, where: str, row: dict, outcome: dict, strict: bool) -> None:
         """One row's outcome (cppo.rl.checks.check_row): a record, or a counted drop or skip."""
