@@ -289,3 +289,29 @@ def test_the_demo_evaluates_before_and_after_and_says_where_to_look(tiny_dir, tm
     start, end = (f"{100 * a:.1f}%" for _, a in evals)
     assert f"  held-out avg@4: {start} at step 0 -> {end} at step 2" in printed
     assert printed[-1] == f"cppo-train: done; look at {out / 'curves.png'} and {out / 'summary.json'}"
+
+
+def test_a_tracker_that_fails_mid_run_is_one_line_and_dropped(tmp_path, capsys):
+    from cppo.rl.trackers import Trackers
+
+    class Lost:
+        calls = 0
+
+        def log(self, values, step):
+            Lost.calls += 1
+            raise ConnectionError("server went away\ntraceback...")
+
+    class Kept:
+        logged = []
+
+        def log(self, values, step):
+            Kept.logged.append((step, values))
+
+    trackers = Trackers(tmp_path)
+    trackers.trackers = {"wandb": Lost(), "mlflow": Kept()}
+    trackers.log(1, {"step": 1, "reward/total": 0.5, "note": "text"})
+    trackers.log(2, {"step": 2, "reward/total": 0.7})
+    assert capsys.readouterr().err.splitlines() == [
+        "[cppo] report_to wandb failed (ConnectionError: server went away); the run goes on without it"
+    ]
+    assert Lost.calls == 1 and Kept.logged == [(1, {"reward/total": 0.5}), (2, {"reward/total": 0.7})]

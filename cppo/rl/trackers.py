@@ -142,8 +142,7 @@ class Trackers:
     def log(self, step: int, row: dict) -> None:
         """A metrics.jsonl row (its numbers) at `step`."""
         values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-        for t in self.trackers.values():
-            t.log(values, step=int(step))
+        self._each(lambda name, t: t.log(values, step=int(step)))
 
     def table(self, step: int, rows: list[dict]) -> None:
         """Rollouts as a table `rollouts` (wandb, clearml: the trackers accelerate gives log_table)."""
@@ -151,9 +150,9 @@ class Trackers:
             return
         columns = list(rows[0])
         data = [[_cell(r[c]) for c in columns] for r in rows]
-        for t in self.trackers.values():
-            if hasattr(t, "log_table"):
-                t.log_table("rollouts", columns=columns, data=data, step=int(step))
+        self._each(
+            lambda name, t: hasattr(t, "log_table") and t.log_table("rollouts", columns, data, step=step)
+        )
 
     def image(self, path: Path | None, step: int) -> None:
         """The curves figure: an image where the tracker takes images, MLflow's artifact."""
@@ -163,11 +162,27 @@ class Trackers:
         from PIL import Image
 
         pixels = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
-        for name, t in self.trackers.items():
+
+        def send(name, t):
             if name == "mlflow":
                 t.log_artifact(str(path))
             elif hasattr(t, "log_images"):
                 t.log_images({"curves": [pixels]}, step=step)
+
+        self._each(send)
+
+    def _each(self, call) -> None:
+        """call(name, tracker) for each tracker; one that raises (a lost connection, a full disk) is
+        said in one stderr line and dropped: the run and its own logs go on without it."""
+        for name, t in list(self.trackers.items()):
+            try:
+                call(name, t)
+            except Exception as e:
+                detail = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+                print(
+                    f"[cppo] report_to {name} failed ({detail}); the run goes on without it", file=sys.stderr
+                )
+                self.trackers.pop(name)
 
     def finish(self) -> None:
         for name, t in self.trackers.items():
