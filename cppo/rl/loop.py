@@ -72,6 +72,7 @@ from cppo.rl.rewards import HangWatch, RewardHungError, hung_reward_message
 from cppo.rl.rollout import Prompts, collect_rollouts, prepare_prompts
 from cppo.rl.run import seed_everything, setup_run
 from cppo.rl.signals import AbortStep, StopSignals
+from cppo.rl.threads import CpuThreads
 from cppo.rl.update import Timer, policy_update, rollout_logprobs
 
 
@@ -115,6 +116,8 @@ def _run_steps(cfg: TrainConfig, where: Whereabouts):
 
     # the host's work (images, views, processor) for the next step runs while this one runs
     prefetch = Prefetcher(partial(_prepare, run, copy.deepcopy(run.processor)), enabled=cfg.prefetch)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cpu_threads = CpuThreads(local) if device.type == "cpu" else None
     hangs = HangWatch(run.scorer.names, cfg.reward_hang_steps)  # not saved: a resume starts the count anew
     with run.logger, closing(prefetch), StopSignals() as stops:  # a log write failure: RunDirError
         at_start = cfg.data is None if cfg.eval_at_start == "auto" else cfg.eval_at_start  # auto: the demo
@@ -129,6 +132,8 @@ def _run_steps(cfg: TrainConfig, where: Whereabouts):
             sampler_at_start = sampler.state_dict()
             timer = Timer()
             reset_peak_memory(device)  # memory/peak_mb is this step's
+            if cpu_threads is not None:
+                cpu_threads.choose()  # the cores other processes leave free (cppo/rl/threads.py)
             t0 = time.perf_counter()
             try:
                 with stops.abortable(world == 1):  # nothing below changes weights or optimizer
