@@ -29,7 +29,7 @@ Files, each read top to bottom:
     checkpoint.py, manifest.py, atomic.py  checkpoints on disk, their COMPLETE manifest, atomic writes
     sharded.py    an FSDP run's checkpoints: each process writes its shards
     resume.py     the trainer state and resuming; signals.py stopping on a signal; rundir.py whose run
-                  directory it is
+                  directory it is; threads.py the CPU threads, the cores other work leaves free
 """
 
 from cppo.rl.config import ConfigError, TrainConfig
