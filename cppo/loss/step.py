@@ -113,20 +113,17 @@ def cpl_step(
         selected &= gate[view_rows].unsqueeze(1)  # every_row: rows without an image select nothing
     with_tokens = selected.any(dim=1).nonzero().squeeze(1).tolist()
     keep = list(range(len(view_rows))) if every_row else with_tokens
-    weight = 1.0
     if sampled:  # each row's sum over its tokens, divided by the chance it was drawn: unbiased
         keep, weight = _sample(with_tokens, settings.cpl_rows, generator)
     kept_rows = [view_rows[i] for i in keep]
     lengths = None if every_row else _last_selected(selected[keep])  # (k,) the passes may stop there
-    if sampled:  # the gradient pass of I- on the sampled rows (the selection came from the first)
-        negative = score_view(kept_rows, "negative", lengths=lengths)
-        logp_neg_kept = None if negative is None or not keep else negative[1]
-    else:
-        logp_neg_kept = logp_neg[keep]
+    # sampled: the gradient pass of I- on the drawn rows (their selection came from the first pass)
+    negative_grad = score_view(kept_rows, "negative", lengths=lengths) if sampled else None
     positive = score_view(kept_rows, "positive", lengths=lengths)
     if not keep:
-        graph = [t for t in (logp_neg, None if negative is None else negative[1]) if t is not None]
-        return _no_cpl(anchor_logp, *graph, *(() if positive is None else (positive[1],)))
+        passes = [out[1] for out in (negative_grad, positive) if out is not None]
+        return _no_cpl(anchor_logp, logp_neg, *passes)
+    logp_neg_kept = negative_grad[1] if sampled else logp_neg[keep]
     cpl, metrics = contrastive_perception_loss(
         anchor_logp[kept_rows],
         positive[1],
