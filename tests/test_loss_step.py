@@ -80,7 +80,7 @@ def _by_hand(anchor, entropy, mask, adv, views, settings, has_image):
 def test_step_equals_the_loss_on_every_row_and_skips_the_passes_it_may(seed, gate, every_row):
     anchor, entropy, mask, adv, views = _batch(seed)
     has_image = torch.tensor([True, True, True, True, False, True])
-    settings = CPLSettings(cpl_gate=gate, top_percent=0.4)
+    settings = CPLSettings(cpl_gate=gate, top_percent=0.4, cpl_rows=1.0)
     scorer = Scorer(views)
     got, metrics = cpl_step(
         anchor, entropy, mask, adv, scorer, settings, has_image=has_image, every_row=every_row
@@ -122,7 +122,7 @@ def test_a_stand_in_joins_both_passes_at_weight_zero():
         calls.append((view, rows))
         return None, stand_in * (2.0 if view == "positive" else 1.0)
 
-    loss, _ = cpl_step(anchor, entropy, mask, -torch.ones(N), score_view, CPLSettings())
+    loss, _ = cpl_step(anchor, entropy, mask, -torch.ones(N), score_view, CPLSettings(cpl_rows=1.0))
     assert calls == [("negative", []), ("positive", [])]
     assert float(loss.detach()) == 0.0
     grad = torch.autograd.grad(loss, stand_in)[0]
@@ -172,7 +172,7 @@ def test_the_sampled_term_is_an_unbiased_estimate_of_the_full_one(cpl_rows):
     anchor, entropy, mask, adv, views = _batch(6)
     adv = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.3, 0.7], dtype=torch.float64)  # every row gated
     full_scorer = Scorer(views)
-    full, _ = cpl_step(anchor, entropy, mask, adv, full_scorer, CPLSettings(top_percent=0.4))
+    full, _ = cpl_step(anchor, entropy, mask, adv, full_scorer, CPLSettings(top_percent=0.4, cpl_rows=1.0))
     grads_full = torch.autograd.grad(
         full, [anchor, *(full_scorer.views[v][1] for v in ("negative", "positive"))]
     )
@@ -203,11 +203,16 @@ def test_the_sampled_term_is_an_unbiased_estimate_of_the_full_one(cpl_rows):
 
 
 def test_cpl_rows_one_is_the_full_term_and_a_stand_in_joins_every_sampled_pass():
+    """1.0 is the paper's term (the official every-row passes give the same loss, with no sampled pass);
+    the default (0.25) samples."""
     anchor, entropy, mask, adv, views = _batch(7)
-    a, b = Scorer(views), Scorer(views)
-    full, _ = cpl_step(anchor, entropy, mask, adv, a, CPLSettings())
+    a, b, c = Scorer(views), Scorer(views), Scorer(views)
+    full, _ = cpl_step(anchor, entropy, mask, adv, a, CPLSettings(), every_row=True)
     same, _ = cpl_step(anchor, entropy, mask, adv, b, CPLSettings(cpl_rows=1.0))
-    assert float(full.detach()) == float(same.detach()) and a.calls == b.calls
+    assert float(same.detach()) == pytest.approx(float(full.detach()), rel=1e-12)
+    assert b.grads == [True, True]  # no pass without gradient: nothing sampled
+    cpl_step(anchor, entropy, mask, adv, c, CPLSettings())
+    assert CPLSettings().cpl_rows == 0.25 and c.grads[0] is False  # the default samples
 
     calls = []
 

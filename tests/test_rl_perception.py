@@ -37,6 +37,7 @@ def _config(algo: str) -> TrainConfig:
         micro_batch_size=4,
         beta=0.0,
         cpl_gate="none",  # a random model earns no reward: open CPL on every row
+        cpl_rows=1.0,  # the full term, to compare with references
         logits_chunk_size=4,
     )
 

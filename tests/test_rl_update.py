@@ -33,6 +33,7 @@ def rollouts(tmp_path_factory):
         micro_batch_size=6,
         beta=0.0,
         logits_chunk_size=4,
+        cpl_rows=1.0,  # the full term, to compare with references
     )
     samples = [ds[0], ds[1]]
     ro = collect_rollouts(

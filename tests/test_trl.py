@@ -132,7 +132,7 @@ def test_config_refuses_what_trl_cannot_feed(tmp_path):
 
 
 def test_two_steps_loss_minus_grpo_is_lambda_cpl(dataset, processor, tmp_path):
-    trainer = make(Recording, dataset, processor, tmp_path, cpl_lambda=0.5)
+    trainer = make(Recording, dataset, processor, tmp_path, cpl_lambda=0.5, cpl_rows=1.0)  # full term
     trainer.records = []
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
@@ -147,7 +147,7 @@ def test_two_steps_loss_minus_grpo_is_lambda_cpl(dataset, processor, tmp_path):
 
 
 def test_every_loss_type_is_trls_loss_plus_lambda_cpl(dataset, processor, tmp_path):
-    trainer = make(CPPOTrainer, dataset, processor, tmp_path, cpl_lambda=0.5, beta=0.01)
+    trainer = make(CPPOTrainer, dataset, processor, tmp_path, cpl_lambda=0.5, beta=0.01, cpl_rows=1.0)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
