@@ -261,3 +261,29 @@ def test_cppo_eval_views_refuses_bad_flags_before_loading(tmp_path, capsys):
     ):
         assert main(["--data", str(tmp_path / "none"), *flags]) == 2
         assert words in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the trainer's --eval-views
+
+
+def test_trainer_evaluation_adds_the_view_metrics_of_the_same_items():
+    from cppo.rl.config import ConfigError, TrainConfig
+    from cppo.rl.flags import parse_args
+    from cppo.rl.loop import _evaluate
+    from tests.helpers import shapes_items, tiny_model_and_processor
+
+    with pytest.raises(ConfigError, match="eval_views: unknown preset 'nope'"):
+        TrainConfig(eval_views="nope")
+    cfg = parse_args(["--eval-views", "paper", "--eval-samples", "1", "--max-new-tokens", "8"])
+    model, processor = tiny_model_and_processor(seed=2)
+    data = [EvalItem(it.question, it.answer, [it.image], it.question_type) for it in shapes_items(3, seed=6)]
+    metrics = _evaluate(model, processor, data, cfg, 0, 1)
+    direct = evaluate_views(
+        model, processor, data, "paper", draws=1, seed=cfg.seed, limit=64, max_new_tokens=8
+    )
+    assert metrics["eval/accuracy"] == direct["clean"]
+    keys = ("robustness", "consistency", "removing", "blank", "entropy_shift")
+    assert {k: metrics[f"eval/views/{k}"] for k in keys} == pytest.approx({k: direct[k] for k in keys})
+    assert "eval/views/robustness" not in _evaluate(
+        model, processor, data, parse_args(["--max-new-tokens", "8"]), 0, 1
+    )
