@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_views_flags(ap: argparse.ArgumentParser) -> None:
-    views = ap.add_argument_group("perception under views (cppo.detect.views_eval; docs/evaluation.md)")
+    views = ap.add_argument_group("perception under views (cppo.detect.views_eval; docs/real-models.md)")
     views.add_argument(
         "--views",
         default=None,

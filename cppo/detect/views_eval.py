@@ -42,6 +42,9 @@ every number here (``no_image`` counts them). With several processes (``world`` 
 split as ``evaluate`` splits it and every process runs every teacher-forced pass (under FSDP those
 passes are collectives), so every process returns the same report.
 
+It sits in cppo.detect rather than beside the evaluator in cppo.models because its teacher-forced
+pass is cppo.response_stats', which is in cppo.models' own layer (docs/architecture.md).
+
 Letters: N rows (items x S), T response tokens.
 """
 
