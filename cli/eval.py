@@ -160,7 +160,7 @@ def run_views(args, model, processor, dataset, clean: dict) -> dict:
     )  # fmt: skip
     report["seconds"] = round(time.time() - t0, 1)
     for q in clean["questions"]:
-        q.pop("response_ids", None)  # in the report's items already, as answers
+        q.pop("response_ids", None)  # only the teacher-forced pass needed them
     print(format_views_table(report))
     return report
 

@@ -65,7 +65,7 @@ def test_two_tiny_fake_runs_are_scored_at_their_last_checkpoint(tmp_path):
     assert len(grpo["per_seed"]) == 2 and grpo["per_seed"][0]["n"] == 3
     for k in METRICS:
         assert grpo["mean"][k] == pytest.approx(sum(r[k] for r in grpo["per_seed"]) / 2)
-    assert grpo["per_seed"][0]["views"]["seed"] == 1 and grpo["per_seed"][1]["views"]["seed"] == 2
+    assert grpo["per_seed"][0]["settings"]["seed"] == 1 and grpo["per_seed"][1]["settings"]["seed"] == 2
     table = (out / "results.md").read_text()
     assert "| grpo − cppo |" in table and "| cppo − start |" in table
     with pytest.raises(SystemExit, match="no <algo>-s<seed> run folder"):

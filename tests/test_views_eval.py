@@ -168,7 +168,7 @@ def test_views_reach_the_right_passes_and_the_records_replay(monkeypatch):
     assert [it["entropy"]["clean"] for it in report["items"]] == [[1.0], [2.0], [], [3.0]]
     assert report["entropy"] == pytest.approx(2.0) and report["entropy_shift"] == pytest.approx(1.5)
     # the settings and every draw are recorded; a record gives its view back
-    assert report["views"]["preset"] == preset.to_dict() and report["views"]["seed"] == 7
+    assert report["settings"]["preset"] == preset.to_dict() and report["settings"]["seed"] == 7
     rec = report["items"][3]["removing"][1]["views"][0]
     assert rec["name"] == "grey_fill"
     again = np.random.default_rng(np.random.SeedSequence([7, 3, 1, 1, 0]))
@@ -239,7 +239,7 @@ def test_cppo_eval_views_on_the_demo_model(tmp_path, capsys):
     report = json.loads(out.read_text())
     views = report["views"]
     assert views["n"] == 6 and views["clean"] == pytest.approx(report["accuracy"])
-    assert views["views"]["preset"]["name"] == "paper" and views["views"]["draws"] == 1
+    assert views["settings"]["preset"]["name"] == "paper" and views["settings"]["draws"] == 1
     assert views["chance"] == pytest.approx(sum(CHANCE[q["question_type"]] for q in report["questions"]) / 6)
     assert views["entropy_shift"] is not None and views["entropy"] > 0
     preset = get_preset("paper")

@@ -224,8 +224,8 @@ def evaluate_views(
     clean: Mapping | None = None,
     **answering,
 ) -> dict:
-    """The perception evaluation of the module docstring: ``summarize_views``' report plus ``views``
-    (the settings and the preset, to reproduce it) and ``items`` (per item: the answers and grades
+    """The perception evaluation of the module docstring: ``summarize_views``' report plus ``settings``
+    (the views' settings and the preset, to reproduce them) and ``items`` (per item: the answers and grades
     under every image, the view records, the entropies).
 
     ``answering``: ``evaluate``'s settings (samples, temperature, top_p, max_new_tokens, batch_size,
@@ -293,7 +293,7 @@ def evaluate_views(
             ]
         items.append(item)
     report = summarize_views(items, chance)
-    report["views"] = {
+    report["settings"] = {
         "preset": preset.to_dict(),
         "draws": draws,
         "seed": seed,
