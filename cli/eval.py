@@ -108,7 +108,61 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.json",
         help="write the report as JSON (atomically: a failed write leaves the previous file)",
     )
+    _add_views_flags(ap)
     return ap
+
+
+# ---------------------------------------------------------------- --views (cppo.detect.views_eval)
+
+
+def _add_views_flags(ap: argparse.ArgumentParser) -> None:
+    views = ap.add_argument_group("perception under views (cppo.detect.views_eval; docs/real-models.md)")
+    views.add_argument(
+        "--views",
+        default=None,
+        metavar="PRESET",
+        help="also answer under the preset's I+ and I- views and a blank image (a registered preset "
+        "or a .yaml): robustness, consistency, reliance, entropy shift (default: off)",
+    )
+    views.add_argument("--view-draws", type=int, default=2, help="K views of each kind per item (default: 2)")
+    views.add_argument("--view-seed", type=int, default=None, help="seed of the views (default: --seed)")
+
+
+def check_views(args) -> None:
+    """--views names a preset that loads and --view-draws is >= 1 (ValueError, one line)."""
+    if args.views is None:
+        return
+    from cppo.perturb import get_preset
+
+    if args.view_draws < 1:
+        raise ValueError(f"--view-draws must be >= 1 (views of each kind per item), got {args.view_draws}")
+    if args.view_seed is not None and args.view_seed < 0:
+        raise ValueError(f"--view-seed must be >= 0, got {args.view_seed}")
+    try:
+        get_preset(args.views)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"--views {args.views}: {e}") from None
+
+
+def run_views(args, model, processor, dataset, clean: dict) -> dict:
+    """The --views report on the items `clean` answered, printed as a table."""
+    from cppo.detect.views_eval import evaluate_views, format_views_table
+    from cppo.prompt import instruction_for
+    from cppo.toy import CHANCE
+
+    answering = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                     instruction=instruction_for(args.instruction))  # fmt: skip
+    t0 = time.time()
+    report = evaluate_views(
+        model, processor, dataset, args.views, args.view_draws, args.view_seed, chance=CHANCE, clean=clean,
+        **answering,
+    )  # fmt: skip
+    report["seconds"] = round(time.time() - t0, 1)
+    for q in clean["questions"]:
+        q.pop("response_ids", None)  # only the teacher-forced pass needed them
+    print(format_views_table(report))
+    return report
 
 
 def _int_or_none(text: str) -> int | None:
@@ -212,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # everything that needs no model, data or processor, first
         check_numbers(args)
+        check_views(args)
         device = check_device(args.device, "cppo-eval")
         out = check_out(args.out)
         try:
@@ -252,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         limit=args.limit,
         instruction=instruction_for(args.instruction),
+        token_ids=args.views is not None,
     )
     report.update(
         model=model_path,
@@ -261,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         dropped=dict(dataset.dropped),
     )
     print(format_table(report))
+    if args.views is not None:
+        report["views"] = run_views(args, model, processor, dataset, report)
     if out is not None:
         existed = out.is_file()
         try:

@@ -218,3 +218,27 @@ def test_reasoning_of_every_target_implies_its_answer_and_a_relabelled_one_stays
 def test_reasoning_that_is_malformed_or_disagrees_with_the_box_is_not_counted(question, response):
     qtype = {"How": "count_color", "What": "color_of_shape", "Which": "further_left", "Are": "more_than"}
     assert not reasoning_agrees(qtype[question.split()[0]], question, response)
+
+
+def test_faint_variant_draws_the_same_items_in_fainter_colours(tmp_path):
+    from cppo.toy.__main__ import main
+    from cppo.toy.shapes import faint_colors
+
+    faint = faint_colors(0.25)
+    assert faint["red"] == (246, 201, 201)  # 255 + 0.25 * (220 - 255), 255 + 0.25 * (40 - 255), ...
+    full, pale = split_items("test", 12, seed=3), split_items("test", 12, seed=3, contrast=0.25)
+    for a, b in zip(full, pale):
+        assert (a.question, a.answer, a.scene) == (b.question, b.answer, b.scene)
+        back = np.asarray(b.image).copy()  # the faint image with every faint colour put back at full
+        for name, rgb in faint.items():
+            back[np.all(np.asarray(b.image) == rgb, axis=-1)] = COLORS[name]
+        assert np.array_equal(back, np.asarray(a.image)) and not np.array_equal(back, np.asarray(b.image))
+    for bad in (0.0, 1.5, 0.001):
+        with pytest.raises(ValueError, match="contrast"):
+            faint_colors(bad)
+    paths = export_shapes_dataset(tmp_path / "faint", 2, 2, 3, seed=0, contrast=0.25)
+    rows = paths["test"].read_text()
+    assert rows == export_shapes_dataset(tmp_path / "full", 2, 2, 3, seed=0)["test"].read_text()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "none"), "--contrast", "0"])
+    assert not (tmp_path / "none").exists()

@@ -121,10 +121,13 @@ def evaluate(
     instruction: str | None = INSTRUCTION,
     rank: int = 0,
     world: int = 1,
+    token_ids: bool = False,
 ) -> dict:
     """Answer each question ``samples`` times and grade; returns ``score``'s report plus ``questions``
     (per question: source, question_type, answer, responses, accuracy and format lists). Each prompt
-    is the question followed by ``instruction`` (None: the question alone).
+    is the question followed by ``instruction`` (None: the question alone). ``token_ids``: each question
+    also holds ``response_ids``, its responses' generated token ids up to the end token, with -1 where
+    generation masked a token out (what ``cppo.detect.views_eval`` teacher-forces).
 
     ``world`` > 1 (a collective over torch.distributed's ``world`` processes): this process
     (``rank``) answers batches rank, rank + world, ... of the one-process run, each with that
@@ -168,6 +171,9 @@ def evaluate(
                     "format": [f for _, f in grades],
                 }
             )
+            if token_ids:
+                rows = range(j * samples, (j + 1) * samples)
+                questions[-1]["response_ids"] = [_kept_ids(ids[r], mask[r]) for r in rows]
     model.train(was_training)
     questions = [q for _, qs in sorted(_gathered(answered, world).items()) for q in qs]
     report = score(questions)
@@ -179,6 +185,13 @@ def evaluate(
         questions=questions,
     )
     return report
+
+
+def _kept_ids(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    """One generated row (T,) up to its last kept token, with -1 at tokens the mask drops."""
+    kept = mask.bool().tolist()
+    last = max((t for t, m in enumerate(kept) if m), default=-1)
+    return [i if m else -1 for i, m in zip(ids[: last + 1].tolist(), kept)]
 
 
 def _gathered(answered: dict[int, list[dict]], world: int) -> dict[int, list[dict]]:

@@ -381,6 +381,8 @@ class TrainConfig(CPLSettings):
         "without --data (the demo), else 0 = never", check=at_least(0, "or none"))  # fmt: skip
     eval_samples: int | None = _safe(None, "K of avg@K; none: 4 without --data, else 1", check=POSITIVE)
     eval_at_start: bool | str = _safe("auto", "evaluate at step 0 too: true | false | auto (without --data)")
+    eval_views: str | None = _safe(None, "also evaluate under this preset's views (eval/views/*, one "
+        "draw a kind); none = off", check=Lookup(lambda p: p is None or get_preset(p)))  # fmt: skip
     log_rollouts: int = _safe(4, "rollouts per step written to rollouts.jsonl; 0 = none", check=OFF_AT_0)
     resume: str | None = _safe(
         None,

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cppo.detect.views_eval import evaluate_views, view_metrics
 from cppo.models.evaluate import evaluate
 from cppo.precision import autocast
 from cppo.prompt import instruction_for
@@ -220,14 +221,13 @@ def _held_out(run, timer: Timer) -> dict[str, float]:
 
 
 def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
-    """avg@K accuracy and format on (at most 64 items of) the held-out set, as eval/* metrics.
+    """avg@K accuracy and format on (at most 64 items of) the held-out set, as eval/* metrics, and with
+    --eval-views the view metrics of the same items (eval/views/*: robustness, consistency, removing,
+    blank, entropy_shift; one draw of each kind, seeded by cfg.seed, so every evaluation sees the same views).
 
     Each process answers its share of the batches and the graded questions are gathered
     (`cppo.models.evaluate.evaluate`, rank/world): every rank gets the report one process would."""
-    report = evaluate(
-        model,
-        processor,
-        dataset,
+    answering = dict(
         samples=cfg.eval_samples,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
@@ -237,7 +237,12 @@ def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int
         rank=rank,
         world=world,
     )
-    return {"eval/accuracy": report["accuracy"], "eval/format": report["format"]}
+    report = evaluate(model, processor, dataset, token_ids=cfg.eval_views is not None, **answering)
+    metrics = {"eval/accuracy": report["accuracy"], "eval/format": report["format"]}
+    if cfg.eval_views is not None:  # the same items under the preset's views (cppo.detect.views_eval)
+        views = evaluate_views(model, processor, dataset, cfg.eval_views, draws=1, clean=report, **answering)
+        metrics.update(view_metrics(views))
+    return metrics
 
 
 def _rollout_seed(seed: int, step: int, rank: int) -> int:

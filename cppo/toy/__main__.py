@@ -1,6 +1,7 @@
 """Export the shapes task as a dataset folder.
 
     python -m cppo.toy --out data/shapes --n-train 2000 --n-val 200 --n-test 400 --seed 0
+    python -m cppo.toy --out data/faint --contrast 0.25     # the same items, drawn fainter
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    ap.add_argument(
+        "--contrast",
+        type=float,
+        default=1.0,
+        help="draw the same items fainter: each colour at this fraction of its distance from white (0, 1]",
+    )
     args = ap.parse_args(argv)
-    paths = export_shapes_dataset(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
+    try:
+        paths = export_shapes_dataset(
+            args.out, args.n_train, args.n_val, args.n_test, args.seed, args.image_size, args.contrast
+        )
+    except ValueError as e:
+        ap.error(str(e))
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0

@@ -22,6 +22,12 @@ predictor, is one over the number of answers:
 
 Overall chance with the four types drawn uniformly: (25 + 25 + 50 + 50) / 4 = 37.5 %.
 
+A perception-limited variant: ``contrast`` c in (0, 1] draws every colour at c times its distance
+from the white background (c = 0.25: red (220, 40, 40) becomes (246, 201, 201)). Rendering draws no
+random numbers, so a seed gives the same scenes, questions and answers at every contrast: the chance
+rates above hold unchanged, and a model trained at full contrast can be tested on the faint images
+of the same test items (a test-time shift): ``python -m cppo.toy --out data/faint --contrast 0.25``.
+
 Each item also carries `reasoning`: the one-sentence think text of the warm start, which names
 the scene content that decides the answer.
 
@@ -118,13 +124,28 @@ def make_scene(rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_SIZE) -
     return Scene(image_size, tuple(shapes))
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw the scene without anti-aliasing, so every shape pixel has its colour's exact RGB."""
+def faint_colors(contrast: float = 1.0) -> dict[str, tuple[int, int, int]]:
+    """Each colour at `contrast` times its distance from the background (1.0: `COLORS`), rounded;
+    refuses a contrast at which two colours, or a colour and the background, become one."""
+    if not 0 < contrast <= 1:
+        raise ValueError(f"contrast must be in (0, 1] (1 = full colour), got {contrast}")
+    faint = {}
+    for name, rgb in COLORS.items():
+        faint[name] = tuple(round(b + contrast * (c - b)) for c, b in zip(rgb, BACKGROUND))
+    if len({*faint.values(), BACKGROUND}) != len(faint) + 1:
+        raise ValueError(f"contrast {contrast} is too low: colours become indistinguishable after rounding")
+    return faint
+
+
+def render(scene: Scene, contrast: float = 1.0) -> Image.Image:
+    """Draw the scene without anti-aliasing, so every shape pixel has its colour's exact RGB
+    (``faint_colors(contrast)``)."""
+    colors = faint_colors(contrast)
     img = Image.new("RGB", (scene.image_size, scene.image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
         box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
-        fill = COLORS[s.color]
+        fill = colors[s.color]
         if s.kind == "circle":
             draw.ellipse(box, fill=fill)
         elif s.kind == "square":
@@ -194,9 +215,12 @@ def _ask(rng: np.random.Generator, scene: Scene, qtype: str, count: int) -> tupl
 
 
 def make_item(
-    rng: np.random.Generator, image_size: int = DEFAULT_IMAGE_SIZE, question_type: str | None = None
+    rng: np.random.Generator,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    question_type: str | None = None,
+    contrast: float = 1.0,
 ) -> ShapesItem:
-    """One item; a uniformly drawn question type unless `question_type` is given.
+    """One item; a uniformly drawn question type unless `question_type` is given; drawn at `contrast`.
 
     Scenes are redrawn until the question applies (e.g. color_of_shape needs exactly one square).
     """
@@ -209,7 +233,7 @@ def make_item(
         asked = _ask(rng, scene, qtype, count)
         if asked is not None:
             question, answer, reasoning = asked
-            return ShapesItem(render(scene), question, answer, qtype, scene, reasoning)
+            return ShapesItem(render(scene, contrast), question, answer, qtype, scene, reasoning)
 
 
 def target_response(item: ShapesItem) -> str:
@@ -276,9 +300,15 @@ def _item_rng(seed: int, split: str, index: int, attempt: int = 0) -> np.random.
 
 
 def split_items(
-    split: str, n: int, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, exclude: set | None = None
+    split: str,
+    n: int,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    exclude: set | None = None,
+    contrast: float = 1.0,
 ) -> list[ShapesItem]:
-    """The first `n` items of a split, as `export_shapes_dataset` writes them (same seed, same items).
+    """The first `n` items of a split, as `export_shapes_dataset` writes them (same seed, same items;
+    `contrast` changes only how they are drawn).
 
     `exclude` holds scenes already used by another split; an item whose scene is in it is redrawn.
     """
@@ -288,7 +318,7 @@ def split_items(
     for i in range(n):
         attempt = 0
         while True:
-            item = make_item(_item_rng(seed, split, i, attempt), image_size)
+            item = make_item(_item_rng(seed, split, i, attempt), image_size, contrast=contrast)
             if exclude is None or item.scene not in exclude:
                 break
             attempt += 1
@@ -303,19 +333,21 @@ def export_shapes_dataset(
     n_test: int,
     seed: int = 0,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    contrast: float = 1.0,
 ) -> dict[str, Path]:
     """Write `out_dir/{train,val,test}/data.jsonl` and `images/NNNNNN.png`; return each split's jsonl.
 
     Each line is `{"image": "images/000001.png", "question", "answer", "question_type"}`, the image
     path relative to the jsonl's folder. The test split is drawn first and never changes with the
     sizes of the others; val and train redraw any scene already used by an earlier split, so the
-    splits share no scene.
+    splits share no scene. `contrast` < 1 draws the same items fainter (the module docstring).
     """
+    faint_colors(contrast)  # refuse a bad contrast before writing anything
     out = Path(out_dir)
     used: set[Scene] = set()
     paths = {}
     for split, n in (("test", n_test), ("val", n_val), ("train", n_train)):
-        items = split_items(split, n, seed, image_size, exclude=used)
+        items = split_items(split, n, seed, image_size, exclude=used, contrast=contrast)
         used.update(it.scene for it in items)
         split_dir = out / split
         (split_dir / "images").mkdir(parents=True, exist_ok=True)
