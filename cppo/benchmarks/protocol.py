@@ -144,7 +144,7 @@ def score_runs(
 def paper_table(scores: dict[str, dict], samples: int) -> str:
     """The paper's table: one column per benchmark and the average; rows metric, mean, std (percent)."""
     names = list(scores)
-    width = max(10, *(len(n) for n in names)) + 2
+    width = max(10, *(len(n) for n in names), *(len(scores[n]["metric"]) for n in names)) + 2
     means = [scores[n]["mean"] for n in names]
 
     def row(label: str, cells: list[str]) -> str:
