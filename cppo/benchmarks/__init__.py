@@ -4,7 +4,8 @@
 
 Files: ``tsv`` (read a VLMEvalKit TSV, pictures inline as base64 or by path), ``matching`` (the
 boxed cut and the option rules), ``suite`` (the seven benchmarks: prompt, grading, metric; a
-registry by VLMEvalKit's dataset name), ``metrics`` (one run's score from per-question verdicts:
+registry by VLMEvalKit's dataset name; DynaMath's prompt and parsing in ``dynamath``),
+``metrics`` (one run's score from per-question verdicts:
 accuracy, WeMath's strict score, DynaMath's average and worst case, MathVerse's overall),
 ``judge`` (any OpenAI-compatible chat endpoint, off unless ``--judge URL``), ``protocol`` (the
 paper's settings, K runs scored as K benchmarks, mean and std, the paper's table).

@@ -21,7 +21,8 @@ For each, facts read from open-compass/VLMEvalKit (``vlmeval/dataset/image_vqa.p
   the picture). The option named = ``answer`` (an open question becomes A = answer, B = "Other
   Answers"). Metric: acc.
 
-The metrics are ``cppo.benchmarks.metrics``; the rules ``cppo.benchmarks.matching``. The prompt
+The metrics are ``cppo.benchmarks.metrics``; the rules ``cppo.benchmarks.matching``; DynaMath's
+prompt and parsing ``cppo.benchmarks.dynamath``. The prompt
 texts of WeMath, DynaMath and MMMU_Pro_V are the benchmarks' own (VLMEvalKit's ``build_prompt``),
 reproduced because the numbers depend on them. The protocol (``cppo.benchmarks.protocol``) appends
 the think/boxed instruction to every prompt, as the official evaluation does.
