@@ -4,6 +4,10 @@
     cppo-eval --data data/shapes --split val --limit 100            # the bundled demo model, greedy
     cppo-eval --model RUN/checkpoints/step-000152 --data hiyouga/geometry3k@test \
               --samples 16 --temperature 1.0 --max-new-tokens 2048   # the paper's avg@16
+    cppo-eval --protocol paper --model RUN/checkpoints/step-000150 --bench ~/LMUData  # the paper's table
+
+``--bench`` reads VLMEvalKit's benchmark files (cli/eval_bench.py, cppo.benchmarks) instead of ``--data``;
+``--protocol paper`` makes the paper's evaluation settings the defaults (cppo.benchmarks.protocol).
 
 The data is any source ``cppo-train --data`` takes (cppo.rl.sources: a hub id, JSONL, a parquet file
 or dataset folder, a save_to_disk folder, with an optional @split), with the same column mapping and
@@ -46,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--data",
-        required=True,
-        help="hub id, JSONL, parquet file or dataset folder, save_to_disk folder; SOURCE@SPLIT names a split",
+        default=None,
+        help="hub id, JSONL, parquet file or dataset folder, save_to_disk folder; SOURCE@SPLIT names a split "
+        "(or --bench: benchmark TSV files)",
     )
     ap.add_argument("--split", default="test", help="split when the source names none (default: test)")
     ap.add_argument(
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the report as JSON (atomically: a failed write leaves the previous file)",
     )
     _add_views_flags(ap)
+    _add_paper_flags(ap)
     return ap
 
 
@@ -163,6 +169,46 @@ def run_views(args, model, processor, dataset, clean: dict) -> dict:
         q.pop("response_ids", None)  # only the teacher-forced pass needed them
     print(format_views_table(report))
     return report
+
+
+# ---------------------------------------------------------------- --protocol, --bench (cppo.benchmarks)
+
+
+def _add_paper_flags(ap: argparse.ArgumentParser) -> None:
+    """The paper's protocol and VLMEvalKit benchmark files (cppo.benchmarks; cli/eval_bench.py runs them)."""
+    paper = ap.add_argument_group("the paper's evaluation (cppo.benchmarks)")
+    paper.add_argument(
+        "--protocol",
+        choices=["paper"],
+        default=None,
+        help="paper: the paper's settings as defaults (min/max pixels 1280*28*28/16384*28*28, 16 samples, "
+        "temperature 1.0, top-p 1, 2048 new tokens, no prompt-length filter, multi-image kept, the "
+        "instruction, mean and std over runs); flags given explicitly still win",
+    )
+    paper.add_argument(
+        "--bench",
+        nargs="+",
+        default=None,
+        metavar="TSV",
+        help="VLMEvalKit benchmark files instead of --data: FILE.tsv (named by its stem, e.g. WeMath.tsv), "
+        "NAME=FILE.tsv, or a folder holding them (~/LMUData); prints the paper's table",
+    )
+    paper.add_argument(
+        "--judge",
+        default=None,
+        metavar="URL",
+        help="an OpenAI-compatible endpoint (http://host:port/v1) asked when the local rules cannot match "
+        "an answer; key from $OPENAI_API_KEY (default: off, unmatched answers count as wrong)",
+    )
+    paper.add_argument(
+        "--judge-model", default="gpt-4o-mini", help="the judge's model name (default: gpt-4o-mini)"
+    )
+    paper.add_argument(
+        "--boxed-prediction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="grade the last \\boxed{} of a response, as the paper's evaluation; off: the whole response",
+    )
 
 
 def _int_or_none(text: str) -> int | None:
@@ -253,8 +299,28 @@ def write_report(path: Path, report: dict) -> None:
         raise
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; under ``--protocol paper`` its settings are the defaults and explicit flags still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.protocol == "paper":
+        from cppo.benchmarks.protocol import PAPER_SETTINGS
+
+        parser.set_defaults(**PAPER_SETTINGS)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    if (args.data is None) == (args.bench is None):
+        return _fail("give --data (a dataset) or --bench (benchmark TSV files), one of the two")
+    if args.bench is not None and args.views is not None:
+        return _fail("--views evaluates a --data dataset, not --bench files: drop one of them")
+    if args.bench is not None:
+        from cli.eval_bench import run
+
+        return run(args)
     from cppo.models import load_model_and_processor, load_processor, model_path_or_demo
     from cppo.models.evaluate import evaluate, format_table
     from cppo.models.prompt_tokens import set_pixel_bounds
@@ -316,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         skipped=dict(dataset.skipped),
         dropped=dict(dataset.dropped),
     )
+    if args.protocol is not None:  # the paper's averaging: run k = every question's k-th answer
+        from cppo.benchmarks.protocol import run_summary
+
+        report["over_runs"] = runs = run_summary(report["questions"])
+        std = "" if runs["std"] is None else f" ± {runs['std']:.2f}"
+        print(f"accuracy over {len(runs['runs'])} runs: {runs['mean']:.2f}{std} %")
     print(format_table(report))
     if args.views is not None:
         report["views"] = run_views(args, model, processor, dataset, report)

@@ -31,7 +31,7 @@ FIGURE = Path("docs/img/architecture.svg")
 LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["cli"]),
     ("trainers", ["cppo.rl", "cppo.integrations"]),
-    ("detector", ["cppo.detect"]),
+    ("detector, benchmarks", ["cppo.detect", "cppo.benchmarks"]),
     ("models and response stats", ["cppo.models", "cppo.response_stats"]),
     ("maths, views, task", ["cppo.toy", "cppo.loss", "cppo.perturb"]),
     ("base", ["cppo.batching", "cppo.grading", "cppo.prompt", "cppo.registry", "cppo.precision", "cppo"]),
