@@ -35,6 +35,7 @@ PAPER = {
     "cpl_lambda": 0.01,
     "cpl_tau": 0.1,
     "top_percent": 0.5,
+    "cpl_rows": 1.0,
     "cpl_gate": "positive_advantage",
     "selector": "relative",
     "cpl_divergence": "k3",

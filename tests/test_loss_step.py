@@ -223,3 +223,37 @@ def test_cpl_rows_one_is_the_full_term_and_a_stand_in_joins_every_sampled_pass()
     loss, _ = cpl_step(anchor, entropy, mask, -torch.ones(N), stand_in, CPLSettings(cpl_rows=0.5))
     assert calls == [("negative", [], False), ("negative", [], True), ("positive", [], True)]
     assert float(loss.detach()) == 0.0
+
+
+def test_rows_own_draws_decide_the_sample_whatever_the_split():
+    """With `row_draws`, row i is drawn iff its uniform < p: the same rows whether the batch comes whole
+    or cut in two (as micro-batches or processes would cut it), each half's loss its own token mean."""
+    anchor, entropy, mask, adv, views = _batch(8)
+    adv = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.3, 0.7], dtype=torch.float64)  # every row gated
+    draws = torch.tensor([0.9, 0.1, 0.3, 0.05, 0.6, 0.2], dtype=torch.float64)  # p = 0.25: rows 1, 3, 5
+    settings = CPLSettings(top_percent=0.4, cpl_rows=0.25)
+    whole = Scorer(views)
+    cpl_step(anchor, entropy, mask, adv, whole, settings, row_draws=draws)
+    assert whole.calls[1:] == [("negative", [1, 3, 5]), ("positive", [1, 3, 5])]
+    for half in ([0, 1, 2], [3, 4, 5]):
+        part = {v: (e[half], lp[half]) for v, (e, lp) in views.items()}
+        scorer = Scorer(part)
+        loss, _ = cpl_step(
+            anchor[half], entropy[half], mask[half], adv[half], scorer, settings, row_draws=draws[half]
+        )
+        drawn = [half.index(r) for r in (1, 3, 5) if r in half]
+        assert scorer.calls[1:] == [("negative", drawn), ("positive", drawn)]
+        assert loss.requires_grad
+    # every row drawn (all uniforms below p): the full term's token mean, times 1 / p
+    full, _ = cpl_step(anchor, entropy, mask, adv, Scorer(views), CPLSettings(top_percent=0.4, cpl_rows=1.0))
+    every, _ = cpl_step(anchor, entropy, mask, adv, Scorer(views), settings, row_draws=torch.zeros(N))
+    assert float(every.detach()) == pytest.approx(float(full.detach()) / 0.25, rel=1e-12)
+
+
+def test_cpl_row_draws_follow_the_prompt_seed_not_the_batch():
+    from cppo.rl.rollout import cpl_row_draws
+
+    both = cpl_row_draws([11, 12], G=3)
+    assert both.shape == (6,) and bool(((both >= 0) & (both < 1)).all())
+    assert torch.equal(both[3:], cpl_row_draws([12], G=3)) and torch.equal(both[:3], cpl_row_draws([11], G=3))
+    assert not torch.equal(cpl_row_draws([11], G=3), cpl_row_draws([13], G=3))

@@ -30,7 +30,10 @@ the full term (departure from the paper, which uses every row): the selection of
 comes from an I- pass without gradient, then the drawn rows get the I- and I+ passes with gradient,
 each cut at its last selected token, and their sum over selected tokens is divided by the full
 term's token count and by each row's chance to be drawn, so that the expected loss and gradient are
-the full term's (tests/test_loss_step.py). 1.0 runs the full term.
+the full term's (tests/test_loss_step.py). 1.0 runs the full term. With a fraction, each row can
+bring its own uniform (`row_draws`; cppo-train derives it from the row's prompt seed), so the same
+rows are drawn however the batch is split into micro-batches and processes; a count draws within
+the batch it is given.
 
 Letters: N rows of the batch, v rows with a view pass, T response tokens.
 """
@@ -59,6 +62,7 @@ def cpl_step(
     max_reward: float = 1.0,
     every_row: bool = False,
     generator: torch.Generator | None = None,
+    row_draws: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """lambda-free L_CPL of one batch (or its unbiased estimate, `settings.cpl_rows`), and its metrics.
 
@@ -74,6 +78,9 @@ def cpl_step(
         max_reward: the full reward, for the `correct` gate.
         every_row: both view passes on every row, uncut, when any row needs them (the official way).
         generator: draws the sampled rows (None: torch's global generator).
+        row_draws: (N,) one uniform in [0, 1) per row, fixed by the row itself (its prompt's seed):
+            with a fraction p, row i is drawn iff row_draws[i] < p, so the sample does not depend on
+            how rows are split into micro-batches or processes. None: drawn from `generator`.
 
     Returns:
         (loss, metrics): `cpl/loss` and the other metrics of `contrastive_perception_loss`,
@@ -114,7 +121,8 @@ def cpl_step(
     with_tokens = selected.any(dim=1).nonzero().squeeze(1).tolist()
     keep = list(range(len(view_rows))) if every_row else with_tokens
     if sampled:  # each row's sum over its tokens, divided by the chance it was drawn: unbiased
-        keep, weight = _sample(with_tokens, settings.cpl_rows, generator)
+        draws = None if row_draws is None else row_draws[view_rows].tolist()  # (v,)
+        keep, weight = _sample(with_tokens, settings.cpl_rows, generator, draws)
     kept_rows = [view_rows[i] for i in keep]
     lengths = None if every_row else _last_selected(selected[keep])  # (k,) the passes may stop there
     # sampled: the gradient pass of I- on the drawn rows (their selection came from the first pass)
@@ -143,15 +151,18 @@ def cpl_step(
     return cpl, metrics
 
 
-def _sample(rows: list[int], cpl_rows: float, generator: torch.Generator | None) -> tuple[list[int], float]:
+def _sample(
+    rows: list[int], cpl_rows: float, generator: torch.Generator | None, draws: list[float] | None = None
+) -> tuple[list[int], float]:
     """(the drawn rows in their order, 1 / the chance of each to be drawn). A fraction p < 1: each row
-    independently with chance p (possibly none in a small batch: p x rows are expected).
-    A count c > 1: c of them (at most all) uniformly without replacement, chance c / rows."""
+    independently with chance p (possibly none in a small batch: p x rows are expected), row r iff
+    `draws[r]` < p when the rows' own uniforms are given. A count c > 1: c of them (at most all)
+    uniformly without replacement, chance c / rows."""
     if not rows:
         return [], 1.0
     if cpl_rows < 1:
-        drawn = torch.rand(len(rows), generator=generator) < cpl_rows
-        return [r for r, d in zip(rows, drawn.tolist()) if d], 1.0 / cpl_rows
+        u = torch.rand(len(rows), generator=generator).tolist() if draws is None else [draws[r] for r in rows]
+        return [r for r, x in zip(rows, u) if x < cpl_rows], 1.0 / cpl_rows
     n = min(len(rows), int(cpl_rows))
     picked = torch.randperm(len(rows), generator=generator)[:n].sort().values.tolist()
     return [rows[i] for i in picked], len(rows) / n

@@ -77,6 +77,10 @@ class ConfigParser(HfArgumentParser):
             "Policy Optimization, arXiv 2601.00501) or PAPO. Precedence: defaults < --config < flags. A "
             "run directory that holds an earlier run needs --resume auto (continue it) or --overwrite "
             "(delete it first; see --overwrite).",
+            epilog="CPU threads (runs on the CPU): chosen again before every step, as many as the cores that "
+            "other processes leave free (all on an idle machine, fewer while other work keeps cores busy, so "
+            "a shared machine slows a run by about 1.5x rather than 3x; cppo/rl/threads.py). "
+            "OMP_NUM_THREADS=N fixes the count: for bit-identical reruns, or to leave cores to other work.",
         )
         self.converters: dict[str, tuple] = {}  # field -> (its value check, its nargs)
         for action in list(self._actions):

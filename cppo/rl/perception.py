@@ -111,6 +111,7 @@ def _cpl(mb, every_row: bool) -> tuple[torch.Tensor, dict[str, float]]:
         has_image=ro.has_image[rows].to(device),
         max_reward=sum(cfg.reward_weights),
         every_row=every_row,
+        row_draws=None if ro.row_draws is None else ro.row_draws[rows],
     )
 
 

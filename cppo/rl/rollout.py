@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cppo.batching import ROW_KEYS, images_per_row, join_images, split_images, take_rows
@@ -33,6 +34,8 @@ from cppo.rl.generation import generate_groups, generation_rows
 from cppo.rl.perception import get_perception_term
 from cppo.rl.rewards import RewardResult, RewardScorer
 
+CPL_ROWS_STREAM = 0x43504C  # the seed's second word for the --cpl-rows draws ('CPL')
+
 
 @dataclass
 class Prompts:
@@ -43,6 +46,7 @@ class Prompts:
     images_per_prompt: list[int]  # (B,) images of each prompt, in `batch`'s image order
     views: dict[str, torch.Tensor]  # "positive"/"negative" -> (P, D) pixel_values of the B prompts
     view_records: list[list[dict]]  # B: one record per image of the prompt
+    view_seeds: list[int] = field(default_factory=list)  # (B,) each prompt's seed (views, CPL row draws)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Rollouts:
     samples: list[Sample]  # B
     view_records: list[list[dict]]  # B: one record per image of the prompt
     reward_result: RewardResult
+    row_draws: torch.Tensor | None = None  # (N,) U[0, 1) per row from its prompt's seed: --cpl-rows draws
     old_logp: torch.Tensor | None = None  # (N, T), from the rollout policy (None: on-policy, use logp)
     ref_logp: torch.Tensor | None = None  # (N, T), from the frozen reference
     timings: dict[str, float] = field(default_factory=dict)
@@ -120,7 +125,7 @@ def prepare_prompts(
             if not torch.equal(grids, batch["image_grid_thw"]):
                 raise ValueError(f"the {view} view changed an image's size: views must keep the grid")
             views[view] = pixels
-    return Prompts(samples, batch, counts, views, records)
+    return Prompts(samples, batch, counts, views, records, list(view_seeds))
 
 
 def image_token_id(processor) -> int:
@@ -186,7 +191,16 @@ def collect_rollouts(
         samples=samples,
         view_records=prompts.view_records,
         reward_result=scored,
+        row_draws=cpl_row_draws(prompts.view_seeds, G) if prompts.view_seeds else None,
     )
+
+
+def cpl_row_draws(view_seeds: list[int], G: int) -> torch.Tensor:
+    """(B·G,) one uniform in [0, 1) per row, from its prompt's seed and its place in the group: the
+    row's own draw for a fractional --cpl-rows (cppo.loss.cpl_step's `row_draws`), the same whatever
+    micro-batch or process the row lands in. A stream of its own, apart from the views' draws."""
+    draws = [np.random.default_rng([seed, CPL_ROWS_STREAM]).random(G) for seed in view_seeds]  # B x (G,)
+    return torch.from_numpy(np.concatenate(draws)) if draws else torch.zeros(0, dtype=torch.float64)
 
 
 def truncated_rows(ids: torch.Tensor, mask: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
