@@ -21,6 +21,7 @@ from albumentations.augmentations.geometric import functional as fgeometric
 
 from cppo.perturb.base import Perturbation, as_rng, register_perturbation
 
+
 def _affine_numpy(img: np.ndarray, m: np.ndarray) -> np.ndarray:
     h, w = img.shape[:2]
     warp = A.Affine(interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, fill=0)
