@@ -215,15 +215,20 @@ def _prepare(run, processor, draws) -> Prompts:
 def _held_out(run, timer: Timer) -> dict[str, float]:
     """The evaluation's eval/* metrics and time/eval (rank 0's: the gather at its end syncs the ranks)."""
     with timer("eval"), gathered(run.model), autocast(run.device, compute_dtype(run.cfg, run.device)):
-        metrics = _evaluate(run.model, run.processor, run.eval_set, run.cfg, run.rank, run.world)
+        metrics = _evaluate(run.model, run.processor, run.eval_set, run.cfg, run.rank, run.world, run.scorer)
     return {**metrics, "time/eval": timer["eval"]}
 
 
-def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
-    """avg@K accuracy and format on (at most 64 items of) the held-out set, as eval/* metrics.
+def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int, scorer) -> dict[str, float]:
+    """The held-out evaluation's eval/* metrics, on the first `eval_limit` items (all with none).
 
-    Each process answers its share of the batches and the graded questions are gathered
-    (`cppo.models.evaluate.evaluate`, rank/world): every rank gets the report one process would."""
+    eval/accuracy, eval/format: avg@K by the evaluator's grader (cppo.grading's default). eval/reward:
+    the official validation score, the answers scored by the run's own reward functions and weights
+    (vbdi/cppo verl/verl/trainer/ppo/ray_trainer.py `_validate` scores them with the training reward;
+    the paper configs: 0.9 x mathruler accuracy + 0.1 x format, greedy, all of Geometry3K's test
+    split); eval/reward/<name> each function's mean. Each process answers its share of the batches
+    and the graded questions are gathered (`cppo.models.evaluate.evaluate`, rank/world): every rank
+    gets the report one process would, and scores all of it."""
     report = evaluate(
         model,
         processor,
@@ -231,13 +236,27 @@ def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int
         samples=cfg.eval_samples,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
-        limit=64,
+        limit=cfg.eval_limit,
         temperature=None if cfg.eval_samples == 1 else cfg.temperature,
         instruction=instruction_for(cfg.instruction),
         rank=rank,
         world=world,
     )
-    return {"eval/accuracy": report["accuracy"], "eval/format": report["format"]}
+    questions = report["questions"]  # the dataset's first len(questions) items, in order, K answers each
+    samples = [dataset[i].to_dict() for i, q in enumerate(questions) for _ in q["responses"]]
+    scored = scorer([r for q in questions for r in q["responses"]], [s["answer"] for s in samples], samples)
+    rewards = {f"eval/reward/{name}": _mean(values) for name, values in scored.components.items()}
+    return {
+        "eval/accuracy": report["accuracy"],
+        "eval/format": report["format"],
+        "eval/reward": _mean(scored.total),
+        **rewards,
+        "eval/reward_errors": float(len(scored.errors)),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
 
 
 def _rollout_seed(seed: int, step: int, rank: int) -> int:
