@@ -132,7 +132,7 @@ def test_zoom_crop_window_is_uniform_over_every_position_that_fits():
     # a fixed window crops and stretches exactly there (R = x, G = y)
     yy, xx = np.mgrid[0:100, 0:200]
     img = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
-    params = {"scale": 0.65, "left": 0.5, "top": 0.25}  # 130 × 65 window; x0 = 0.5·71 -> 35, y0 = 0.25·36 -> 9
+    params = {"scale": 0.65, "left": 0.5, "top": 0.25}  # 130 × 65; x0 = 0.5·71 -> 35, y0 = 0.25·36 -> 9
     assert zc.box(params, 200, 100) == (35, 9, 130, 65)
     out = zc.apply(img, params)
     assert abs(int(out[0, 0, 0]) - 35) <= 1 and abs(int(out[0, 0, 1]) - 9) <= 1
