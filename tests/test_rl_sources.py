@@ -308,7 +308,9 @@ def test_epochs_set_max_steps_from_the_data():
     assert official.max_steps == 150  # verl: len(dataloader) = floor(38,870 / 512) = 75 steps, x 2 epochs
     half = TrainConfig(epochs=1.5, prompts_per_step=4, drop_last=True)
     assert resolve_max_steps(half, 10) and half.max_steps == 3  # floor(10 / 4) = 2 a step, x 1.5
-    with pytest.raises(ConfigError, match=r"drop_last: the 3 training samples make no full step of 4 prompts"):
+    with pytest.raises(
+        ConfigError, match=r"drop_last: the 3 training samples make no full step of 4 prompts"
+    ):
         resolve_max_steps(TrainConfig(max_steps=9, prompts_per_step=4, drop_last=True), 3)
     for kwargs, message in (
         (dict(epochs=0), "epochs must be > 0"),
