@@ -310,11 +310,11 @@ def test_periodic_evaluation_answers_every_item_greedily_and_scores_them_with_th
     monkeypatch.setattr(loop, "evaluate", fake_evaluate)
     metrics = loop._evaluate(None, None, dataset, cfg, 0, 1, reward_scorer(cfg))
     assert asked["limit"] is None and asked["samples"] == 1 and asked["temperature"] is None  # greedy
-    assert metrics["eval/reward"] == pytest.approx((1.0 + 0.1 + 0.9 + 0.0 + 96) / 100)
+    assert metrics["eval/reward/total"] == pytest.approx((1.0 + 0.1 + 0.9 + 0.0 + 96) / 100)
     assert metrics["eval/reward/accuracy_mathruler"] == pytest.approx(98 / 100)
     assert metrics["eval/reward/format"] == pytest.approx(98 / 100)
     assert (metrics["eval/accuracy"], metrics["eval/format"]) == (0.25, 0.5)  # the evaluator's own
-    assert metrics["eval/reward_errors"] == 0.0
+    assert metrics["eval/reward/errors"] == 0.0
     demo = TrainConfig()  # the demo keeps its 64 items, 4 samples each
     loop._evaluate(None, None, dataset, demo, 0, 1, reward_scorer(demo))
     assert asked["limit"] == 64 and asked["samples"] == 4

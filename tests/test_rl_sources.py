@@ -413,7 +413,9 @@ def test_each_source_trains_two_steps_with_the_papers_preprocessing(published, t
         assert "[cppo] eval data hiyouga/geometry3k@test: 3 samples" in out and "eval/accuracy" in metrics[-1]
         last = metrics[-1]  # the run's reward on the same greedy answers, as verl validates
         assert last["eval/reward/accuracy"] == last["eval/accuracy"]  # the same grader here, K = 1
-        assert last["eval/reward"] == pytest.approx(0.9 * last["eval/accuracy"] + 0.1 * last["eval/format"])
+        assert last["eval/reward/total"] == pytest.approx(
+            0.9 * last["eval/accuracy"] + 0.1 * last["eval/format"]
+        )
 
 
 @pytest.mark.slow

@@ -222,13 +222,14 @@ def _held_out(run, timer: Timer) -> dict[str, float]:
 def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int, scorer) -> dict[str, float]:
     """The held-out evaluation's eval/* metrics, on the first `eval_limit` items (all with none).
 
-    eval/accuracy, eval/format: avg@K by the evaluator's grader (cppo.grading's default). eval/reward:
-    the official validation score, the answers scored by the run's own reward functions and weights
-    (vbdi/cppo verl/verl/trainer/ppo/ray_trainer.py `_validate` scores them with the training reward;
-    the paper configs: 0.9 x mathruler accuracy + 0.1 x format, greedy, all of Geometry3K's test
-    split); eval/reward/<name> each function's mean. Each process answers its share of the batches
-    and the graded questions are gathered (`cppo.models.evaluate.evaluate`, rank/world): every rank
-    gets the report one process would, and scores all of it."""
+    eval/accuracy, eval/format: avg@K by the evaluator's grader (cppo.grading's default).
+    eval/reward/total: the official validation score, the answers scored by the run's own reward
+    functions and weights (vbdi/cppo verl/verl/trainer/ppo/ray_trainer.py `_validate` scores them with
+    the training reward; the paper configs: 0.9 x mathruler accuracy + 0.1 x format, greedy, all of
+    Geometry3K's test split); eval/reward/<name> each function's mean, as the rollouts' reward/* keys.
+    Each process answers its share of the batches and the graded questions are gathered
+    (`cppo.models.evaluate.evaluate`, rank/world): every rank gets the report one process would, and
+    scores all of it."""
     report = evaluate(
         model,
         processor,
@@ -243,15 +244,16 @@ def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int
         world=world,
     )
     questions = report["questions"]  # the dataset's first len(questions) items, in order, K answers each
-    samples = [dataset[i].to_dict() for i, q in enumerate(questions) for _ in q["responses"]]
+    items = [dataset[i].to_dict() for i in range(len(questions))]
+    samples = [item for item, q in zip(items, questions) for _ in q["responses"]]
     scored = scorer([r for q in questions for r in q["responses"]], [s["answer"] for s in samples], samples)
     rewards = {f"eval/reward/{name}": _mean(values) for name, values in scored.components.items()}
     return {
         "eval/accuracy": report["accuracy"],
         "eval/format": report["format"],
-        "eval/reward": _mean(scored.total),
+        "eval/reward/total": _mean(scored.total),
         **rewards,
-        "eval/reward_errors": float(len(scored.errors)),
+        "eval/reward/errors": float(len(scored.errors)),
     }
 
 
