@@ -59,7 +59,9 @@ def _reference(model, processor, ex: Example, ids: list[int], views: list[list[d
 def test_detector_matches_full_logits_reference_per_example(tiny):
     model, processor = tiny
     examples = _examples(processor)
-    det = PerceptionDetector(model, processor, draws=2, temperature=0.7, batch_size=3, chunk_size=4, seed=5)
+    # seed 6: each example's two draws are far apart (two nearby zoom-crop windows can differ by less
+    # than the margin below on this tiny model)
+    det = PerceptionDetector(model, processor, draws=2, temperature=0.7, batch_size=3, chunk_size=4, seed=6)
     results = det.detect(examples, progress=False)
     assert [r.index for r in results] == [0, 1, 2]
     assert len({len(r.token_ids) for r in results}) == 3  # three lengths: padding was exercised

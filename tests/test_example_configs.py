@@ -45,8 +45,11 @@ PAPER = {
     "max_prompt_length": 512,
     "max_new_tokens": 4096,
     "epochs": 2,
+    "drop_last": True,  # verl's train dataloader: floor(N / 512) steps an epoch
     "max_steps": None,  # from epochs and the data
     "eval_data": "hiyouga/geometry3k@test",
+    "eval_limit": None,  # the whole split, as verl's validation
+    "eval_samples": 1,  # greedy, one answer per item
     "dtype": "bfloat16",
     "gradient_checkpointing": True,
     "weight_decay": 0.01,
@@ -154,5 +157,39 @@ def test_dry_run_counts_the_data_and_sets_max_steps_from_epochs(tmp_path, capsys
     )
     plan = capsys.readouterr().out.partition("# plan\n")[2]
     assert "6 samples; dropped by the preprocessing 2: 1 multi-image, 1 prompt over 512 tokens" in plan
-    assert "steps per epoch: 3.0 (6 samples / 2 prompts a step)" in plan and "max_steps: 6 (2 epochs)" in plan
+    assert "steps per epoch: 3.0 (6 samples / 2 prompts a step, whole steps: drop_last)" in plan
+    assert "max_steps: 6 (2 epochs)" in plan
     assert "| 1 GPU |" in plan and "(MiB)" in plan  # the demo model (--model none), one process
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_paper_config_on_virl39k_sized_data_prints_the_official_150_steps(
+    tmp_path, capsys, monkeypatch
+):
+    # the 38,870 samples of ViRL39K after the official preprocessing, in its layout at the config's
+    # ./data/ViRL39K; verl's dataloader (drop_last=True) makes floor(38,870 / 512) = 75 steps an
+    # epoch, 150 over 2 epochs (one stream would make ceil(77,740 / 512) = 152)
+    import datasets
+    from PIL import Image
+
+    root = tmp_path / "data" / "ViRL39K"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 48), "white").save(root / "images" / "Processed-0-0.jpg")
+    n = 38_870
+    rows = {
+        "question": ["<image>How many shapes are there?"] * n,
+        "answer": ["\\boxed{3}"] * n,
+        "image": [["images/Processed-0-0.jpg"]] * n,
+        "category": ["counting"] * n,
+        "qid": [f"q{i}" for i in range(n)],
+    }
+    datasets.Dataset.from_dict(rows).to_parquet(str(root / "39Krelease.parquet"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(CONFIGS / "cppo-3b.yaml"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out.partition("# plan\n")[2]
+    assert "data/ViRL39K@train: 38870 samples" in plan
+    assert "steps per epoch: 75.0 (38870 samples / 512 prompts a step, whole steps: drop_last)" in plan
+    assert "max_steps: 150 (2 epochs)" in plan
+    capsys.readouterr()
+    assert main(["--config", str(CONFIGS / "cppo-3b.yaml"), "--no-drop-last", "--dry-run"]) == 0
+    assert "max_steps: 152 (2 epochs)" in capsys.readouterr().out

@@ -57,11 +57,11 @@ def test_removing_entries_change_the_answers(rates, name):
 
 
 def test_removing_strength_is_graded(rates):
-    # grey fill wipes everything; zoom crop loses shapes off the kept corner most of the time;
+    # grey fill wipes everything; zoom crop loses shapes outside its window most of the time;
     # 50-box occlusion of ≈39 % of the area changes counts often but leaves the leftmost colour
     # readable in most draws: partial removal, not destruction
     assert rates["grey_fill"] == {"counts": 0.0, "total": 0.0, "leftmost": 0.0}
-    assert rates["zoom_crop"]["counts"] <= 0.25
+    assert rates["zoom_crop"]["counts"] <= 0.4  # 27 % kept over 200 draws (docs/perturbations.md)
     for name in ("occlusion_noise", "occlusion_mean", "occlusion_background"):
         assert 0.25 <= rates[name]["counts"] <= 0.75 and rates[name]["leftmost"] >= 0.7, rates[name]
     assert rates["patch_blackout"]["counts"] <= 0.5 and rates["patch_blackout"]["leftmost"] >= 0.5

@@ -108,18 +108,38 @@ def test_occlusion_boxes_and_coverage():
     assert len(np.unique(noise)) == 256 and abs(noise.mean() - 127.5) < 3
 
 
-def test_zoom_crop_range_corners_and_pixels():
-    d = _draws("zoom_crop")
+def test_zoom_crop_window_is_uniform_over_every_position_that_fits():
+    # the official RandomZoomCrop (vbdi/cppo verl/recipe/cppo/cppo_dataset.py): side int(s·W) with
+    # s ~ U(0.6, 0.7), left = randint(0, W - int(s·W)), top = randint(0, H - int(s·H))
+    d = _draws("zoom_crop", n=20_000)
     _spread([x["scale"] for x in d], 0.6, 0.7)
-    corners = [x["corner"] for x in d]
-    for c in ("top_left", "top_right", "bottom_left", "bottom_right"):
-        assert 0.21 < corners.count(c) / len(d) < 0.29
+    zc = get_perturbation("zoom_crop")
+    boxes = np.array([zc.box(x, 200, 100) for x in d])  # (n, 4): x0, y0, cw, ch
+    x0, y0, cw, ch = boxes.T
+    assert (cw == (np.array([x["scale"] for x in d]) * 200).astype(int)).all()  # int(), as the official
+    room_x, room_y = 200 - cw, 100 - ch
+    assert (x0 >= 0).all() and (x0 <= room_x).all() and (y0 >= 0).all() and (y0 <= room_y).all()
+    # the position over the free room: uniform, both ends reached (corners are only 2 of ~70 values)
+    for pos, room in ((x0, room_x), (y0, room_y)):
+        _spread(pos / room, 0.0, 1.0)
+        assert (pos == 0).any() and (pos == room).any()
+        at_edge = np.mean((pos == 0) | (pos == room))
+        assert at_edge < 0.1  # ≈ 2 / (room + 1): 2/71 to 2/81 on the x axis, 2/31 to 2/41 on y
+    # a corner crop always cuts two whole edge bands; this window is strictly inside on both axes,
+    # cutting a part of all four edges, in ≈ (70/72)·(35/37) ≈ 0.92 of the draws
+    interior = (x0 > 0) & (x0 < room_x) & (y0 > 0) & (y0 < room_y)
+    assert 0.85 < interior.mean() < 0.97
+    # a fixed window crops and stretches exactly there (R = x, G = y)
     yy, xx = np.mgrid[0:100, 0:200]
-    img = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)  # R = x, G = y
-    out = get_perturbation("zoom_crop").apply(img, {"scale": 0.65, "corner": "bottom_right"})
-    # crop x in [70, 200), y in [35, 100) stretched to 200×100; same scale on both sides
-    assert out[-1, -1, :2].tolist() == [199, 99] and abs(int(out[0, 0, 0]) - 70) <= 1
-    assert abs(int(out[0, 0, 1]) - 35) <= 1
+    img = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+    params = {"scale": 0.65, "left": 0.5, "top": 0.25}  # 130 × 65; x0 = 0.5·71 -> 35, y0 = 0.25·36 -> 9
+    assert zc.box(params, 200, 100) == (35, 9, 130, 65)
+    out = zc.apply(img, params)
+    assert abs(int(out[0, 0, 0]) - 35) <= 1 and abs(int(out[0, 0, 1]) - 9) <= 1
+    assert abs(int(out[-1, -1, 0]) - 164) <= 1 and abs(int(out[-1, -1, 1]) - 73) <= 1
+    # left, top near 1 reach the last position (bottom-right corner), and the draw replays on another size
+    assert zc.box({"scale": 0.65, "left": 0.9999, "top": 0.9999}, 200, 100) == (70, 35, 130, 65)
+    assert zc.box(params, 400, 200) == (70, 17, 260, 130)  # 0.5·141 -> 70, 0.25·71 -> 17
 
 
 def test_patch_blackout_is_papo_grid():

@@ -25,6 +25,7 @@ SAFE |= {"dist_timeout"}  # how long a collective may wait
 SAFE |= {"overwrite"}  # what a fresh start does with an earlier run's files (cppo.rl.rundir)
 SAFE |= {"report_to", "project", "run_name", "rollout_table_every", "eval_at_start"}  # following a run
 SAFE |= {"eval_views"}  # what the held-out evaluation also measures
+SAFE |= {"eval_limit"}  # how many held-out items an evaluation answers
 
 
 def test_resume_safe_fields_are_the_marked_config_fields():

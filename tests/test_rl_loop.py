@@ -277,3 +277,44 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(
     assert steps == [1, 2, 3]
     earlier = [json.loads(x)["step"] for x in (out / "metrics.earlier-1.jsonl").read_text().splitlines()]
     assert earlier == [1, 2]
+
+
+def test_periodic_evaluation_answers_every_item_greedily_and_scores_them_with_the_runs_reward(monkeypatch):
+    # the official validation (vbdi/cppo verl ray_trainer._validate): the whole split, one greedy
+    # answer each, scored by the training reward; the paper configs: 0.9 x mathruler + 0.1 x format
+    from PIL import Image
+
+    from cppo.rl import loop
+    from cppo.rl.config import TrainConfig
+    from cppo.rl.data import Sample
+    from cppo.rl.run import reward_scorer
+
+    cfg = TrainConfig(data="d", eval_limit=None, eval_samples=1, rewards=["accuracy_mathruler", "format"])
+    image = Image.new("RGB", (28, 28))
+    answers = ["3", "B", "7", "2"] + ["1"] * 96  # 100 items: more than the demo's 64
+    dataset = [Sample(i, f"q{i}", a, [image]) for i, a in enumerate(answers)]
+    responses = [
+        "<think>count</think> \\boxed{3}",  # right, formatted: 0.9 + 0.1 = 1.0
+        "<think>read</think> \\boxed{(B) 5}",  # mathruler: wrong (cppo.grading's default: right): 0.1
+        "\\boxed{7}",  # right, no think tags: 0.9
+        "<think>no answer</think>",  # 0
+    ] + ["<think>t</think> \\boxed{1}"] * 96  # 1.0 each
+    asked = {}
+
+    def fake_evaluate(model, processor, data, **kwargs):
+        asked.update(kwargs)
+        n = len(data) if kwargs["limit"] is None else min(kwargs["limit"], len(data))
+        questions = [{"answer": data[i].answer, "responses": [responses[i]]} for i in range(n)]
+        return {"accuracy": 0.25, "format": 0.5, "questions": questions}
+
+    monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+    metrics = loop._evaluate(None, None, dataset, cfg, 0, 1, reward_scorer(cfg))
+    assert asked["limit"] is None and asked["samples"] == 1 and asked["temperature"] is None  # greedy
+    assert metrics["eval/reward/total"] == pytest.approx((1.0 + 0.1 + 0.9 + 0.0 + 96) / 100)
+    assert metrics["eval/reward/accuracy_mathruler"] == pytest.approx(98 / 100)
+    assert metrics["eval/reward/format"] == pytest.approx(98 / 100)
+    assert (metrics["eval/accuracy"], metrics["eval/format"]) == (0.25, 0.5)  # the evaluator's own
+    assert metrics["eval/reward/errors"] == 0.0
+    demo = TrainConfig()  # the demo keeps its 64 items, 4 samples each
+    loop._evaluate(None, None, dataset, demo, 0, 1, reward_scorer(demo))
+    assert asked["limit"] == 64 and asked["samples"] == 4

@@ -302,7 +302,16 @@ def test_epochs_set_max_steps_from_the_data():
     assert not resolve_max_steps(cfg, 1000) and cfg.max_steps == 5  # set once, never again
     paper = TrainConfig(epochs=2, prompts_per_step=512, group_size=5, mini_batch_size=320, micro_batch_size=8)
     resolve_max_steps(paper, 38870)
-    assert paper.max_steps == 152  # 77,740 prompts / 512 = 151.8
+    assert paper.max_steps == 152  # one stream: 77,740 prompts / 512 = 151.8, rounded up
+    official = TrainConfig(epochs=2, prompts_per_step=512, group_size=5, drop_last=True)
+    resolve_max_steps(official, 38870)
+    assert official.max_steps == 150  # verl: len(dataloader) = floor(38,870 / 512) = 75 steps, x 2 epochs
+    half = TrainConfig(epochs=1.5, prompts_per_step=4, drop_last=True)
+    assert resolve_max_steps(half, 10) and half.max_steps == 3  # floor(10 / 4) = 2 a step, x 1.5
+    with pytest.raises(
+        ConfigError, match=r"drop_last: the 3 training samples make no full step of 4 prompts"
+    ):
+        resolve_max_steps(TrainConfig(max_steps=9, prompts_per_step=4, drop_last=True), 3)
     for kwargs, message in (
         (dict(epochs=0), "epochs must be > 0"),
         (dict(min_pixels=5000, max_pixels=4000), "min_pixels 5000 is over max_pixels 4000"),
@@ -402,6 +411,11 @@ def test_each_source_trains_two_steps_with_the_papers_preprocessing(published, t
         assert "6 samples; dropped by the preprocessing 2: 1 multi-image, 1 prompt over 512 tokens" in out
     if source == "hub id":
         assert "[cppo] eval data hiyouga/geometry3k@test: 3 samples" in out and "eval/accuracy" in metrics[-1]
+        last = metrics[-1]  # the run's reward on the same greedy answers, as verl validates
+        assert last["eval/reward/accuracy"] == last["eval/accuracy"]  # the same grader here, K = 1
+        assert last["eval/reward/total"] == pytest.approx(
+            0.9 * last["eval/accuracy"] + 0.1 * last["eval/format"]
+        )
 
 
 @pytest.mark.slow

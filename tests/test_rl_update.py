@@ -205,3 +205,67 @@ def test_sorted_micro_batches_keep_their_number_and_sizes():
     rows = list(range(7))
     assert micro_batches(ro, rows, 3, by_length=False) == [[0, 1, 2], [3, 4, 5], [6]]
     assert micro_batches(ro, rows, 3, by_length=True) == [[1, 4, 6], [0, 3, 5], [2]]  # 9 8 7 | 5 3 2 | 1
+
+
+def test_token_mean_is_taken_per_micro_batch_and_scaled_by_its_share_of_rows():
+    """The official code (vbdi/cppo verl/recipe/cppo/cppo_dp_actor.py, as verl's dp_actor) takes the
+    token mean within each micro-batch (agg_loss) and scales it by 1 / gradient_accumulation =
+    micro rows / mini-batch rows; so does this update. Worked numbers with a one-parameter policy
+    whose log-prob of every token is theta (on-policy: ratio 1, d pg_t / d theta = -A_row):
+
+        micro-batch 1: rows 0, 1 with 1 + 3 tokens, A = 1, 0  -> token mean -(1·1 + 0·3) / 4 = -0.25
+        micro-batch 2: rows 2, 3 with 2 + 6 tokens, A = 0, 1  -> token mean -(0·2 + 1·6) / 8 = -0.75
+        gradient = 2/4 · (-0.25) + 2/4 · (-0.75) = -0.5
+
+    A token mean over the whole mini-batch would give -(1 + 6) / 12 = -0.583."""
+    import types
+
+    from cppo.rl.rewards import RewardResult
+    from cppo.rl.rollout import Rollouts
+    from cppo.rl.update import policy_update
+
+    class OneParameter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = torch.nn.Parameter(torch.zeros(()))
+            self.config = types.SimpleNamespace(image_token_id=-1)
+
+    def forward(model, inputs, ids, mask, temperature, chunk, entropy_grad=False):
+        n, t = ids.shape
+        return torch.zeros(n, t), model.theta.expand(n, t)  # (entropy, logp), each (n, T)
+
+    lengths, T, L = torch.tensor([1, 3, 2, 6]), 6, 3
+    mask = torch.arange(T) < lengths[:, None]  # (4, T)
+    ids = torch.ones(4, L + T, dtype=torch.long)
+    ro = Rollouts(
+        inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids), "prompt_length": L},
+        response_ids=torch.ones(4, T, dtype=torch.long),
+        response_mask=mask,
+        has_image=torch.zeros(4, dtype=torch.bool),
+        truncated=torch.zeros(4, dtype=torch.bool),
+        pixel_values=None,
+        image_grid_thw=None,
+        images_per_prompt=[0, 0],
+        views={},
+        rewards=torch.zeros(4),
+        advantages=torch.tensor([1.0, 0.0, 0.0, 1.0]),
+        texts=[""] * 4,
+        samples=[None, None],  # B = 2 prompts, G = 2
+        view_records=[[], []],
+        reward_result=RewardResult([0.0] * 4, {}),
+    )
+    cfg = TrainConfig(
+        algo="grpo", group_size=2, prompts_per_step=2, micro_batch_size=2, beta=0.0, grad_clip=0.0
+    )
+    seen = []
+    optimizer = types.SimpleNamespace(
+        zero_grad=lambda set_to_none: None, step=lambda: seen.append(model.theta.grad)
+    )
+    scheduler = types.SimpleNamespace(step=lambda: None, get_last_lr=lambda: [0.0])
+    model = OneParameter()
+    metrics = policy_update(
+        model, optimizer, scheduler, ro, cfg, Timer(), passes=Passes(forward=forward, trim=False)
+    )
+    assert len(seen) == 1 and float(seen[0]) == pytest.approx(-0.5)
+    assert metrics["grad_norm"] == pytest.approx(0.5)
+    assert float(seen[0]) != pytest.approx(-7 / 12)  # not the whole mini-batch's token mean

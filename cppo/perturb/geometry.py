@@ -21,8 +21,6 @@ from albumentations.augmentations.geometric import functional as fgeometric
 
 from cppo.perturb.base import Perturbation, as_rng, register_perturbation
 
-CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
-
 
 def _affine_numpy(img: np.ndarray, m: np.ndarray) -> np.ndarray:
     h, w = img.shape[:2]
@@ -173,27 +171,37 @@ class TranslateScale(Perturbation):
 @register_perturbation
 @dataclass(frozen=True)
 class ZoomCrop(Perturbation):
-    """Paper (docs/method.md §1): crop s·W × s·H at a random corner, s ~ U(0.6, 0.7), resize back (bilinear).
+    """Paper (docs/method.md §1): crop s·W × s·H at a uniformly random position, s ~ U(0.6, 0.7),
+    resize back to W × H (bilinear).
 
-    Crop sides are rounded to whole pixels (at least 1). numpy: OpenCV bilinear through
-    albumentations' `resize`; tensor: kornia `resize` (bilinear, half-pixel centres like OpenCV).
+    As the official `RandomZoomCrop` (vbdi/cppo verl/recipe/cppo/cppo_dataset.py): crop sides are
+    int(s·W) × int(s·H) (at least 1 px here), and the window's left and top edges are uniform over
+    the whole pixels where it fits, {0, ..., W - int(s·W)} and {0, ..., H - int(s·H)}, like Python's
+    `randint`. The draw keeps them as `left`, `top` in [0, 1): the fraction of the free room, so it
+    replays on an image of another size. numpy: OpenCV bilinear through albumentations' `resize`;
+    tensor: kornia `resize` (bilinear, half-pixel centres like OpenCV).
     """
 
     name: str = "zoom_crop"
     kind: str = "removing"
     scale: tuple[float, float] = field(default=(0.6, 0.7), metadata={"help": "side fraction kept, range"})
-    params_help = {"scale": "kept fraction of each side", "corner": f"one of {', '.join(CORNERS)}"}
+    params_help = {
+        "scale": "kept fraction of each side",
+        "left": "window's left edge: floor(left·(W - cw + 1)) px, left ~ U[0, 1)",
+        "top": "window's top edge: floor(top·(H - ch + 1)) px, top ~ U[0, 1)",
+    }
 
     def sample(self, rng_or_seed, width, height):
         rng = as_rng(rng_or_seed)
-        return {"scale": float(rng.uniform(*self.scale)), "corner": CORNERS[int(rng.integers(4))]}
+        scale = float(rng.uniform(*self.scale))
+        return {"scale": scale, "left": float(rng.random()), "top": float(rng.random())}
 
     @staticmethod
     def box(params, w: int, h: int) -> tuple[int, int, int, int]:
-        """(x0, y0, cw, ch) of the crop in pixels."""
-        cw, ch = max(1, round(params["scale"] * w)), max(1, round(params["scale"] * h))
-        x0 = 0 if params["corner"].endswith("left") else w - cw
-        y0 = 0 if params["corner"].startswith("top") else h - ch
+        """(x0, y0, cw, ch) of the crop in pixels: each edge uniform over the positions that fit."""
+        cw, ch = max(1, int(params["scale"] * w)), max(1, int(params["scale"] * h))
+        x0 = min(w - cw, int(params["left"] * (w - cw + 1)))  # (room + 1) positions, each equally likely
+        y0 = min(h - ch, int(params["top"] * (h - ch + 1)))
         return x0, y0, cw, ch
 
     def apply_numpy(self, img, params):

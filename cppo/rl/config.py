@@ -148,10 +148,12 @@ class TrainConfig(CPLSettings):
     )
     epochs: float | None = _safe(
         None,
-        "passes over the training data, used when max_steps is none: max_steps = ceil(epochs x samples / "
-        "prompts_per_step), samples counted after the preprocessing when the run opens the data "
-        "(paper: 2; cppo-train --dry-run prints it)",
+        "passes over the training data, used when max_steps is none: max_steps = ceil(epochs x samples / B), "
+        "with drop_last ceil(epochs x floor(samples / B)) (paper: 2; cppo-train --dry-run prints it)",
         check=above(0, "or none: max_steps decides"),
+    )
+    drop_last: bool = _f(
+        False, "end each epoch at its last full step, leaving the rest out (verl's way; the paper configs)"
     )
     prompts_per_step: int = _f(16, "B, prompts per step (paper: 512)", check=POSITIVE)
     rollouts_per_step: int | None = _f(
@@ -380,6 +382,9 @@ class TrainConfig(CPLSettings):
     eval_every: int | None = _safe(None, "evaluate on eval_data every N steps and at the end; none: 10 "
         "without --data (the demo), else 0 = never", check=at_least(0, "or none"))  # fmt: skip
     eval_samples: int | None = _safe(None, "K of avg@K; none: 4 without --data, else 1", check=POSITIVE)
+    eval_limit: int | None = _safe(
+        64, "eval_data items an evaluation answers (the first); none = all (paper)", check=at_least(1)
+    )
     eval_at_start: bool | str = _safe("auto", "evaluate at step 0 too: true | false | auto (without --data)")
     eval_views: str | None = _safe(None, "also evaluate under this preset's views (eval/views/*, one "
         "draw a kind); none = off", check=Lookup(lambda p: p is None or get_preset(p)))  # fmt: skip

@@ -48,10 +48,24 @@ def check_launch(cfg: TrainConfig, world: int = 1, sharded: bool = False) -> Non
         raise ConfigError("cannot train this config: " + "; ".join(errors))
 
 
+def steps_per_epoch(cfg: TrainConfig, num_samples: int) -> float:
+    """Steps one pass over `num_samples` takes: num_samples / B on one stream, floor(num_samples / B)
+    with drop_last (verl: len(train_dataloader) with drop_last=True; cppo.rl.sampler)."""
+    B = cfg.prompts_per_step
+    return num_samples // B if cfg.drop_last else num_samples / B
+
+
 def resolve_max_steps(cfg: TrainConfig, num_samples: int) -> bool:
-    """Set max_steps from epochs once the data is known: the steps that draw epochs x num_samples
-    prompts, B a step, rounded up. True when it did; False (nothing changed) when max_steps is set."""
+    """Set max_steps from epochs once the data is known: epochs x steps_per_epoch, rounded up (the
+    official verl trainer: total_training_steps = len(train_dataloader) x total_epochs, 150 for the
+    paper's 38,870 samples). True when it did; False (nothing changed) when max_steps is set.
+    ConfigError when drop_last leaves no full step."""
+    if cfg.drop_last and num_samples < cfg.prompts_per_step:
+        raise ConfigError(
+            f"drop_last: the {num_samples} training samples make no full step of {cfg.prompts_per_step} "
+            "prompts: lower --prompts-per-step, or --no-drop-last to draw across epochs"
+        )
     if cfg.max_steps is not None:
         return False
-    cfg.max_steps = max(1, math.ceil(round(cfg.epochs * num_samples, 6) / cfg.prompts_per_step))
+    cfg.max_steps = max(1, math.ceil(round(cfg.epochs * steps_per_epoch(cfg, num_samples), 6)))
     return True

@@ -216,22 +216,30 @@ def _prepare(run, processor, draws) -> Prompts:
 def _held_out(run, timer: Timer) -> dict[str, float]:
     """The evaluation's eval/* metrics and time/eval (rank 0's: the gather at its end syncs the ranks)."""
     with timer("eval"), gathered(run.model), autocast(run.device, compute_dtype(run.cfg, run.device)):
-        metrics = _evaluate(run.model, run.processor, run.eval_set, run.cfg, run.rank, run.world)
+        metrics = _evaluate(run.model, run.processor, run.eval_set, run.cfg, run.rank, run.world, run.scorer)
     return {**metrics, "time/eval": timer["eval"]}
 
 
-def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
-    """avg@K accuracy and format on (at most 64 items of) the held-out set, as eval/* metrics, and with
-    --eval-views the view metrics of the same items (eval/views/*: robustness, consistency, removing,
-    blank, entropy_shift; one draw of each kind, seeded by cfg.seed, so every evaluation sees the same views).
+def _evaluate(
+    model, processor, dataset, cfg: TrainConfig, rank: int, world: int, scorer=None
+) -> dict[str, float]:
+    """The held-out evaluation's eval/* metrics, on the first `eval_limit` items (all with none).
 
-    Each process answers its share of the batches and the graded questions are gathered
-    (`cppo.models.evaluate.evaluate`, rank/world): every rank gets the report one process would."""
+    eval/accuracy, eval/format: avg@K by the evaluator's grader (cppo.grading's default).
+    eval/reward/total: the official validation score, the answers scored by the run's own reward
+    functions and weights (`scorer`; vbdi/cppo verl/verl/trainer/ppo/ray_trainer.py `_validate` scores
+    them with the training reward; the paper configs: 0.9 x mathruler accuracy + 0.1 x format, greedy,
+    all of Geometry3K's test split); eval/reward/<name> each function's mean, as the rollouts'
+    reward/* keys. With --eval-views, the view metrics of the same items (eval/views/*: robustness,
+    consistency, removing, blank, entropy_shift; one draw of each kind, seeded by cfg.seed, so every
+    evaluation sees the same views). Each process answers its share of the batches and the graded
+    questions are gathered (`cppo.models.evaluate.evaluate`, rank/world): every rank gets the report
+    one process would, and scores all of it."""
     answering = dict(
         samples=cfg.eval_samples,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
-        limit=64,
+        limit=cfg.eval_limit,
         temperature=None if cfg.eval_samples == 1 else cfg.temperature,
         instruction=instruction_for(cfg.instruction),
         rank=rank,
@@ -239,10 +247,27 @@ def _evaluate(model, processor, dataset, cfg: TrainConfig, rank: int, world: int
     )
     report = evaluate(model, processor, dataset, token_ids=cfg.eval_views is not None, **answering)
     metrics = {"eval/accuracy": report["accuracy"], "eval/format": report["format"]}
+    if scorer is not None:
+        metrics.update(_eval_rewards(report["questions"], dataset, scorer))
     if cfg.eval_views is not None:  # the same items under the preset's views (cppo.detect.views_eval)
         views = evaluate_views(model, processor, dataset, cfg.eval_views, draws=1, clean=report, **answering)
         metrics.update(view_metrics(views))
     return metrics
+
+
+def _eval_rewards(questions: list[dict], dataset, scorer) -> dict[str, float]:
+    """eval/reward/*: the held-out answers (the dataset's first len(questions) items, in order, K
+    answers each) scored by the run's reward functions."""
+    items = [dataset[i].to_dict() for i in range(len(questions))]
+    samples = [item for item, q in zip(items, questions) for _ in q["responses"]]
+    scored = scorer([r for q in questions for r in q["responses"]], [s["answer"] for s in samples], samples)
+    rewards = {f"eval/reward/{name}": _mean(values) for name, values in scored.components.items()}
+    errors = float(len(scored.errors))
+    return {"eval/reward/total": _mean(scored.total), **rewards, "eval/reward/errors": errors}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
 
 
 def _rollout_seed(seed: int, step: int, rank: int) -> int:

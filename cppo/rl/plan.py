@@ -36,7 +36,7 @@ from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import PromptDataset
 from cppo.rl.fsdp import fsdp_settings
 from cppo.rl.generation import MAX_GENERATION_ROWS
-from cppo.rl.launch import resolve_max_steps
+from cppo.rl.launch import resolve_max_steps, steps_per_epoch
 from cppo.rl.memory import GIB, SHAPES, ModelShape, RunShape, estimate
 from cppo.rl.prompt_count import data_processor
 from cppo.rl.rundir import earlier_run, entry_names
@@ -213,12 +213,13 @@ def describe(cfg: TrainConfig, gpus: int | None = None) -> str:
     if samples is None:
         lines.append("steps per epoch: unknown (the data is not readable here)")
     else:
-        per_epoch = samples / cfg.prompts_per_step
+        rule = "whole steps: drop_last" if cfg.drop_last else "one stream across epochs"
         lines.append(
-            f"steps per epoch: {per_epoch:.1f} ({samples} samples / {cfg.prompts_per_step} prompts a step)"
+            f"steps per epoch: {steps_per_epoch(cfg, samples):.1f} ({samples} samples / "
+            f"{cfg.prompts_per_step} prompts a step, {rule})"
         )
-    if cfg.max_steps is None and samples is not None:
-        resolve_max_steps(cfg, samples)
+    # drop_last with fewer samples than one step is refused here, as the run would refuse it
+    if samples is not None and resolve_max_steps(cfg, samples):
         lines.append(f"max_steps: {cfg.max_steps} ({cfg.epochs:g} epochs)")
     elif cfg.max_steps is None:
         lines.append(f"max_steps: unknown until the data is read ({cfg.epochs:g} epochs)")

@@ -1,12 +1,15 @@
 """The prompt sampler: B draws per step from a per-epoch permutation, resumable, with a view seed each.
 
-    sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed)
+    sampler = PromptSampler(len(dataset), cfg.prompts_per_step, seed=cfg.seed, drop_last=cfg.drop_last)
     draws = sampler.next_batch()                 # B Draw(index, epoch, view_seed)
     upcoming = sampler.peek()                    # the next batch's draws, without moving on
     state = sampler.state_dict()                 # into the checkpoint; load_state_dict on resume
 
 The permutation of an epoch is fixed by (seed, epoch); a step that crosses an epoch boundary finishes
-the old epoch and starts the next, so every sample is seen once per epoch. Each draw carries a view
+the old epoch and starts the next, so every sample is seen once per epoch. With ``drop_last`` (the
+official verl dataloader's ``drop_last=True``, vbdi/cppo verl/verl/trainer/ppo/ray_trainer.py) an
+epoch is floor(num_samples / B) whole steps instead: the num_samples mod B samples at the end of its
+permutation are not drawn that epoch, and no step spans two epochs. Each draw carries a view
 seed derived from (seed, epoch, index) alone (docs/method.md §1: one I+ and one I- per prompt, shared
 by its group), so a resumed run or another process draws the same views for the same sample.
 """
@@ -37,12 +40,15 @@ class PromptSampler:
     is the loop's business.
     """
 
-    def __init__(self, num_samples: int, prompts_per_step: int, seed: int = 0):
+    def __init__(self, num_samples: int, prompts_per_step: int, seed: int = 0, drop_last: bool = False):
         if num_samples < 1 or prompts_per_step < 1:
             raise ValueError(
                 f"need num_samples >= 1 and prompts_per_step >= 1, got {num_samples}, {prompts_per_step}"
             )
+        if drop_last and num_samples < prompts_per_step:
+            raise ValueError(f"drop_last: {num_samples} samples make no full step of {prompts_per_step}")
         self.num_samples, self.prompts_per_step, self.seed = num_samples, prompts_per_step, seed
+        self.drop_last = drop_last
         self.epoch, self.offset = 0, 0
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -50,6 +56,8 @@ class PromptSampler:
 
     def next_batch(self) -> list[Draw]:
         draws: list[Draw] = []
+        if self.drop_last and self.offset + self.prompts_per_step > self.num_samples:
+            self.epoch, self.offset = self.epoch + 1, 0  # the epoch's remainder is not drawn
         while len(draws) < self.prompts_per_step:
             order = self.permutation(self.epoch)
             take = order[self.offset : self.offset + self.prompts_per_step - len(draws)]
