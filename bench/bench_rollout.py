@@ -14,6 +14,9 @@ at temperature 1 from per-prompt seeds (as `--seed-per-prompt`):
   end the response with probability about 3 / cap (`end_bias`): geometric lengths, mean about
   cap / 3, a mix of early and late ends, a few rows cut at the cap.
 
+`--decode cuda-graphs` (CUDA) runs the engine's static-cache decode captured as CUDA graphs
+(`--rollout-engine cppo-graphs`); its first call per batch size compiles, in the warm-up round.
+
 Each cell runs both engines `--repeats` times, interleaved (engine, hf, engine, hf, ... after one
 warm-up of each), on the same prompts and seeds. Reported: generated tokens/s (response tokens,
 end included, over the call's wall seconds; the two engines draw different samples once a row has
@@ -91,7 +94,9 @@ def end_bias(model, processor, batch, cap: int) -> None:
     model.lm_head = biased
 
 
-def one_call(engine: str, model, processor, batch, G: int, cap: int, seeds: list[int]):
+def one_call(
+    engine: str, model, processor, batch, G: int, cap: int, seeds: list[int], decode: str = "dynamic"
+):
     """(generated tokens, seconds, peak bytes, lengths) of one rollout call of `engine`."""
     kw = dict(max_new_tokens=cap, temperature=1.0, seeds=seeds)
     cuda = model.device.type == "cuda"
@@ -105,7 +110,7 @@ def one_call(engine: str, model, processor, batch, G: int, cap: int, seeds: list
     with rss:
         t0 = time.perf_counter()
         if engine == "engine":
-            ids, mask = sample_groups(model, processor, batch, G, **kw)
+            ids, mask = sample_groups(model, processor, batch, G, decode=decode, **kw)
         else:
             repeated = [b for b in range(len(seeds)) for _ in range(G)]
             rows = take_rows(batch, repeated, model.config.image_token_id)
@@ -119,12 +124,12 @@ def one_call(engine: str, model, processor, batch, G: int, cap: int, seeds: list
     return sum(lengths), seconds, peak, lengths
 
 
-def cell(model, processor, batch, G: int, cap: int, repeats: int, seed: int) -> dict:
+def cell(model, processor, batch, G: int, cap: int, repeats: int, seed: int, decode: str = "dynamic") -> dict:
     seeds = [seed * 1000 + b for b in range(batch["input_ids"].shape[0])]
     runs = {"engine": [], "hf": []}
     for r in range(repeats + 1):  # the first round warms both up and is not counted
         for engine in ("engine", "hf") if r % 2 == 0 else ("hf", "engine"):
-            out = one_call(engine, model, processor, batch, G, cap, seeds)
+            out = one_call(engine, model, processor, batch, G, cap, seeds, decode)
             if r > 0:
                 runs[engine].append(out)
     tps = {e: [tokens / seconds for tokens, seconds, _, _ in runs[e]] for e in runs}
@@ -161,10 +166,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--decode",
+        default="dynamic",
+        choices=["dynamic", "static", "cuda-graphs"],
+        help="the engine's decode (cuda-graphs: CUDA only; --rollout-engine cppo-graphs)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.device}, "
-          f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
+          f"{torch.get_num_threads()} threads, engine decode {args.decode}", flush=True)  # fmt: skip
     print("| model | image tokens | G | cap | rows | lengths median [min-max] | engine tok/s | hf tok/s "
           "| engine / hf, median [range] | peak MiB engine / hf |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -176,12 +187,12 @@ def main(argv=None) -> int:
             if name == "large":
                 end_bias(model, processor, batch, cap)
             for G in args.group_sizes:
-                c = cell(model, processor, batch, G, cap, args.repeats, args.seed)
+                c = cell(model, processor, batch, G, cap, args.repeats, args.seed, args.decode)
                 results.append({"model": name, "image_tokens": image_tokens, **c})
                 print(row(name, image_tokens, c), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "results": results}, f, indent=1)
+            json.dump({"device": args.device, "decode": args.decode, "results": results}, f, indent=1)
     return 0
 
 

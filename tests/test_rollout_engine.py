@@ -179,3 +179,20 @@ def test_bad_arguments_say_what_to_change(setting):
         ConfigError, match="cppo-graphs runs CUDA graphs: use --rollout-engine cppo on the CPU"
     ):
         TrainConfig(rollout_engine="cppo-graphs", device="cpu")
+
+
+def test_bench_rollout_runs_on_a_tiny_setting(tmp_path, capsys):
+    """bench/bench_rollout.py (docs/benchmarks.md, Rollouts) end to end on a cell small enough for a test."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_rollout
+
+    out = tmp_path / "r.json"
+    argv = ["--models", "demo", "--group-sizes", "2", "--caps", "8", "--prompts", "2", "--repeats", "1"]
+    assert bench_rollout.main([*argv, "--json", str(out)]) == 0
+    [cell] = json.loads(out.read_text())["results"]
+    assert cell["rows"] == 4 and cell["image_tokens"] == 16 and cell["ratio"] > 0
+    assert "| demo | 16 | 2 | 8 | 4 |" in capsys.readouterr().out
