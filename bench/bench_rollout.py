@@ -1,7 +1,7 @@
 """Rollout throughput: the rollout engine (cppo.models.rollout_engine) against transformers' `generate`
 on each prompt repeated G times (`--rollout-engine hf`), CPU here, CUDA where present.
 
-    python bench/bench_rollout.py                          # the grid below, about 5 minutes on 2 cores
+    python bench/bench_rollout.py                          # the grid below, about 10 minutes on 2 busy cores
     python bench/bench_rollout.py --models large --group-sizes 8 --caps 512 --repeats 5
 
 Grid: two models x G in {5, 8} x response caps {128, 512}, B = `--prompts` prompts a call, sampled
@@ -10,9 +10,10 @@ at temperature 1 from per-prompt seeds (as `--seed-per-prompt`):
   tokens); trained, it ends its own responses (its lengths, not the cap, end the call);
 - `large`: a random tiny Qwen2.5-VL, 4 layers 256 wide, vision tower 4 blocks 128 wide, on the same
   images resized to 448 px: 1,024 patches, 256 image tokens a prompt, as a real image gives.
-  A random model never ends, so its output head gets a bias on `<|im_end|>` that makes each token
-  end the response with probability about 3 / cap (`end_bias`): geometric lengths, mean about
-  cap / 3, a mix of early and late ends, a few rows cut at the cap.
+  A random model never ends, so its output head gets a bias on `<|im_end|>` aimed at ending each
+  token with probability 3 / cap (`end_bias`, from the logits at the prompts' end: the lengths come
+  out longer, median about cap / 2 at cap 512): a mix of early and late ends, some rows cut at the
+  cap. The table reports the measured lengths.
 
 `--decode cuda-graphs` (CUDA) runs the engine's static-cache decode captured as CUDA graphs
 (`--rollout-engine cppo-graphs`); its first call per batch size compiles, in the warm-up round.

@@ -49,7 +49,7 @@ KV_SHARE = 0.5  # of the free device memory, for the KV cache of one call
 
 
 def generation_rows(model, cfg, prompt_length: int) -> int:
-    """Rows per `generate` call: `cfg.generation_batch_size`, else sized from memory on CUDA
+    """Rows per generation call (either engine): `cfg.generation_batch_size`, else sized from memory on CUDA
     (`memory_sized_rows` of one row's KV cache for prompt + max_new_tokens tokens, after freeing the
     allocator's cache) and 64 on the CPU; rounded down to whole groups, at least one.
 
