@@ -19,7 +19,11 @@
 #      generators, the padding share of the update's passes; then (--padding) one CPPO step's
 #      old/ref + update on mixed response lengths, padded to the step's longest row against trimmed
 #      and sorted by length (tokens/s, peak memory), and whether one group per call and the
-#      memory-sized calls sampled the same responses. The numbers go to docs/benchmarks.md.
+#      memory-sized calls sampled the same responses. The numbers go to docs/benchmarks.md;
+#   4. bench/bench_rollout.py: rollout tokens/s and peak memory of the rollout engine against
+#      `generate` (the 256-image-token model, G = 8, 512-token cap, spread lengths), with the engine's
+#      dynamic decode and with its CUDA-graph decode (--rollout-engine cppo-graphs). Pending: not yet
+#      run on a GPU (docs/benchmarks.md, Rollouts); it adds up to 4 minutes.
 # The GPU image has PyTorch and transformers but not the perturbation libraries or the grader:
 # run `bash bench/gpu_wheels.sh` here first and carry `.whl` (device tool: carry [".whl"]).
 #   bash bench/gpu_check.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else runs/gpu_check
@@ -62,5 +66,10 @@ timeout 120 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py test
 timeout 330 "$py" bench/gpu_step.py --size 3b --device cuda --max-new-tokens 256 \
     --padding --json "$out/gpu_step.json" 2>&1 | tee "$out/gpu_step.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for decode in dynamic cuda-graphs; do
+    timeout 120 "$py" bench/bench_rollout.py --models large --group-sizes 8 --caps 512 --prompts 16 \
+        --repeats 2 --decode "$decode" --json "$out/rollout_$decode.json" 2>&1 | tee "$out/rollout_$decode.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
 echo "gpu_check: exit $status; outputs in $out"
 exit "$status"

@@ -14,8 +14,9 @@ I-/I+ forwards), tokens/s over prompt and response tokens, and this step's peak 
 (`torch.cuda.max_memory_allocated`, reset at the step's start).
 
 Generation runs in batches of `--generation-batch-size` rows (default: sized from free memory,
-cppo.rl.generation), each group from its own seed (cppo.models.sampling.BlockSampler on the
-device's generators); each step reports its generate calls and rows per call, and the padding
+cppo.rl.generation), by the trainer's default rollout engine (cppo.models.rollout_engine), each
+group from its own seed on the device's generators; each step reports its generation calls and
+rows per call, and the padding
 share of the update's passes (token slots the backbone was given that are padding, after each
 pass is cut to its own rows). A random model almost never samples an end token, so every response
 runs to `--max-new-tokens`; `--mixed-lengths` then cuts them to long-tailed lengths (as
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_padding  # noqa: E402  (bench/ is not a package)
 import bench_step  # noqa: E402
 
+import cppo.rl.generation as generation  # noqa: E402
 from cppo.models import TinyVLMConfig, build_tiny_model  # noqa: E402
 from cppo.perturb import get_preset  # noqa: E402
 from cppo.rl.config import TrainConfig  # noqa: E402
@@ -89,11 +91,17 @@ def train_config(args, algo: str) -> TrainConfig:
     )
 
 
+def _record(calls: list[int], out: tuple):
+    calls.append(out[0].shape[0])
+    return out
+
+
 def rollout(model, processor, samples, cfg, seed: int, args, timer: Timer):
     """The step's rollouts, each group from its own seed; (rollouts, rows of each generate call)."""
-    calls = []
-    generate = model.generate
-    model.generate = lambda *a, **kw: calls.append(kw["input_ids"].shape[0]) or generate(*a, **kw)
+    calls = []  # rows of each call, whichever engine makes them
+    engines = {name: getattr(generation, name) for name in ("sample_groups", "generate_responses")}
+    for name, real in engines.items():
+        setattr(generation, name, lambda *a, _real=real, **kw: _record(calls, _real(*a, **kw)))
     try:
         with timer("rollout"):
             ro = collect_rollouts(
@@ -104,7 +112,8 @@ def rollout(model, processor, samples, cfg, seed: int, args, timer: Timer):
                 per_prompt_seeds=[seed * 1000 + i for i in range(len(samples))],
             )  # fmt: skip
     finally:
-        model.generate = generate
+        for name, real in engines.items():
+            setattr(generation, name, real)
     if args.mixed_lengths:
         ro = bench_padding.mixed_lengths(ro, args, processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
     bench_step.fake_advantages(ro, cfg.group_size, seed)

@@ -1,6 +1,7 @@
-"""Generation under FSDP2 on two CPU processes (gloo): ranks whose rows per `generate` call differ
-both finish the step with the same weights, no collective runs inside a `generate` call, and
-memory-sized rows are agreed (the minimum over the ranks). Worker: tests/workers/fsdp_generation.py.
+"""Generation under FSDP2 on two CPU processes (gloo): ranks whose rows per generation call differ
+both finish the step with the same weights, no collective runs inside a call (the default rollout
+engine in the first test, transformers' `generate` in the second), and memory-sized rows are agreed
+(the minimum over the ranks). Worker: tests/workers/fsdp_generation.py.
 
 Before `synced_gpus=False` (cppo.models.inputs.generate_responses) the `rows` case hung: transformers
 all-reduces once per new token for an FSDP-managed model, and the rank with more calls waited for
@@ -73,14 +74,16 @@ def _flags(tiny_dir, data, tmp: Path) -> list[str]:
 @pytest.mark.slow
 def test_ranks_with_8_and_4_rows_per_call_finish_with_the_same_weights(tiny_dir, data, tmp_path):
     """Rank 0 generates its 8 rows (4 prompts x 2) in one call, rank 1 in two calls of 4: both
-    finish the step, with no collective inside any `generate` call (the gather happens around
+    finish the step, with no collective inside any rollout-engine call (the gather happens around
     them: some collectives per rollout), and end with the same, trained weights."""
     ranks = _two_processes(tmp_path, "rows", "8,4", _flags(tiny_dir, data, tmp_path), 29687)
     assert [r["calls"] for r in ranks] == [[8], [4, 4]]
     assert [r["inside"] for r in ranks] == [[0], [0, 0]]
     assert all(r["rollouts"][0] > 0 for r in ranks)  # the counter sees FSDP's all-gathers
-    for r in ranks:  # outside `gathered` the sharded model is refused with what to do
-        assert "call it inside cppo.rl.fsdp.gathered(model)" in r["refused"]
+    for r in ranks:  # outside `gathered` the sharded model is refused with what to do, by either engine
+        refusers = [m.split(" got a sharded model")[0] for m in r["refused"]]
+        assert refusers == ["generate_responses", "sample_groups"]
+        assert all("call it inside cppo.rl.fsdp.gathered(model)" in m for m in r["refused"])
     _assert_same_trained_weights(ranks, tiny_dir)
 
 
@@ -91,7 +94,7 @@ def test_memory_sized_rows_are_the_minimum_over_the_ranks(tiny_dir, data, tmp_pa
     tokens; measured: rank 0's prompts 94 tokens (104,448 bytes a row: 256 rows, the cap), rank 1's
     90 (100,352 bytes: 512 KiB / 100,352 = 5 rows). Both take 5, rounded down to 2 groups of 2: each
     rank's 8 rows go in two calls of 4 (rank 0 alone would have made one call of 8)."""
-    flags = _flags(tiny_dir, data, tmp_path)
+    flags = [*_flags(tiny_dir, data, tmp_path), "--rollout-engine", "hf"]  # transformers' generate here
     ranks = _two_processes(tmp_path, "memory", f"{2**40},{2**20}", flags, 29688)
     ((free0, row0, rows0),), ((free1, row1, rows1),) = (r["local"] for r in ranks)  # one sizing each
     assert (free0, free1) == (2**40, 2**20)

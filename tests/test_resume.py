@@ -19,7 +19,7 @@ SAFE = set(
     force_resume tensorboard output_dir device micro_batch_size logits_chunk_size gradient_checkpointing
     data_strict max_bad_steps epochs eval_data_columns ref_offload export_pretrained""".split()
 )
-SAFE |= {"generation_batch_size", "sort_by_length", "prefetch"}  # how rollouts and updates are batched
+SAFE |= {"generation_batch_size", "rollout_engine", "sort_by_length", "prefetch"}  # how rollouts are made
 SAFE |= {"reward_timeout", "reward_hang_steps", "drop_hung_rewards"}  # a reward call's time limit, a hung one
 SAFE |= {"dist_timeout"}  # how long a collective may wait
 SAFE |= {"overwrite"}  # what a fresh start does with an earlier run's files (cppo.rl.rundir)

@@ -1,11 +1,13 @@
 """Rollout generation in batches of rows (cppo/rl/generation.py, cppo/models/sampling.py): the size
-of a call, and samples that do not depend on it when each group has its own seed."""
+of a call, and samples that do not depend on it when each group has its own seed, with either
+engine (`--rollout-engine`; the engine itself: tests/test_rollout_engine.py)."""
 
 import pytest
 import torch
 
 from cppo.batching import take_rows
 from cppo.models import encode_prompts, generate_responses
+from cppo.models.rollout_engine import sample_groups
 from cppo.perturb import get_preset
 from cppo.rl.config import ConfigError, TrainConfig
 from cppo.rl.data import open_dataset
@@ -63,19 +65,33 @@ def setting(tmp_path_factory):
     return model, processor, [ds[i] for i in range(4)]
 
 
-def test_samples_with_per_prompt_seeds_do_not_depend_on_the_generation_batch_size(setting):
+@pytest.mark.parametrize("engine", ["cppo", "hf"])
+def test_samples_with_per_prompt_seeds_do_not_depend_on_the_generation_batch_size(
+    setting, engine, monkeypatch
+):
+    """Both engines: the rows of each call (the engine is handed each prompt once and makes its G rows;
+    `generate` the repeated rows), each call cut to its own longest prompt, and the same samples
+    whatever the number of calls."""
+    import cppo.rl.generation as generation
+
     model, processor, samples = setting
-    calls = []
-    generate = model.generate
-    model.generate = lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw)
-    try:
-        outs = {
-            rows: _rollouts(model, processor, samples, [11, 12, 13, 14], generation_batch_size=rows)
-            for rows in (2, 5, 8)  # a group per call; 2 groups (5 rounds down); all 4 in one call
-        }
-    finally:
-        model.generate = generate
-    assert [s[0] for s in calls] == [2, 2, 2, 2, 4, 4, 8]
+    calls = []  # (rows generated, prompt columns) of each call
+    for name in ("sample_groups", "generate_responses"):
+        real = getattr(generation, name)
+
+        def recording(m, p, call, *args, _real=real, **kw):
+            out = _real(m, p, call, *args, **kw)
+            calls.append((out[0].shape[0], call["input_ids"].shape[1]))
+            return out
+
+        monkeypatch.setattr(generation, name, recording)
+    outs = {
+        rows: _rollouts(
+            model, processor, samples, [11, 12, 13, 14], generation_batch_size=rows, rollout_engine=engine
+        )
+        for rows in (2, 5, 8)  # a group per call; 2 groups (5 rounds down); all 4 in one call
+    }
+    assert [rows for rows, _ in calls] == [2, 2, 2, 2, 4, 4, 8]
     lengths = [int(x.sum()) for x in outs[8].inputs["attention_mask"][::2, : outs[8].inputs["prompt_length"]]]
     assert len(set(lengths)) > 1  # prompts of different lengths: the calls were padded differently
     assert calls[0][1] == lengths[0] < max(lengths)  # each call cut to its own longest prompt
@@ -85,19 +101,25 @@ def test_samples_with_per_prompt_seeds_do_not_depend_on_the_generation_batch_siz
         assert outs[rows].texts == outs[8].texts
 
 
-def test_one_stream_without_per_prompt_seeds(setting):
+@pytest.mark.parametrize("engine", ["cppo", "hf"])
+def test_one_stream_without_per_prompt_seeds(setting, engine):
     """Without per-prompt seeds one call is the one-call trainer's sampling (torch.manual_seed of the
-    generator seed, transformers' sampler); smaller calls continue the stream, so they draw other
-    samples from the same policy."""
+    generator seed, then the engine's sampler, or transformers' for `hf`); smaller calls continue the
+    stream, so they draw other samples from the same policy."""
     model, processor, samples = setting
-    whole = _rollouts(model, processor, samples, None)  # 8 rows <= 64: one call
+    whole = _rollouts(model, processor, samples, None, rollout_engine=engine)  # 8 rows <= 64: one call
     batch = encode_prompts(processor, [s.question for s in samples], [s.images for s in samples])
-    batch = take_rows(batch, [b for b in range(4) for _ in range(2)], model.config.image_token_id)
     cfg = TrainConfig(max_new_tokens=10)
-    ids, mask = generate_responses(model, processor, batch, generator_seed=7, max_new_tokens=10,
-                                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # fmt: skip
+    kw = dict(
+        generator_seed=7, max_new_tokens=10, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
+    )
+    if engine == "hf":
+        rows = take_rows(batch, [b for b in range(4) for _ in range(2)], model.config.image_token_id)
+        ids, mask = generate_responses(model, processor, rows, **kw)
+    else:
+        ids, mask = sample_groups(model, processor, batch, 2, **kw)
     assert torch.equal(whole.response_mask, mask) and torch.equal(whole.response_ids, ids)
-    split = _rollouts(model, processor, samples, None, generation_batch_size=2)
+    split = _rollouts(model, processor, samples, None, generation_batch_size=2, rollout_engine=engine)
     assert not torch.equal(split.response_ids[2:], whole.response_ids[2:])
 
 

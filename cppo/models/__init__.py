@@ -7,6 +7,8 @@
   `ProcessorMixin` that loads without torchvision (TRL accepts it) (`vl_processor.py`); the processor
   every command uses where `AutoProcessor` cannot load.
 - `encode_prompts`, `encode_images`, `append_responses`, `generate_responses` (`inputs.py`).
+- `sample_groups(model, processor, prompts, G, ...)` (`rollout_engine.py`): G responses to each prompt,
+  the prompt prefilled once and finished rows out of the batch; the trainer's rollouts.
 - `evaluate(model, processor, dataset, samples=K)` (`evaluate.py`): avg@K accuracy, format and
   pass@K per question type, the one evaluator of `cppo-eval`, the trainer and the demo model.
 - `python -m cppo.models.warmstart` and `python -m cppo.models.evaluate`: the demo model's recipe.
@@ -29,6 +31,7 @@ from cppo.models.inputs import (
     generate_responses,
     response_logits,
 )
+from cppo.models.rollout_engine import sample_groups
 from cppo.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, VISION_TOKENS, build_tokenizer
 from cppo.models.vl_processor import ImageOnlyQwen2_5_VLProcessor
 
@@ -51,4 +54,5 @@ __all__ = [
     "load_processor",
     "model_path_or_demo",
     "response_logits",
+    "sample_groups",
 ]

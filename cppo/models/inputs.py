@@ -95,7 +95,7 @@ def _only_given_settings(model):
         inner.generation_config = saved
 
 
-def _refuse_sharded(model) -> None:
+def _refuse_sharded(model, caller: str = "generate_responses") -> None:
     """Raise when `model` holds FSDP shards (DTensor parameters), i.e. it is sharded and not gathered."""
     if not torch.distributed.is_available():
         return
@@ -103,7 +103,7 @@ def _refuse_sharded(model) -> None:
 
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise RuntimeError(
-            "generate_responses got a sharded model: call it inside cppo.rl.fsdp.gathered(model), "
+            f"{caller} got a sharded model: call it inside cppo.rl.fsdp.gathered(model), "
             "so that generation runs on the gathered weights with no collective per new token"
         )
 

@@ -28,6 +28,19 @@ from transformers.generation.logits_process import (
 )
 
 
+def sampling_warpers(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[LogitsProcessor]:
+    """transformers' own temperature, top-k (0 = off) and top-p (1 = off) warpers, in the order its
+    sampler applies them; each maps (R, V) scores to (R, V) scores."""
+    warpers: list[LogitsProcessor] = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p))
+    return warpers
+
+
 class BlockSampler(LogitsProcessor):
     """Draws each block of `rows_per_seed` adjacent rows from its own generator (module docstring).
 
@@ -47,13 +60,7 @@ class BlockSampler(LogitsProcessor):
         self.rows_per_seed = rows_per_seed
         self.seeds = [int(s) for s in seeds]
         self.generators: list[torch.Generator] = []  # made on the scores' device at the first token
-        self.warpers = []
-        if temperature != 1.0:
-            self.warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            self.warpers.append(TopKLogitsWarper(top_k=top_k))
-        if top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+        self.warpers = sampling_warpers(temperature, top_k, top_p)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """(R, V) scores -> (R, V): 0 on each row's drawn token, -inf elsewhere."""

@@ -252,6 +252,12 @@ class TrainConfig(CPLSettings):
         "the calls, so another size draws other samples (docs/training.md)",
         check=at_least(1, "or none = sized from memory"),
     )
+    rollout_engine: Literal["cppo", "cppo-graphs", "hf"] = _safe(
+        "cppo",
+        "cppo: each prompt prefilled once for its group, finished rows out of the batch; cppo-graphs: "
+        "the same with the decode step as a CUDA graph (CUDA only); hf: transformers' generate on each "
+        "prompt repeated G times (for comparison)",
+    )
     # --- CPPO
     preset: str = _f(
         "paper",
@@ -478,6 +484,8 @@ class TrainConfig(CPLSettings):
             errors.append(
                 "overwrite deletes the run that resume would continue: give --resume or --overwrite, not both"
             )
+        if self.rollout_engine == "cppo-graphs" and self.device == "cpu":
+            errors.append("rollout_engine cppo-graphs runs CUDA graphs: use --rollout-engine cppo on the CPU")
         if self.lora_r and not self.lora_targets:
             errors.append("lora_r > 0 needs at least one module name in lora_targets")
         if len(names := [reward_name(spec) for spec in self.rewards]) != len(set(names)):

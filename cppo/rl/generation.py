@@ -1,8 +1,16 @@
-"""Rollout generation in batches of rows: how many rows one `generate` call takes, and what seeds them.
+"""Rollout generation in batches of rows: how many rows one call takes, which engine runs it, and
+what seeds it.
 
 A step's rows are generated `generation_rows` at a time (whole groups), so that the KV cache of
 one call, which grows with rows x (prompt + response) tokens, stays bounded whatever the step's
 size. Each call's prompts are cut to their own longest prompt (`cppo.batching.trim_prompt`).
+
+The engine (`--rollout-engine`): `cppo` (the default) is `cppo.models.rollout_engine.sample_groups`,
+which prefills each of the call's prompts once and drops finished rows; `cppo-graphs` the same with
+the decode step captured as a CUDA graph (CUDA only); `hf` is transformers' `generate` on each
+prompt repeated G times (`cppo.models.generate_responses`), kept for comparison. Greedy, they give
+the same responses; sampled, the same distribution (draws differ once a row has ended: the
+engine's module docstring).
 
 What the samples depend on:
 - `--seed-per-prompt`: each prompt's group samples from its own generator, seeded from its own
@@ -13,10 +21,12 @@ What the samples depend on:
 - otherwise one stream, torch's global generator seeded once from the step's generator seed, runs
   through the calls in order: with one call (every row fitting the batch) the samples are those of
   the one-call trainer, and another generation batch size draws other samples from the same policy.
+  The stream is also drawn through differently by the engines (the engine's module docstring).
 
 Under FSDP the calls run inside `cppo.rl.fsdp.gathered` (every unit gathered once) and issue no
-collective of their own (`generate_responses` turns transformers' `synced_gpus` off), so ranks
-may make different numbers of calls; the rows per call are agreed all the same (`generation_rows`).
+collective of their own (the engine runs plain forwards; `generate_responses` turns transformers'
+`synced_gpus` off), so ranks may make different numbers of calls; the rows per call are agreed all
+the same (`generation_rows`).
 
 Letters: B prompts, G group, N = B·G rows, L prompt columns, T response columns.
 """
@@ -27,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from cppo.batching import take_rows, trim_prompt
-from cppo.models import generate_responses
+from cppo.models import generate_responses, sample_groups
 from cppo.precision import resolve_dtype
 from cppo.rl.fsdp import compute_device
 from cppo.rl.memory import ModelShape
@@ -39,7 +49,7 @@ KV_SHARE = 0.5  # of the free device memory, for the KV cache of one call
 
 
 def generation_rows(model, cfg, prompt_length: int) -> int:
-    """Rows per `generate` call: `cfg.generation_batch_size`, else sized from memory on CUDA
+    """Rows per generation call (either engine): `cfg.generation_batch_size`, else sized from memory on CUDA
     (`memory_sized_rows` of one row's KV cache for prompt + max_new_tokens tokens, after freeing the
     allocator's cache) and 64 on the CPU; rounded down to whole groups, at least one.
 
@@ -109,8 +119,9 @@ def generate_groups(
     rows_per_call: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (N, T), mask (N, T)) of G responses to each of the B prompts of `batch_b`, rows of a group
-    adjacent, in calls of `rows_per_call` rows (whole groups). `group_seeds` (B): each group samples
-    from its own seed; None: one stream from `generator_seed` (module docstring)."""
+    adjacent, in calls of `rows_per_call` rows (whole groups) by `cfg.rollout_engine`. `group_seeds`
+    (B): each group samples from its own seed; None: one stream from `generator_seed` (module
+    docstring)."""
     G = cfg.group_size
     B = batch_b["input_ids"].shape[0]
     per_call = max(1, rows_per_call // G)  # prompts per call
@@ -118,12 +129,17 @@ def generate_groups(
     parts = []
     for p0 in range(0, B, per_call):
         prompts = list(range(p0, min(B, p0 + per_call)))
-        call = trim_prompt(take_rows(batch_b, [b for b in prompts for _ in range(G)], image_token_id))
         if group_seeds is not None:
             seeds = dict(seeds=[group_seeds[b] for b in prompts])
         else:  # the stream is seeded before the first call and runs on through the others
             seeds = dict(generator_seed=generator_seed if p0 == 0 else None)
-        parts.append(generate_responses(model, processor, call, **seeds, **kw))
+        if cfg.rollout_engine == "hf":
+            call = trim_prompt(take_rows(batch_b, [b for b in prompts for _ in range(G)], image_token_id))
+            parts.append(generate_responses(model, processor, call, **seeds, **kw))
+        else:  # each prompt once: the engine makes its G rows
+            call = trim_prompt(take_rows(batch_b, prompts, image_token_id))
+            decode = "cuda-graphs" if cfg.rollout_engine == "cppo-graphs" else "dynamic"
+            parts.append(sample_groups(model, processor, call, G, **seeds, **kw, decode=decode))
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     T = max(ids.shape[1] for ids, _ in parts)
     ids = torch.full((B * G, T), pad, dtype=torch.long)

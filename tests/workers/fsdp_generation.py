@@ -11,7 +11,7 @@ B bytes, and the trainer sizes and agrees the rows itself.
 Writes OUT_FILE_PREFIX.rank{R}.pt (final weights, gathered) and OUT_FILE_PREFIX.gen.rank{R}.pt: a
 dict with `calls` (rows of each generate call), `inside` (collectives issued during each call),
 `rollouts` (collectives issued during each collect_rollouts), `refused` (what generate_responses
-said to the sharded model outside `gathered`), `local` ((free bytes, bytes of one
+and the rollout engine said to the sharded model outside `gathered`), `local` ((free bytes, bytes of one
 row's KV cache, rows) of each memory sizing, before the agreement) and `agreed` (what the agreement
 returned).
 """
@@ -54,24 +54,29 @@ if __name__ == "__main__":
     counter = [0]
     count_collectives(counter)
 
-    real_generate = generation.generate_responses
+    real_generate, real_engine = generation.generate_responses, generation.sample_groups
 
-    def recording_generate(model, processor, batch, **kw):
-        before = counter[0]
-        out = real_generate(model, processor, batch, **kw)
-        record["calls"].append(batch["input_ids"].shape[0])
-        record["inside"].append(counter[0] - before)
-        return out
+    def recording(real):
+        def call(model, processor, batch, *args, **kw):
+            before = counter[0]
+            out = real(model, processor, batch, *args, **kw)
+            record["calls"].append(out[0].shape[0])  # rows generated (the engine is given each prompt once)
+            record["inside"].append(counter[0] - before)
+            return out
 
-    generation.generate_responses = recording_generate
+        return call
+
+    generation.generate_responses, generation.sample_groups = recording(real_generate), recording(real_engine)
 
     real_collect = loop.collect_rollouts
 
     def recording_collect(model, processor, *args, **kw):
-        try:  # outside `gathered` a sharded model is refused before anything runs
-            real_generate(model, processor, {})
-        except RuntimeError as e:
-            record["refused"] = str(e)
+        record["refused"] = []
+        for real in (real_generate, real_engine):
+            try:  # outside `gathered` a sharded model is refused before anything runs
+                real(model, processor, {}, 1)
+            except RuntimeError as e:
+                record["refused"].append(str(e))
         before = counter[0]
         out = real_collect(model, processor, *args, **kw)
         record["rollouts"].append(counter[0] - before)
