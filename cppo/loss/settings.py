@@ -49,7 +49,7 @@ class CPLSettings:
         0.25,
         "rows the CPL is computed on, of those with a selected token: a fraction (<= 1; 1 = every row, the "
         "paper's) or a count (> 1), drawn at random and reweighted: an unbiased estimate of the full term "
-        "(default 0.25: CPPO at about GRPO's step time, docs/method.md)",
+        "(default 0.25: 1.2x GRPO's step instead of 1.4x on the demo, at the same learning; docs/method.md)",
     )
 
     def cpl_problems(self) -> list[str]:
