@@ -179,3 +179,17 @@ def test_generate_is_told_not_to_sync_processes(monkeypatch):
     monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["synced_gpus"]) or generate(**kw))
     generate_responses(model, processor, batch, **KW)
     assert seen == [False]
+
+
+def test_the_default_config_rolls_out_with_the_engine(setting, monkeypatch):
+    """No --rollout-engine: every call goes to cppo.models.rollout_engine.sample_groups, none to generate."""
+    import cppo.rl.generation as generation
+
+    assert TrainConfig().rollout_engine == "cppo"
+    calls = []
+    real = generation.sample_groups
+    monkeypatch.setattr(generation, "sample_groups", lambda *a, **k: calls.append("engine") or real(*a, **k))
+    monkeypatch.setattr(generation, "generate_responses", lambda *a, **k: calls.append("generate"))
+    model, processor, samples = setting
+    _rollouts(model, processor, samples, None)
+    assert calls and set(calls) == {"engine"}
