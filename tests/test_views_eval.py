@@ -197,6 +197,9 @@ def test_response_entropies_equal_a_full_logits_reference():
     ]
     h, shifts = response_entropies(model, processor, rows, None, 0.7, 2, 3)
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    # the views changed something, so the checks compare non-zero numbers: a random tiny model barely
+    # looks, and a row's shift can be float noise (7e-7 on one CPU), so this holds over the rows
+    assert max(abs(d) for (d,) in shifts) > 1e-4
     for (q, imgs, (view,), ids), h_row, (d_row,) in zip(rows, h, shifts):
         enc = encode_prompts(processor, [q], [imgs], None)
         resp = torch.tensor([[i if i >= 0 else pad for i in ids]])
@@ -206,7 +209,6 @@ def test_response_entropies_equal_a_full_logits_reference():
         minus = token_entropy(response_logits(model, inputs, encode_images(processor, [[view]])[0]), 0.7)
         assert h_row == pytest.approx(float(clean.mean()), abs=1e-5)
         assert d_row == pytest.approx(float((minus[0][mask[0]] - clean).mean()), abs=1e-5)
-        assert abs(d_row) > 1e-6  # the view changed something: the check compares non-zero numbers
 
 
 def test_views_that_change_nothing_give_consistency_1_and_no_shift():
