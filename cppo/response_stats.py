@@ -6,10 +6,12 @@ those through the output head in chunks of positions (`cppo.loss.entropy.chunked
 so the (N, T, V) logits of a long response never exist at once and prompt positions never reach
 the head (docs/method.md §5.8). Entropy and log-prob come from the same chunk's logits.
 
-Two departures from the official code, both with equal loss and gradients
-(tests/test_bench_fast_paths.py) and measured in docs/benchmarks.md: the G rows of a group encode
-their shared image once per pass (`shared_image_features`), and the head's backward is written by
-hand (`fused_head_stats`) instead of re-running each checkpointed chunk through autograd.
+Three departures from the official code, each with equal results (tests/test_bench_fast_paths.py,
+tests/test_shared_prompts.py) and measured in docs/benchmarks.md: the G rows of a group encode
+their shared image once per pass (`shared_image_features`); the head's backward is written by
+hand (`fused_head_stats`) instead of re-running each checkpointed chunk through autograd; and a
+pass without gradient (the reference's and old policy's log-probs, CPPO's selection pass under I-,
+the detector) runs each distinct prompt once and only the responses per row (`shared_prompt_hidden`).
 
 The paths these replaced stay as plain parameters of `plain_response_stats`, for the tests and for
 bench/bench_step.py, which passes them to the trainer's update as its scoring function (e.g.
@@ -19,12 +21,15 @@ bench/bench_step.py, which passes them to the trainer's update as its scoring fu
   and turned into log-probs and entropies all at once, so the float32 (N, T, V) tensors live until
   the backward;
 - `share_images=False` runs the vision tower once per row;
-- `fused=False` uses cppo.loss.entropy's checkpointed chunks instead of the hand-written backward.
+- `fused=False` uses cppo.loss.entropy's checkpointed chunks instead of the hand-written backward;
+- `share_prompts=False` runs every row's prompt in a pass without gradient too.
 
 Letters: N rows, L prompt columns (left-padded), T response columns, D hidden size, V vocabulary.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -131,6 +136,72 @@ def response_hidden(
     return hidden[:, L - 1 : L - 1 + T]  # (N, T, D): column L-1+t predicts response token t
 
 
+def shared_prompt_hidden(model, inputs: dict, pixel_values: torch.Tensor | None = None,
+                         run_vision: bool = False) -> torch.Tensor:  # fmt: skip
+    """(N, T, D) hidden states that predict the T response tokens, as `response_hidden`, with each
+    distinct prompt run once: for a pass without gradient.
+
+    Rows given adjacent whose prompt columns are equal (ids, attention and embeddings, so their
+    images too) share one prefill of those L columns; its KV cache is then repeated for each row and
+    the T response columns of all N rows run on it. The G rows of a rollout group have one prompt,
+    which is most of a row's tokens (the demo: 107 prompt tokens, 17 response tokens), so the pass
+    computes about L + G·T columns per group instead of G·(L + T). The positions are the full
+    sequence's (M-RoPE: `cppo.models.rollout_engine.mrope_positions` over prompt + response), the
+    ones the single forward uses; the values equal `response_hidden`'s up to float summation order
+    (tests/test_shared_prompts.py). Under FSDP the backbone runs twice here on every process alike.
+    """
+    from transformers import DynamicCache
+
+    from cppo.models.rollout_engine import mrope_positions
+
+    backbone, _ = backbone_and_head(model)
+    L = inputs["prompt_length"]
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]  # (N, L+T)
+    T = ids.shape[1] - L
+    pixels = inputs.get("pixel_values") if pixel_values is None else pixel_values
+    grid = inputs.get("image_grid_thw")
+    if pixels is not None and grid is not None:
+        embeds = embeddings_with_images(backbone, ids, shared_image_features(backbone, pixels, grid))
+    else:
+        embeds = backbone.get_input_embeddings()(ids)  # (N, L+T, D)
+    blank = blank_image_features(backbone) if run_vision and pixels is None else None
+    positions = mrope_positions(backbone, {**inputs, "image_grid_thw": grid if pixels is not None else None})
+    first, owner = _prompt_runs(ids[:, :L], attn[:, :L], embeds[:, :L])  # (P,), (N,)
+    key = "cache" if "cache" in inspect.signature(type(backbone).forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    prefill = backbone(
+        inputs_embeds=embeds[first, :L],
+        attention_mask=attn[first, :L],
+        position_ids=positions[:, first, :L],  # (4, P, L)
+        **{key: cache},
+        use_cache=True,
+    ).last_hidden_state  # (P, L, D)
+    cache.batch_select_indices(owner)  # (N rows): each row reads its prompt's keys and values
+    responses = backbone(
+        inputs_embeds=embeds[:, L:],
+        attention_mask=attn,  # (N, L+T): the prompt's padding stays masked
+        position_ids=positions[:, :, L:],  # (4, N, T)
+        **{key: cache},
+        use_cache=True,
+    ).last_hidden_state  # (N, T, D)
+    hidden = torch.cat([prefill[owner, -1:], responses[:, : T - 1]], 1)  # (N, T, D): as response_hidden
+    return hidden if blank is None else hidden + 0.0 * blank.sum()
+
+
+def _prompt_runs(ids: torch.Tensor, attn: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(first (P,), owner (N,)): the first row of each run of adjacent rows with equal prompt columns
+    (ids (N, L), attention (N, L), embeddings (N, L, D)), and each row's run."""
+    first, owner = [], []
+    for r in range(ids.shape[0]):
+        j = first[-1] if first else None
+        same = j is not None and all(torch.equal(x[j], x[r]) for x in (ids, attn, embeds))
+        if not same:
+            first.append(r)
+        owner.append(len(first) - 1)
+    device = ids.device
+    return torch.tensor(first, device=device), torch.tensor(owner, device=device)
+
+
 def response_stats(model, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view: `plain_response_stats`,
     run through the FSDP root's gathered parameters when the model is sharded (cppo.rl.fsdp)."""
@@ -153,6 +224,7 @@ def plain_response_stats(
     share_images: bool = True,
     fused: bool = True,
     run_vision: bool = False,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy (N, T), logprob (N, T)) of the response tokens under one view, float32.
 
@@ -162,14 +234,19 @@ def plain_response_stats(
     (see the module docstring); same values, much more memory; it encodes every row's images, as
     the official code does. `share_images`: encode a group's repeated images once. `fused`: the head
     through `fused_head_stats` where it applies (a plain linear head, detached entropy), else the
-    checkpointed chunks of cppo.loss.entropy. `run_vision`: see `response_hidden`.
+    checkpointed chunks of cppo.loss.entropy. `run_vision`: see `response_hidden`. `share_prompts`:
+    without gradient (torch.no_grad), each distinct prompt runs once (`shared_prompt_hidden`).
     """
     if full_logits:
         return _full_logits_stats(
             model, inputs, response_ids, response_mask, temperature, pixel_values, entropy_grad
         )
     _, head = backbone_and_head(model)
-    hidden = response_hidden(model, inputs, pixel_values, share_images, run_vision)  # (N, T, D)
+    T = inputs["input_ids"].shape[1] - inputs["prompt_length"]
+    if share_prompts and share_images and not torch.is_grad_enabled() and T > 0:
+        hidden = shared_prompt_hidden(model, inputs, pixel_values, run_vision)  # (N, T, D)
+    else:
+        hidden = response_hidden(model, inputs, pixel_values, share_images, run_vision)  # (N, T, D)
     mask = response_mask.to(hidden.device).bool()
     targets = response_ids.to(hidden.device)
     plain_linear = isinstance(head, torch.nn.Linear) and head.bias is None

@@ -269,3 +269,50 @@ def test_token_mean_is_taken_per_micro_batch_and_scaled_by_its_share_of_rows():
     assert len(seen) == 1 and float(seen[0]) == pytest.approx(-0.5)
     assert metrics["grad_norm"] == pytest.approx(0.5)
     assert float(seen[0]) != pytest.approx(-7 / 12)  # not the whole mini-batch's token mean
+
+
+def _sampled_grads(model, ro, cfg, term):
+    """Gradients of one mini-batch of every row, micro-batches of `cfg.micro_batch_size`, the term's
+    `prepare` first as policy_update does; and the summed cpl metrics."""
+    from cppo.rl.update import MicroBatch
+
+    model.zero_grad(set_to_none=True)
+    mini, passes = list(range(ro.num_rows)), Passes(term=term)
+    stored = term.prepare(MicroBatch(model, ro, mini, cfg, Timer(), None, None, passes))
+    rows_drawn, cpl = 0.0, 0.0
+    for rows in micro_batches(ro, mini, cfg.micro_batch_size, by_length=False):
+        loss, metrics = micro_batch_loss(model, ro, rows, cfg, Timer(), passes, stored)
+        (loss * len(rows) / len(mini)).backward()
+        rows_drawn, cpl = rows_drawn + metrics["cpl/rows"], cpl + metrics["cpl/loss"]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, rows_drawn, cpl, stored
+
+
+def test_batched_selection_and_fused_views_equal_per_micro_batch_passes(rollouts):
+    """A sampled term (--cpl-rows 0.75): the selection's I- pass run once for the mini-batch and the
+    drawn rows' I- and I+ passes in one forward give the gradients of each micro-batch running its
+    own passes one view at a time, in fewer forwards."""
+    model, ro, cfg = rollouts
+    cfg = copy.copy(cfg)
+    cfg.cpl_rows, cfg.micro_batch_size, cfg.cpl_lambda = 0.75, 2, 1.0
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda m, a, o: calls.append(1))  # once a pass
+    try:
+        batched = _sampled_grads(model, ro, cfg, ContrastivePerception())
+        n_batched, calls[:] = len(calls), []
+        apart = _sampled_grads(model, ro, cfg, ContrastivePerception(batch_passes=False))
+        n_apart = len(calls)
+    finally:
+        hook.remove()
+    grads, rows_drawn, cpl, stored = batched
+    assert rows_drawn > 0 and cpl != 0  # the term was on some rows
+    assert set(stored) == {"negative"}
+    assert stored["negative"][2].tolist() == [True, False, True, False, True, False]  # the gated rows
+    assert rows_drawn == apart[1] and cpl == pytest.approx(apart[2], rel=1e-6, abs=1e-7)
+    assert grads.keys() == apart[0].keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], apart[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    # apart: 3 anchors, 3 selection passes, 2 view passes per micro-batch with a drawn row;
+    # batched: 3 anchors, 1 selection pass, 1 view pass per such micro-batch
+    with_draws = sum(1 for r in (0, 2, 4) if float(ro.row_draws[r]) < 0.75)
+    assert n_apart == 3 + 3 + 2 * with_draws and n_batched == 3 + 1 + with_draws

@@ -45,10 +45,11 @@ process.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -100,18 +101,35 @@ def _entropy_and_logp(
     ro: Rollouts,
     rows: list[int],
     cfg,
-    view: str | None = None,
+    view: str | tuple | None = None,
     entropy_grad: bool = False,
     passes: Passes = Passes(),
     lengths: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images).
+):
+    """(entropy (n, T), logprob (n, T)) of `rows` under `view` (None = the original images); for a
+    tuple of views, one such pair per view, from ONE forward of the rows under each view.
 
     With `passes.trim` the pass runs on its rows' own tokens only (`cppo.batching.trim_padding`: no
     column that is padding in every one of its rows) and its results are padded back to the step's
     T with zeros, which they are outside the response mask anyway. `lengths` (n,): each row is
     scored on its first `lengths[i]` response tokens only (0 after them)."""
-    inputs = select_rows(ro, rows, _image_token_id(model), view)
+    if isinstance(view, tuple):
+        k = len(view)
+        each = None if lengths is None else lengths.repeat(k)
+        entropy, logp = _one_pass(model, ro, rows * k, cfg, view, entropy_grad, passes, each)
+        return tuple(zip(entropy.chunk(k), logp.chunk(k)))
+    return _one_pass(model, ro, rows, cfg, view, entropy_grad, passes, lengths)
+
+
+def _one_pass(model, ro, rows, cfg, view, entropy_grad, passes, lengths):
+    """`_entropy_and_logp` of one forward; `view` a tuple: `rows` are len(view) copies of the same
+    rows, the i-th copy under the i-th view."""
+    if isinstance(view, tuple):
+        n = len(rows) // len(view)
+        parts = [select_rows(ro, rows[:n], _image_token_id(model), v) for v in view]
+        inputs = concat_inputs(parts)
+    else:
+        inputs = select_rows(ro, rows, _image_token_id(model), view)
     ids, mask = ro.response_ids[rows], ro.response_mask[rows]
     T = ids.shape[1]
     if lengths is not None:
@@ -136,6 +154,15 @@ def _entropy_and_logp(
     return entropy, logp
 
 
+def concat_inputs(parts: list[dict]) -> dict:
+    """The batches `parts` (select_rows outputs of the same prompt length) one after the other."""
+    out = dict(parts[0])
+    for key, value in parts[0].items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            out[key] = torch.cat([p[key] for p in parts])
+    return out
+
+
 def _any_process_has_rows(model, n: int) -> bool:
     """Whether any process has a row for a pass this one has `n` rows for: `n > 0` unsharded; under
     FSDP one all-reduce of the largest count (module docstring)."""
@@ -153,38 +180,80 @@ def _image_token_id(model) -> int:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch and its anchor pass, as a perception term (cppo.rl.perception) sees it."""
+    """One micro-batch and its anchor pass, as a perception term (cppo.rl.perception) sees it; or a
+    whole mini-batch before its micro-batches (no anchor pass), for `PerceptionTerm.prepare`."""
 
     model: Any
     ro: Rollouts
     rows: list[int]  # n rows of the step's rollouts
     cfg: Any
     timer: Timer
-    entropy: torch.Tensor  # (n, T) H(I) of the anchor pass (detached unless the term asked)
-    logp: torch.Tensor  # (n, T) log-probs under I, with grad
+    entropy: torch.Tensor | None  # (n, T) H(I) of the anchor pass (detached unless the term asked)
+    logp: torch.Tensor | None  # (n, T) log-probs under I, with grad
     passes: Passes = Passes()
+    # view -> (entropy (N, T), logp (N, T), stored (N,) bool) of the step's rows, from passes without
+    # gradient run before the mini-batch (`stored_passes`): `view_pass(grad=False)` reads them
+    stored: dict = field(default_factory=dict)
 
     def view_pass(
         self,
         rows: list[int],
-        view: str,
+        view: str | tuple[str, ...],
         entropy_grad: bool = False,
         grad: bool = True,
         lengths: torch.Tensor | None = None,
     ):
         """(entropy, logprob), each (len(rows), T), of the micro-batch's rows `rows` (indices into
         `self.rows`) under `view`: the `score_view` of cppo.loss.cpl_step (`grad`: with a gradient;
-        `lengths`: each row's response tokens that matter, the pass stops after them). None when no
-        process has a row for this pass; `(None, logprob)` of one stand-in row when only other
-        processes have (the caller adds it times 0: module docstring, FSDP)."""
+        `lengths`: each row's response tokens that matter, the pass stops after them); a tuple of
+        views gives one such pair per view from one forward. None when no process has a row for
+        this pass; `(None, logprob)` (per view) of one stand-in row when only other processes have
+        (the caller adds it times 0: module docstring, FSDP)."""
         if not _any_process_has_rows(self.model, len(rows)):
             return None
+        if not grad and view in self.stored:  # no forward: every process reads its stored pass
+            return self._stored(rows, view)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if not rows:  # a text-only micro-batch has no views: its stand-in runs on the original image
-                stand_in = view if view in self.ro.views else None
-                return None, self._pass(self.rows[:1], stand_in, entropy_grad)[1]
+                many = isinstance(view, tuple)
+                stand_in = tuple(v if v in self.ro.views else None for v in view) if many else (
+                    view if view in self.ro.views else None
+                )
+                out = self._pass(self.rows[:1], stand_in, entropy_grad)
+                return tuple((None, o[1]) for o in out) if many else (None, out[1])
             with self.timer("perception"):
                 return self._pass([self.rows[i] for i in rows], view, entropy_grad, lengths)
+
+    def stored_passes(self, rows: list[int], view: str, chunk: int) -> dict:
+        """{view: (entropy (N, T), logp (N, T), stored (N,))}: the pass of `view` without gradient on
+        `rows` (indices into `self.rows`), `chunk` rows a forward, for `MicroBatch.stored`. The
+        parameters do not change within a mini-batch, so these are the values each micro-batch's own
+        pass would give, in fewer and larger forwards. Under FSDP every process runs forwards until
+        none has rows left (a process out of rows runs `view_pass`'s stand-in)."""
+        N, T = self.ro.response_ids.shape
+        entropy, logp = torch.zeros(N, T), torch.zeros(N, T)
+        have = torch.zeros(N, dtype=torch.bool)
+        for start in itertools.count(0, chunk):
+            part = rows[start : start + chunk]
+            out = self.view_pass(part, view, grad=False)
+            if out is None:  # no process has rows left
+                break
+            if part:
+                step_rows = [self.rows[i] for i in part]
+                entropy[step_rows], logp[step_rows] = out[0].float().cpu(), out[1].float().cpu()
+                have[step_rows] = True
+        return {view: (entropy, logp, have)}
+
+    def _stored(self, rows: list[int], view: str):
+        """`view_pass`'s result for `rows` from `self.stored` ((None, a zero) for no rows: a stand-in)."""
+        entropy, logp, have = self.stored[view]
+        device = self.logp.device if self.logp is not None else compute_device(self.model)
+        if not rows:
+            return None, torch.zeros(1, device=device)
+        step_rows = [self.rows[i] for i in rows]
+        if not bool(have[step_rows].all()):
+            raise RuntimeError(f"the stored {view} pass has no values for some of rows {step_rows}")
+        return entropy[step_rows].to(device), logp[step_rows].to(device)
 
     def _pass(self, step_rows: list[int], view: str | None, entropy_grad: bool, lengths=None):
         model, ro, cfg = self.model, self.ro, self.cfg
@@ -193,11 +262,12 @@ class MicroBatch:
 
 @torch.no_grad()
 def rollout_logprobs(model, ro: Rollouts, cfg, passes: Passes = Passes()):
-    """(N, T) log-probs of the responses under `model` (no grad), in micro-batches. A row's log-probs
-    do not depend on the rows sharing its pass, so with `passes.trim` the rows are always sorted by
-    length into the micro-batches (`micro_batches`), each trimmed."""
+    """(N, T) log-probs of the responses under `model` (no grad), in micro-batches of adjacent rows:
+    a group's rows share their prompt, which the pass then runs once (cppo.response_stats,
+    `shared_prompt_hidden`), and each micro-batch is trimmed to its rows' tokens. A row's log-probs
+    do not depend on the rows sharing its pass."""
     out = torch.zeros(ro.response_ids.shape, dtype=torch.float32)
-    for rows in micro_batches(ro, list(range(ro.num_rows)), cfg.micro_batch_size, by_length=passes.trim):
+    for rows in micro_batches(ro, list(range(ro.num_rows)), cfg.micro_batch_size, by_length=False):
         _, logp = _entropy_and_logp(model, ro, rows, cfg, passes=passes)
         out[rows] = logp.float().cpu()
     return out
@@ -210,8 +280,10 @@ def micro_batch_loss(
     cfg,
     timer: Timer,
     passes: Passes = Passes(),
+    stored: dict | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one micro-batch (not yet scaled) and its metrics."""
+    """The loss of one micro-batch (not yet scaled) and its metrics. `stored`: passes run before the
+    mini-batch (`MicroBatch.stored`)."""
     term = get_perception_term(cfg.algo) if passes.term is None else passes.term
     device = compute_device(model)
     mask = ro.response_mask[rows].to(device)  # (n, T)
@@ -235,7 +307,7 @@ def micro_batch_loss(
     )
     n_tok = mask.sum().clamp(min=1)
     metrics["entropy/mean"] = float((entropy.detach() * mask).sum() / n_tok)
-    extra, term_metrics = term(MicroBatch(model, ro, rows, cfg, timer, entropy, logp, passes))
+    extra, term_metrics = term(MicroBatch(model, ro, rows, cfg, timer, entropy, logp, passes, stored or {}))
     if extra is not None:
         loss = loss + extra
     metrics.update(term_metrics)
@@ -271,6 +343,7 @@ def policy_update(
     passes only)."""
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = is_sharded(model)
+    term = get_perception_term(cfg.algo) if passes.term is None else passes.term
     n = ro.num_rows
     mini = (cfg.mini_batch_size or n * world_size) // world_size  # rows per update on this process
     sums: dict[str, float] = defaultdict(float)
@@ -281,10 +354,12 @@ def policy_update(
         for m0 in range(0, n, mini):
             mini_rows = list(range(m0, min(m0 + mini, n)))
             optimizer.zero_grad(set_to_none=True)
+            with timer("update"):  # the term's passes without gradient, for the whole mini-batch
+                stored = term.prepare(MicroBatch(model, ro, mini_rows, cfg, timer, None, None, passes))
             by_length = passes.trim and cfg.sort_by_length
             for rows in micro_batches(ro, mini_rows, cfg.micro_batch_size, by_length):
                 with timer("update"):
-                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, passes)
+                    loss, metrics = micro_batch_loss(model, ro, rows, cfg, timer, passes, stored)
                     # share of the GLOBAL mini-batch: processes' gradients are summed below
                     (loss * (len(rows) / (len(mini_rows) * world_size))).backward()
                 for k, v in metrics.items():
