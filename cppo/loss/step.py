@@ -27,13 +27,13 @@ and gradients, more work.
 `settings.cpl_rows` below 1 (a fraction p: each row drawn with chance p) or above 1 (a count) puts
 the perception term on a random sample of the rows with a selected token, an unbiased estimate of
 the full term (departure from the paper, which uses every row): the selection of every gated row
-comes from an I- pass without gradient, then the drawn rows get the I- and I+ passes with gradient,
-each cut at its last selected token, and their sum over selected tokens is divided by the full
-term's token count and by each row's chance to be drawn, so that the expected loss and gradient are
-the full term's (tests/test_loss_step.py). 1.0 runs the full term. With a fraction, each row can
-bring its own uniform (`row_draws`; cppo-train derives it from the row's prompt seed), so the same
-rows are drawn however the batch is split into micro-batches and processes; a count draws within
-the batch it is given.
+comes from an I- pass without gradient, then the drawn rows get the I- and I+ passes with gradient
+(one call for both views with `fuse_views`), each cut at its last selected token, and their sum
+over selected tokens is divided by the full term's token count and by each row's chance to be
+drawn, so that the expected loss and gradient are the full term's (tests/test_loss_step.py). 1.0
+runs the full term. With a fraction, each row can bring its own uniform (`row_draws`; cppo-train
+derives it from the row's prompt seed), so the same rows are drawn however the batch is split into
+micro-batches and processes; a count draws within the batch it is given.
 
 Letters: N rows of the batch, v rows with a view pass, T response tokens.
 """

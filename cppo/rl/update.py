@@ -1,7 +1,10 @@
 """The policy update of one step: PPO-clip + beta·KL(ref) + the algorithm's perception term
 (docs/method.md §3).
 
-For each mini-batch of rows, for each micro-batch:
+For each mini-batch of rows: first the perception term's passes without gradient for the whole
+mini-batch (`PerceptionTerm.prepare`: CPPO's selection pass under I- when its term is sampled, in
+forwards of several micro-batches' rows; the parameters do not change within a mini-batch, so each
+micro-batch reads the values its own pass would give), then for each micro-batch:
   1. anchor pass on I: log-probs (with grad) and entropies (detached) from one pass;
   2. GRPO loss on the anchor;
   3. the perception term named by `--algo` (cppo.rl.perception: none for GRPO, lambda·CPL for CPPO
@@ -37,7 +40,9 @@ ranks agree on it with one small all-reduce (the largest row count over processe
 `MicroBatch.view_pass`, through which each perception term runs its passes): when no rank needs
 the pass, nobody runs it; when another rank needs it and this one has no row for it, this one
 scores one stand-in row of its micro-batch and the term adds its result times 0 to the loss, so
-the forward and the backward issue the same collectives and the update does not change. A pass
+the forward and the backward issue the same collectives and the update does not change. The
+passes run before a mini-batch (`MicroBatch.stored_passes`) go on, a chunk of rows at a time, until
+no process has rows left, a process out of rows scoring its stand-in. A pass
 without images on a rank whose peers have images runs the vision tower on a blank image
 (cppo.response_stats, `run_vision`), for the same reason. Without FSDP no pass waits for another
 process.
