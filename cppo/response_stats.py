@@ -45,7 +45,13 @@ def backbone_and_head(model):
     return inner.model, inner.lm_head
 
 
-def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+def shared_image_features(
+    backbone,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    keys: list | None = None,
+    cache: dict | None = None,
+) -> torch.Tensor:
     """(image tokens of the batch, D) features of every image of the batch, in order, with each run of
     identical consecutive images encoded once.
 
@@ -55,19 +61,37 @@ def shared_image_features(backbone, pixel_values: torch.Tensor, image_grid_thw: 
     prompt and view instead of G times. Under grad, autograd sums the G rows' feature gradients
     before one backward through the tower, so the loss is the same and the gradients equal up to
     float summation order (tests/test_bench_fast_paths.py). The official code encodes every row.
+
+    `keys` (one hashable per image) and `cache` (a dict): an image whose key is in `cache` reuses
+    those features, and the others are stored there, computed without gradient. Only for a frozen
+    tower, whose features do not change and need no gradient: the trainer encodes each image of a
+    step once per tower this way instead of once per pass (cppo.rl.update).
     """
     sizes = image_grid_thw.prod(-1).tolist()  # patches per image
     parts = torch.split(pixel_values, sizes)
     which, uniq = [], []  # which[i]: index into uniq of image i
     for i, (part, grid) in enumerate(zip(parts, image_grid_thw)):
         j = uniq[-1] if uniq else None
-        same = j is not None and torch.equal(image_grid_thw[j], grid) and torch.equal(parts[j], part)
+        if keys is not None:
+            same = j is not None and keys[j] == keys[i]
+        else:
+            same = j is not None and torch.equal(image_grid_thw[j], grid) and torch.equal(parts[j], part)
         if not same:
             uniq.append(i)
         which.append(len(uniq) - 1)
-    feats = backbone.get_image_features(
-        torch.cat([parts[i] for i in uniq]), image_grid_thw[uniq], return_dict=True
-    ).pooler_output  # one (tokens, D) per distinct image
+    if cache is not None and keys is not None:
+        missing = [i for i in uniq if keys[i] not in cache]
+        if missing:
+            with torch.no_grad():
+                new = backbone.get_image_features(
+                    torch.cat([parts[i] for i in missing]), image_grid_thw[missing], return_dict=True
+                ).pooler_output
+            cache.update({keys[i]: f for i, f in zip(missing, new)})
+        feats = [cache[keys[i]] for i in uniq]
+    else:
+        feats = backbone.get_image_features(
+            torch.cat([parts[i] for i in uniq]), image_grid_thw[uniq], return_dict=True
+        ).pooler_output  # one (tokens, D) per distinct image
     return torch.cat([feats[w] for w in which])  # (image tokens, D)
 
 
@@ -119,12 +143,13 @@ def response_hidden(
     """
     backbone, _ = backbone_and_head(model)
     L = inputs["prompt_length"]
-    fwd = {k: v for k, v in inputs.items() if k != "prompt_length"}
+    fwd = {k: v for k, v in inputs.items() if k not in ("prompt_length", *CACHE_KEYS)}
+    keys, cache = _cache_of(inputs, pixel_values)
     if pixel_values is not None:
         fwd["pixel_values"] = pixel_values
     has_images = fwd.get("pixel_values") is not None
     if share_images and has_images and fwd.get("image_grid_thw") is not None:
-        feats = shared_image_features(backbone, fwd.pop("pixel_values"), fwd["image_grid_thw"])
+        feats = shared_image_features(backbone, fwd.pop("pixel_values"), fwd["image_grid_thw"], keys, cache)
         fwd["inputs_embeds"] = embeddings_with_images(backbone, fwd["input_ids"], feats)
     T = fwd["input_ids"].shape[1] - L
     blank = None  # the tower runs where a pass with images runs it: before the language model
@@ -161,7 +186,8 @@ def shared_prompt_hidden(model, inputs: dict, pixel_values: torch.Tensor | None 
     pixels = inputs.get("pixel_values") if pixel_values is None else pixel_values
     grid = inputs.get("image_grid_thw")
     if pixels is not None and grid is not None:
-        embeds = embeddings_with_images(backbone, ids, shared_image_features(backbone, pixels, grid))
+        feats = shared_image_features(backbone, pixels, grid, *_cache_of(inputs, pixel_values))
+        embeds = embeddings_with_images(backbone, ids, feats)
     else:
         embeds = backbone.get_input_embeddings()(ids)  # (N, L+T, D)
     blank = blank_image_features(backbone) if run_vision and pixels is None else None
@@ -186,6 +212,16 @@ def shared_prompt_hidden(model, inputs: dict, pixel_values: torch.Tensor | None 
     ).last_hidden_state  # (N, T, D)
     hidden = torch.cat([prefill[owner, -1:], responses[:, : T - 1]], 1)  # (N, T, D): as response_hidden
     return hidden if blank is None else hidden + 0.0 * blank.sum()
+
+
+CACHE_KEYS = ("image_keys", "image_cache")  # inputs' entries for `shared_image_features`'s cache
+
+
+def _cache_of(inputs: dict, pixel_values) -> tuple[list | None, dict | None]:
+    """(keys, cache) of the inputs' images, when the caller gave them and no view replaces them."""
+    if pixel_values is not None:
+        return None, None
+    return inputs.get("image_keys"), inputs.get("image_cache")
 
 
 def _prompt_runs(ids: torch.Tensor, attn: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -266,7 +302,7 @@ def plain_response_stats(
 def _full_logits_stats(model, inputs, response_ids, response_mask, temperature, pixel_values, entropy_grad):
     """The official code's path: head over all L+T positions, then all (N, T, V) float32 at once."""
     L = inputs["prompt_length"]
-    fwd = {k: v for k, v in inputs.items() if k != "prompt_length"}
+    fwd = {k: v for k, v in inputs.items() if k not in ("prompt_length", *CACHE_KEYS)}
     if pixel_values is not None:
         fwd["pixel_values"] = pixel_values
     T = fwd["input_ids"].shape[1] - L

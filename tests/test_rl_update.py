@@ -316,3 +316,36 @@ def test_batched_selection_and_fused_views_equal_per_micro_batch_passes(rollouts
     # batched: 3 anchors, 1 selection pass, 1 view pass per such micro-batch
     with_draws = sum(1 for r in (0, 2, 4) if float(ro.row_draws[r]) < 0.75)
     assert n_apart == 3 + 3 + 2 * with_draws and n_batched == 3 + 1 + with_draws
+
+
+def test_a_frozen_towers_images_are_encoded_once_a_step(rollouts, monkeypatch):
+    """With the vision tower frozen (--freeze-vision, the demo's default) each image of the step is
+    encoded once per tower, original and views, and every pass reuses its features: the gradients
+    of encoding in every pass, with the tower run far fewer times."""
+    import cppo.rl.update as update
+
+    model, ro, cfg = rollouts
+    model = copy.deepcopy(model)
+    model.model.visual.requires_grad_(False)
+    cfg = copy.copy(cfg)
+    cfg.cpl_rows, cfg.micro_batch_size, cfg.cpl_lambda = 0.75, 2, 1.0
+    images = []  # images each tower call encodes
+    model.model.visual.register_forward_hook(
+        lambda m, a, kw, o: images.append(len(kw["grid_thw"] if "grid_thw" in kw else a[1])), with_kwargs=True
+    )
+    ro = copy.copy(ro)
+    ro.image_features = {}
+    cached = _sampled_grads(model, ro, cfg, ContrastivePerception())
+    encoded, images[:] = list(images), []
+    assert len(ro.image_features) == 2 * 3  # 2 prompts x (I, I-, I+), each encoded once
+    assert sum(encoded) == 6 and {k[1:] for k in ro.image_features} == {
+        (v, p, 0) for v in (None, "negative", "positive") for p in (0, 1)
+    }
+    monkeypatch.setattr(update, "_frozen_tower", lambda model: None)  # encode in every pass
+    ro.image_features = {}
+    plain = _sampled_grads(model, ro, cfg, ContrastivePerception())
+    assert sum(images) >= 2 * sum(encoded) and not ro.image_features
+    assert cached[1] == plain[1] and cached[2] == pytest.approx(plain[2], rel=1e-6, abs=1e-7)
+    assert cached[0].keys() == plain[0].keys() and not any("visual" in n for n in cached[0])
+    for name in cached[0]:
+        torch.testing.assert_close(cached[0][name], plain[0][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -72,6 +72,9 @@ class Rollouts:
     old_logp: torch.Tensor | None = None  # (N, T), from the rollout policy (None: on-policy, use logp)
     ref_logp: torch.Tensor | None = None  # (N, T), from the frozen reference
     timings: dict[str, float] = field(default_factory=dict)
+    # (id of a frozen vision tower, view, prompt, image) -> its features: each image of the step is
+    # encoded once per frozen tower (cppo.response_stats.shared_image_features, cppo.rl.update)
+    image_features: dict = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:

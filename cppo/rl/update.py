@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from cppo.batching import trim_padding
 from cppo.loss import grpo_loss
 from cppo.precision import autocast, resolve_dtype
-from cppo.response_stats import response_stats
+from cppo.response_stats import backbone_and_head, response_stats
 from cppo.rl.clip import clip_grad_norm
 from cppo.rl.fsdp import compute_device, is_sharded
 from cppo.rl.perception import PerceptionTerm, get_perception_term
@@ -133,8 +133,14 @@ def _one_pass(model, ro, rows, cfg, view, entropy_grad, passes, lengths):
         n = len(rows) // len(view)
         parts = [select_rows(ro, rows[:n], _image_token_id(model), v) for v in view]
         inputs = concat_inputs(parts)
+        keys = [k for v in view for k in _image_keys(ro, rows[:n], v)]
     else:
         inputs = select_rows(ro, rows, _image_token_id(model), view)
+        keys = _image_keys(ro, rows, view)
+    tower = _frozen_tower(model)
+    if tower is not None and inputs.get("pixel_values") is not None:  # each image encoded once a step
+        inputs["image_keys"] = [(id(tower), *k) for k in keys]
+        inputs["image_cache"] = ro.image_features
     ids, mask = ro.response_ids[rows], ro.response_mask[rows]
     T = ids.shape[1]
     if lengths is not None:
@@ -157,6 +163,25 @@ def _one_pass(model, ro, rows, cfg, view, entropy_grad, passes, lengths):
     if entropy.shape[1] < T:
         entropy, logp = (F.pad(x, (0, T - x.shape[1])) for x in (entropy, logp))
     return entropy, logp
+
+
+def _image_keys(ro: Rollouts, rows: list[int], view: str | None) -> list[tuple]:
+    """(view, prompt, image) of each image of `rows`, in select_rows' order."""
+    G = ro.group_size
+    return [(view, r // G, k) for r in rows for k in range(ro.images_per_prompt[r // G])]
+
+
+def _frozen_tower(model):
+    """The vision tower of an unsharded model when none of its parameters trains, else None: its
+    features then stay the same all step, and each image is encoded once (Rollouts.image_features);
+    a trained or sharded tower runs in every pass."""
+    if is_sharded(model) or not hasattr(getattr(model, "module", model), "lm_head"):
+        return None  # sharded, or not a Qwen2.5-VL (a test's stand-in model)
+    backbone, _ = backbone_and_head(model)
+    tower = getattr(backbone, "visual", None)
+    if tower is None or any(p.requires_grad for p in tower.parameters()):
+        return None
+    return tower
 
 
 def concat_inputs(parts: list[dict]) -> dict:
