@@ -9,6 +9,15 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("CPPO_FLOOR_SCOPE") == "1":  # scripts/test_floor.sh: only what can call transformers
+        from tests.floor_scope import item_reaching_path
+
+        kept = [item for item in items if item_reaching_path(item) is not None]
+        left = [item for item in items if item_reaching_path(item) is None]
+        modules = sorted({item.path.name for item in left})
+        print(f"\n[floor] {len(left)} tests that cannot call transformers left out ({', '.join(modules)})")
+        config.hook.pytest_deselected(items=left)
+        items[:] = kept
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
