@@ -1,6 +1,7 @@
 """A reward function that never returns, in a small run (4 prompts x 4 rollouts, short responses, no
-evaluation at step 0): the step pays one --reward-timeout for it, not one per response (16), and the run stops with one line naming the function and
-its file (exit 5) or, with --drop-hung-rewards, goes on without it."""
+evaluation at step 0): the step pays one --reward-timeout for it, not one per response (16), and
+the run stops with one line naming the function and its file (exit 5) or, with
+--drop-hung-rewards, goes on without it."""
 
 import json
 import os
