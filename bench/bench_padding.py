@@ -105,8 +105,11 @@ class SlotCounter:
         self.hooks = [m.model.register_forward_pre_hook(self._count, with_kwargs=True) for m in models]
 
     def _count(self, module, args, kwargs):
-        self.slots += kwargs["input_ids"].numel()
-        self.real += int(kwargs["attention_mask"].sum())
+        # the columns this call runs: all of them, or the responses on a cached prompt
+        # (cppo.response_stats.shared_prompt_hidden, whose mask also covers the cached columns)
+        x = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"][..., 0]
+        self.slots += x.numel()
+        self.real += int(kwargs["attention_mask"][:, -x.shape[1] :].sum())
 
     def close(self):
         for h in self.hooks:

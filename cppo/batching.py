@@ -126,3 +126,23 @@ def trim_padding(inputs: dict, response_mask: torch.Tensor) -> tuple[dict, int]:
     out = {k: v[:, first : L + t] if k in ROW_KEYS and torch.is_tensor(v) else v for k, v in inputs.items()}
     out["prompt_length"] = L - first
     return out, t
+
+
+def mrope_positions(backbone, batch: dict) -> torch.Tensor:
+    """(4, B, S) positions of a left-padded batch, as `generate` builds them: row 0 the text position
+    (attended tokens counted from 0, padding 0), rows 1-3 Qwen2.5-VL's M-RoPE (temporal, height,
+    width; the multimodal backbone's `get_rope_index`) where any row has an image, else the text
+    position three times. `batch` may hold prompt and response columns (the rollout engine's
+    prompts; cppo.response_stats.shared_prompt_hidden's teacher-forced rows)."""
+    attn = batch["attention_mask"]
+    text = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (B, L)
+    if batch.get("image_grid_thw") is None:
+        vision = text.unsqueeze(0).expand(3, -1, -1)
+    else:
+        vision, _ = backbone.get_rope_index(
+            batch["input_ids"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=attn,
+        )  # (3, B, L); the row's rope_deltas are its last position + 1 - its tokens
+    return torch.cat([text.unsqueeze(0), vision.to(text.device)], 0)

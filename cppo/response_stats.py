@@ -33,6 +33,7 @@ import inspect
 
 import torch
 
+from cppo.batching import mrope_positions
 from cppo.loss.entropy import chunked_entropy_and_logprob
 from cppo.precision import autocast_dtype
 
@@ -171,13 +172,11 @@ def shared_prompt_hidden(model, inputs: dict, pixel_values: torch.Tensor | None 
     the T response columns of all N rows run on it. The G rows of a rollout group have one prompt,
     which is most of a row's tokens (the demo: 107 prompt tokens, 17 response tokens), so the pass
     computes about L + G·T columns per group instead of G·(L + T). The positions are the full
-    sequence's (M-RoPE: `cppo.models.rollout_engine.mrope_positions` over prompt + response), the
+    sequence's (M-RoPE: `cppo.batching.mrope_positions` over prompt + response), the
     ones the single forward uses; the values equal `response_hidden`'s up to float summation order
     (tests/test_shared_prompts.py). Under FSDP the backbone runs twice here on every process alike.
     """
     from transformers import DynamicCache
-
-    from cppo.models.rollout_engine import mrope_positions
 
     backbone, _ = backbone_and_head(model)
     L = inputs["prompt_length"]

@@ -338,7 +338,7 @@ def test_a_frozen_towers_images_are_encoded_once_a_step(rollouts, monkeypatch):
     cached = _sampled_grads(model, ro, cfg, ContrastivePerception())
     encoded, images[:] = list(images), []
     assert len(ro.image_features) == 2 * 3  # 2 prompts x (I, I-, I+), each encoded once
-    assert sum(encoded) == 6 and {k[1:] for k in ro.image_features} == {
+    assert sum(encoded) == 6 and {k[1:4] for k in ro.image_features} == {
         (v, p, 0) for v in (None, "negative", "positive") for p in (0, 1)
     }
     monkeypatch.setattr(update, "_frozen_tower", lambda model: None)  # encode in every pass

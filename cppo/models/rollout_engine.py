@@ -48,6 +48,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+from cppo.batching import mrope_positions
 from cppo.models.inputs import END_TOKENS, VISION_TOKENS, _refuse_sharded, _token_ids
 from cppo.models.sampling import sampling_warpers
 
@@ -70,23 +71,6 @@ def prompt_positions(model, batch: dict) -> torch.Tensor:
     (attended tokens counted from 0, padding 0), rows 1-3 Qwen2.5-VL's M-RoPE (temporal, height,
     width; `get_rope_index`) where any prompt has an image, else the text position three times."""
     return mrope_positions(_base(model).model, batch)
-
-
-def mrope_positions(backbone, batch: dict) -> torch.Tensor:
-    """`prompt_positions` from the multimodal backbone (`Qwen2_5_VLModel`) itself; `batch` may hold
-    prompt and response columns (cppo.response_stats.shared_prompt_hidden)."""
-    attn = batch["attention_mask"]
-    text = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)  # (B, L)
-    if batch.get("image_grid_thw") is None:
-        vision = text.unsqueeze(0).expand(3, -1, -1)
-    else:
-        vision, _ = backbone.get_rope_index(
-            batch["input_ids"],
-            mm_token_type_ids=batch["mm_token_type_ids"],
-            image_grid_thw=batch["image_grid_thw"],
-            attention_mask=attn,
-        )  # (3, B, L); the row's rope_deltas are its last position + 1 - its tokens
-    return torch.cat([text.unsqueeze(0), vision.to(text.device)], 0)
 
 
 class GroupDraws:

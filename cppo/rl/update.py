@@ -166,9 +166,11 @@ def _one_pass(model, ro, rows, cfg, view, entropy_grad, passes, lengths):
 
 
 def _image_keys(ro: Rollouts, rows: list[int], view: str | None) -> list[tuple]:
-    """(view, prompt, image) of each image of `rows`, in select_rows' order."""
+    """(view, prompt, image, the pixels' tensor) of each image of `rows`, in select_rows' order; the
+    tensor's identity keeps a copy of `ro` with other pixels (and the same cache) apart."""
     G = ro.group_size
-    return [(view, r // G, k) for r in rows for k in range(ro.images_per_prompt[r // G])]
+    pixels = ro.pixel_values if view is None else ro.views.get(view)
+    return [(view, r // G, k, id(pixels)) for r in rows for k in range(ro.images_per_prompt[r // G])]
 
 
 def _frozen_tower(model):
