@@ -4,6 +4,7 @@ Tiny settings (4 prompts x 2 rollouts, 16 new tokens) so the file runs in second
 shapes items in an in-memory `datasets.Dataset`, the reward is defined here, nothing is downloaded.
 """
 
+import functools
 import json
 import re
 import warnings
@@ -159,6 +160,37 @@ def test_every_loss_type_is_trls_loss_plus_lambda_cpl(dataset, processor, tmp_pa
         cpl = trainer._metrics["train"]["cpl/loss"][-1]
         assert cpl > 0, loss_type
         assert float(loss - grpo) == pytest.approx(0.5 * cpl, abs=1e-6), loss_type
+
+
+def _with_fuse(step, fused, *args, **kwargs):
+    return step(*args, **{**kwargs, "fuse_views": fused})
+
+
+def test_the_sampled_terms_two_views_in_one_forward_equal_two(dataset, processor, tmp_path, monkeypatch):
+    """--cpl-rows 0.5: the drawn rows' I- and I+ passes as one forward (fuse_views) give the loss and
+    the gradients of one forward per view, in one forward fewer."""
+    import cppo.integrations.trl as integration
+
+    trainer = make(CPPOTrainer, dataset, processor, tmp_path, cpl_lambda=0.5, cpl_rows=0.5)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    step, out, calls = integration.cpl_step, {}, []
+    trainer.model.model.visual.register_forward_hook(lambda m, a, o: calls.append(1))  # once a forward
+    for fused in (True, False):
+        torch.manual_seed(0)  # the same rows drawn
+        monkeypatch.setattr(integration, "cpl_step", functools.partial(_with_fuse, step, fused))
+        trainer.model.zero_grad(set_to_none=True)
+        calls.clear()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        out[fused] = (float(loss), trainer._metrics["train"]["cpl/loss"][-1], grads, len(calls))
+    assert out[True][1] > 0 and out[True][3] == out[False][3] - 1  # the term was on; one forward fewer
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-5)
+    for name, g in out[True][2].items():
+        torch.testing.assert_close(g, out[False][2][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_lambda_zero_is_plain_grpo(dataset, processor, tmp_path):

@@ -197,21 +197,27 @@ class CPPOTrainer(GRPOTrainer):
         adv = inputs["advantages"] if inputs["advantages"].dim() == 1 else inputs["advantages"][:, 0]
         has_image = torch.tensor([n > 0 for n in inputs["num_images"]], device=logps.device)
 
-        def score_view(rows: list[int], view: str, grad: bool = True, lengths=None):
-            key = _VIEWS[0] if view == "positive" else _VIEWS[1]
+        def score_view(rows: list[int], view, grad: bool = True, lengths=None):
+            views = view if isinstance(view, tuple) else (view,)  # a tuple: one forward for all
+            keys = [_VIEWS[0] if v == "positive" else _VIEWS[1] for v in views]
             keep = None if lengths is None or not rows else int(lengths.max())
+            entropy = view == "negative"  # the selection's pass; the fused gradient pass needs none
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                out = self._view_pass(model, inputs, rows, key, entropy=view == "negative", keep=keep)
-            return None if out is None else (out[1], out[0])
+                out = self._view_pass(model, inputs, rows, keys, entropy=entropy, keep=keep)
+            if out is None:
+                return None
+            pairs = [(ent, logps) for logps, ent in out]
+            return tuple(pairs) if isinstance(view, tuple) else pairs[0]
 
         cpl, metrics = cpl_step(
-            logps, entropies.detach(), mask, adv, score_view, self.args, has_image=has_image
+            logps, entropies.detach(), mask, adv, score_view, self.args, has_image=has_image, fuse_views=True
         )
         return cpl, metrics["cpl/mask_frac"]
 
-    def _view_pass(self, model, inputs, rows: list[int], key: str, entropy: bool = False, keep=None):
-        """(logps, entropies) of `rows` under view `key`; None when no process has rows for this pass.
-        `keep`: only the first `keep` completion tokens matter; the pass stops there (0 after).
+    def _view_pass(self, model, inputs, rows: list[int], keys: list[str], entropy: bool = False, keep=None):
+        """[(logps, entropies)] of `rows` under each view of `keys`, from one forward of the rows once
+        per view; None when no process has rows for this pass. `keep`: only the first `keep`
+        completion tokens matter; the pass stops there (0 after).
 
         Sharded models (FSDP, ZeRO-3) need every process to run the same forwards: the processes agree
         on the largest row count, and one without rows scores its first row (the caller weights it 0)."""
@@ -225,23 +231,24 @@ class CPPOTrainer(GRPOTrainer):
         T = inputs["completion_ids"].size(1)
         t = T if keep is None else max(1, min(keep, T))
         P = inputs["prompt_ids"].size(1)
-        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"][:, :t]], dim=1)[rows]
-        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"][:, :t]], dim=1)[rows]
+        k = len(keys)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"][:, :t]], dim=1)[rows].repeat(k, 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"][:, :t]], dim=1)[rows].repeat(k, 1)
         grids = torch.split(inputs["image_grid_thw"], inputs["num_images"])
-        num_images = [inputs["num_images"][r] for r in rows]
+        num_images = [inputs["num_images"][r] for r in rows] * k
         kwargs = {}
         if sum(num_images):
             kwargs = dict(
-                pixel_values=torch.cat([inputs[key][r] for r in rows]),
-                image_grid_thw=torch.cat([grids[r] for r in rows]),
+                pixel_values=torch.cat([inputs[key][r] for key in keys for r in rows]),
+                image_grid_thw=torch.cat([grids[r] for _ in keys for r in rows]),
                 num_images=num_images,
             )
         if "mm_token_type_ids" in inputs:
-            kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"][rows][:, : P + t]
+            kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"][rows][:, : P + t].repeat(k, 1)
         logps, ent, _ = self._get_per_token_logps_and_entropies(
             model, ids, att, t, compute_entropy=entropy, **kwargs
         )
         if t < T:  # back to the batch's T columns; the cut ones are never read
             logps = torch.nn.functional.pad(logps, (0, T - t))
             ent = None if ent is None else torch.nn.functional.pad(ent, (0, T - t))
-        return logps, ent
+        return list(zip(logps.chunk(k), [None] * k if ent is None else ent.chunk(k)))
