@@ -153,12 +153,9 @@ def check_views(args) -> None:
 def run_views(args, model, processor, dataset, clean: dict) -> dict:
     """The --views report on the items `clean` answered, printed as a table."""
     from cppo.detect.views_eval import evaluate_views, format_views_table
-    from cppo.prompt import instruction_for
     from cppo.toy import CHANCE
 
-    answering = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
-                     instruction=instruction_for(args.instruction))  # fmt: skip
+    answering = {**sampling_settings(args), "limit": args.limit}
     t0 = time.time()
     report = evaluate_views(
         model, processor, dataset, args.views, args.view_draws, args.view_seed, chance=CHANCE, clean=clean,
@@ -213,6 +210,22 @@ def _add_paper_flags(ap: argparse.ArgumentParser) -> None:
 
 def _int_or_none(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
+
+
+def sampling_settings(args) -> dict:
+    """How the answers are sampled, from the flags, for `evaluate` and cli/eval_bench's
+    `answer_benchmark` alike (and `evaluate_views`, with a limit)."""
+    from cppo.prompt import instruction_for
+
+    return dict(
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        instruction=instruction_for(args.instruction),
+    )
 
 
 def _fail(message: str) -> int:
@@ -325,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     from cppo.models.evaluate import evaluate, format_table
     from cppo.models.prompt_tokens import set_pixel_bounds
     from cppo.precision import check_device, resolve_dtype
-    from cppo.prompt import instruction_for
     from cppo.rl.checks import Preprocessing
     from cppo.rl.data import open_dataset
     from cppo.rl.sources import DataError, parse_columns
@@ -365,14 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         model,
         processor,
         dataset,
-        samples=args.samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        **sampling_settings(args),
         limit=args.limit,
-        instruction=instruction_for(args.instruction),
         token_ids=args.views is not None,
     )
     report.update(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from cli.eval import _fail, check_numbers, check_out, write_report
+from cli.eval import _fail, check_numbers, check_out, sampling_settings, write_report
 
 
 def run(args) -> int:
@@ -22,7 +22,6 @@ def run(args) -> int:
     from cppo.models import load_model_and_processor, load_processor, model_path_or_demo
     from cppo.models.prompt_tokens import set_pixel_bounds
     from cppo.precision import check_device, resolve_dtype
-    from cppo.prompt import instruction_for
 
     try:  # everything that needs no model, first
         check_numbers(args)
@@ -48,19 +47,7 @@ def run(args) -> int:
     t0 = time.time()
     scores, answered = {}, {}
     for bench, _, rows in loaded:
-        responses = answer_benchmark(
-            model,
-            processor,
-            bench,
-            rows,
-            samples=args.samples,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            instruction=instruction_for(args.instruction),
-        )
+        responses = answer_benchmark(model, processor, bench, rows, **sampling_settings(args))
         try:
             scores[bench.name] = score_runs(bench, rows, responses, judge, boxed=args.boxed_prediction)
         except TsvError as e:  # a metric that needs columns or groups the file lacks
