@@ -1,5 +1,5 @@
 """The update's efficiency paths equal the plain path (docs/method.md §5.7–8), trimmed micro-batches
-included (cppo.rl.update._entropy_and_logp)."""
+included (cppo.rl.passes._entropy_and_logp)."""
 
 import copy
 import types
@@ -322,7 +322,7 @@ def test_a_frozen_towers_images_are_encoded_once_a_step(rollouts, monkeypatch):
     """With the vision tower frozen (--freeze-vision, the demo's default) each image of the step is
     encoded once per tower, original and views, and every pass reuses its features: the gradients
     of encoding in every pass, with the tower run far fewer times."""
-    import cppo.rl.update as update
+    import cppo.rl.passes as passes_module
 
     model, ro, cfg = rollouts
     model = copy.deepcopy(model)
@@ -341,7 +341,7 @@ def test_a_frozen_towers_images_are_encoded_once_a_step(rollouts, monkeypatch):
     assert sum(encoded) == 6 and {k[1:4] for k in ro.image_features} == {
         (v, p, 0) for v in (None, "negative", "positive") for p in (0, 1)
     }
-    monkeypatch.setattr(update, "_frozen_tower", lambda model: None)  # encode in every pass
+    monkeypatch.setattr(passes_module, "_frozen_tower", lambda model: None)  # encode in every pass
     ro.image_features = {}
     plain = _sampled_grads(model, ro, cfg, ContrastivePerception())
     assert sum(images) >= 2 * sum(encoded) and not ro.image_features

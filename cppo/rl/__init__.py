@@ -18,6 +18,7 @@ Files, each read top to bottom:
     generation.py how many rows one `generate` call takes, and what seeds them
     rewards.py    the reward registry (accuracy, format, user functions), the weighted scorer, hangs
     update.py     the policy update: mini-batches of micro-batches, PPO-clip + KL + perception term
+    passes.py     how each pass of the update runs (rows, views, trimming, FSDP stand-ins): MicroBatch
     perception.py the perception-term registry (--algo): grpo (none), cppo (cppo.loss.cpl_step), papo
     clip.py       gradient clipping by the global norm, sharded or not
     policy.py     the policy and its reference: loaded, float32 master weights, sharded under FSDP

@@ -14,10 +14,10 @@ Entries, registered like the losses (cppo.registry, after verl's core_algos):
 - "papo": `ImplicitPerception()`, the masked view only, PAPO's gamma·(-KL) and double-entropy terms
   (arXiv 2507.06448).
 
-`mb` is one micro-batch as cppo.rl.update.MicroBatch holds it: its rows of the step's rollouts, the
+`mb` is one micro-batch as cppo.rl.passes.MicroBatch holds it: its rows of the step's rollouts, the
 config, the anchor pass's entropies and log-probs, and `mb.view_pass(rows, view)`, which runs a view
 pass on some of its rows and keeps the processes of an FSDP run in step (it is the `score_view` of
-cppo.loss.cpl_step; cppo.rl.update's module docstring says how).
+cppo.loss.cpl_step; cppo.rl.passes' module docstring says how).
 
 Letters: n rows of the micro-batch, v rows with a view pass, T response tokens.
 """
