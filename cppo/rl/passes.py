@@ -5,12 +5,12 @@ Every pass runs one function, `Passes.forward` (default cppo.response_stats.resp
 response positions only, in chunks; a group's image encoded once), on its own rows' tokens: columns
 that are padding in all its rows are cut first (`_entropy_and_logp`, cppo.batching.trim_padding;
 positions come from the attention mask, so the log-probs are the padded pass's:
-tests/test_rl_update.py). `--sort-by-length` sorts a mini-batch's rows by length into micro-batches
-of the same number and sizes. The trainer uses the default `Passes()`; benchmarks that measure the
+tests/test_rl_update.py). The trainer uses the default `Passes()`; benchmarks that measure the
 official code's way or the padded path hand `policy_update` and `rollout_logprobs` another
 (bench/bench_step.py, bench/bench_padding.py).
 
-A tuple of views is one forward of the rows once per view (CPPO's I- and I+ with gradient). With a
+A tuple of views is one forward of the rows once per view (CPPO's I- and I+ with gradient); a pass
+without gradient runs each distinct prompt once (cppo.response_stats.shared_prompt_hidden). With a
 frozen vision tower each image of the step is encoded once and its features reused by every pass
 (`Rollouts.image_features`).
 
